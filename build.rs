@@ -1,0 +1,22 @@
+//! Compiles the BPF C programs with clang and generates their libbpf-rs skeletons.
+use std::env;
+use std::path::PathBuf;
+
+use libbpf_cargo::SkeletonBuilder;
+
+fn skeleton(name: &str) {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let src = format!("src/bpf/{name}.bpf.c");
+    SkeletonBuilder::new()
+        .source(&src)
+        .clang_args(["-Wall", "-Wno-unused-function", "-O2", "-g"])
+        .build_and_generate(out.join(format!("{name}.skel.rs")))
+        .unwrap_or_else(|e| panic!("building {src}: {e:#}"));
+    println!("cargo:rerun-if-changed={src}");
+}
+
+fn main() {
+    skeleton("memleak");
+    println!("cargo:rerun-if-changed=src/bpf/memleak.h");
+    println!("cargo:rerun-if-changed=src/bpf/kernel_types.h");
+}

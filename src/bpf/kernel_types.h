@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The few kernel types and constants the BPF programs use, so that building needs no kernel
+ * headers and no vmlinux.h. Structs carry preserve_access_index: CO-RE relocates every field
+ * access against the running kernel's BTF, so only the field names have to match.
+ */
+#ifndef MEMLEAK_KERNEL_TYPES_H
+#define MEMLEAK_KERNEL_TYPES_H
+
+/* bpf_tracing.h picks the kernel's pt_regs field names (di, si, ...) when this is defined. */
+#define __VMLINUX_H__
+
+typedef unsigned char __u8;
+typedef signed char __s8;
+typedef unsigned short __u16;
+typedef short __s16;
+typedef unsigned int __u32;
+typedef int __s32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+typedef __u16 __be16;
+typedef __u32 __be32;
+typedef __u32 __wsum;
+typedef _Bool bool;
+#define true 1
+#define false 0
+
+enum bpf_map_type {
+	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_RINGBUF = 27,
+	BPF_MAP_TYPE_TASK_STORAGE = 29,
+};
+
+enum {
+	BPF_ANY = 0,
+	BPF_NOEXIST = 1,
+	BPF_EXIST = 2,
+};
+
+enum {
+	BPF_F_NO_PREALLOC = 1,
+};
+
+enum {
+	BPF_LOCAL_STORAGE_GET_F_CREATE = 1,
+};
+
+#ifndef E2BIG
+#define E2BIG 7
+#endif
+
+struct pt_regs {
+	unsigned long bp;
+	unsigned long ax;
+	unsigned long cx;
+	unsigned long dx;
+	unsigned long si;
+	unsigned long di;
+	unsigned long r8;
+	unsigned long r9;
+	unsigned long r10;
+	unsigned long ip;
+	unsigned long sp;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	int pid;
+	int tgid;
+} __attribute__((preserve_access_index));
+
+struct linux_binprm;
+
+#endif

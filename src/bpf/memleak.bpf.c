@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * User-space allocation tracing: probes on the allocator's entry points record every block
+ * still allocated (keyed by process and address) with its size, time and call stack.
+ *
+ * One program serves every entry point; the BPF cookie says which function fired. On kernels
+ * with uprobe sessions (6.13+) it runs as a session: the entry decides whether the return probe
+ * is needed at all. Older kernels use the classic entry and return programs below, which share
+ * the same code.
+ */
+#include "kernel_types.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "memleak.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by the loader before load: the verifier drops code for features that are off. */
+const volatile __u64 min_size = 0;
+const volatile __u64 max_size = (__u64)-1;
+const volatile __u32 sample_rate = 1;
+const volatile bool trace_all = false;
+const volatile bool combined_only = false;
+const volatile bool wa_missing_free = false;
+const volatile bool need_exec = false; /* -c: ignore calls until the command has exec'd */
+const volatile __u32 target_tgid = 0;
+
+/* Set by sched_process_exec for target_tgid (or by the loader when need_exec is off). */
+bool armed = false;
+
+__u64 counters[NR_COUNTERS];
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1000000);
+	__type(key, struct alloc_key);
+	__type(value, struct alloc_info);
+} allocs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 10240);
+	__type(key, __u64);
+	__type(value, struct combined_info);
+} combined SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 32768);
+	__type(key, __u64);
+	__type(value, struct stack);
+} stacks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+/*
+ * Per-thread state of the outermost allocator call in flight. Task storage, not a per-CPU
+ * scratch map: uprobe_multi programs run with preemption enabled.
+ */
+struct task_state {
+	__u64 outer_sp;  /* rsp at entry of the call in flight (0: none) */
+	__u64 outer_ret; /* its return address, to tell a nested call from a stale record */
+	__u64 size;
+	__u64 arg;       /* realloc/mremap: the old block; posix_memalign: memptr */
+	__u64 stack_id;
+	__u32 kind;
+	__u16 record;    /* the new block passes the size filters and sampling */
+	__u16 has_return; /* the return probe will run and end the call */
+	struct stack stack;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_state);
+} task_states SEC(".maps");
+
+static __always_inline void count(enum counter c)
+{
+	if (c < NR_COUNTERS)
+		__sync_fetch_and_add(&counters[c], 1);
+}
+
+static __always_inline void emit(__u32 kind, __u32 fn, __u64 size, __u64 addr)
+{
+	struct trace_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (!e) {
+		count(CNT_EVENTS_LOST);
+		return;
+	}
+	e->kind = kind;
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->fn = fn;
+	e->size = size;
+	e->addr = addr;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
+
+/*
+ * Frame-pointer walk from an entry probe: the return address at [rsp] is the caller's frame,
+ * always present; rbp still holds the caller's frame pointer, whose chain gives the rest.
+ */
+static __always_inline __u32 unwind_frame_pointers(struct pt_regs *ctx, struct stack *st)
+{
+	__u64 sp = PT_REGS_SP(ctx);
+	__u64 fp = PT_REGS_FP(ctx);
+	__u64 frame[2];
+	__u32 depth = 0;
+
+	if (bpf_probe_read_user(&st->ips[0], sizeof(__u64), (void *)sp) || !st->ips[0])
+		return 0;
+	depth = 1;
+	for (int i = 1; i < MAX_STACK_DEPTH; i++) {
+		/* Every frame lies above the last one, 8-byte aligned. */
+		if (fp <= sp || (fp & 7))
+			break;
+		if (bpf_probe_read_user(frame, sizeof(frame), (void *)fp))
+			break;
+		if (!frame[1])
+			break;
+		st->ips[i] = frame[1];
+		depth = i + 1;
+		sp = fp;
+		fp = frame[0];
+	}
+	st->truncated = depth == MAX_STACK_DEPTH && fp > sp && !(fp & 7);
+	return depth;
+}
+
+static __always_inline __u64 stack_hash(const struct stack *st)
+{
+	__u64 h = 0xcbf29ce484222325ULL ^ st->depth;
+
+	for (int i = 0; i < MAX_STACK_DEPTH; i++) {
+		if (i >= st->depth)
+			break;
+		h = (h ^ st->ips[i]) * 0x100000001b3ULL;
+		h ^= h >> 29;
+	}
+	h ^= h >> 32;
+	return h ? h : 1;
+}
+
+static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_state *ts)
+{
+	__u64 id;
+	long err;
+
+	ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
+	if (ts->stack.truncated)
+		count(CNT_TRUNCATED);
+	id = stack_hash(&ts->stack);
+	if (bpf_map_lookup_elem(&stacks, &id))
+		return id;
+	err = bpf_map_update_elem(&stacks, &id, &ts->stack, BPF_NOEXIST);
+	if (err && err != -17 /* EEXIST: another thread stored it */) {
+		count(CNT_STACKS_FULL);
+		return 0;
+	}
+	return id;
+}
+
+/* ---- Records */
+
+static __always_inline void record_free(__u32 pid, __u64 addr, __u32 fn)
+{
+	struct alloc_key key = { .pid = pid, .addr = addr };
+
+	if (!combined_only && !trace_all) {
+		bpf_map_delete_elem(&allocs, &key);
+		return;
+	}
+	struct alloc_info *info = bpf_map_lookup_elem(&allocs, &key);
+	if (!info)
+		return;
+	if (combined_only) {
+		struct combined_info *c = bpf_map_lookup_elem(&combined, &info->stack_id);
+		if (c) {
+			__sync_fetch_and_add(&c->total_size, -info->size);
+			__sync_fetch_and_add(&c->count, -1);
+		}
+	}
+	if (trace_all)
+		emit(EV_FREE, fn, info->size, addr);
+	bpf_map_delete_elem(&allocs, &key);
+}
+
+static __always_inline void record_alloc(__u32 pid, __u64 addr, struct task_state *ts)
+{
+	struct alloc_key key = { .pid = pid, .addr = addr };
+	struct alloc_info info = {
+		.size = ts->size,
+		.timestamp_ns = bpf_ktime_get_ns(),
+		.stack_id = ts->stack_id,
+	};
+
+	/* An address already tracked had a free we missed: end that record first. */
+	if (wa_missing_free)
+		record_free(pid, addr, FN_FREE);
+	if (bpf_map_update_elem(&allocs, &key, &info, BPF_ANY)) {
+		count(CNT_ALLOCS_FULL);
+		return;
+	}
+	if (combined_only) {
+		struct combined_info *c = bpf_map_lookup_elem(&combined, &info.stack_id);
+		if (c) {
+			__sync_fetch_and_add(&c->total_size, info.size);
+			__sync_fetch_and_add(&c->count, 1);
+		} else {
+			struct combined_info init = { .total_size = info.size, .count = 1 };
+			if (bpf_map_update_elem(&combined, &info.stack_id, &init, BPF_NOEXIST)) {
+				c = bpf_map_lookup_elem(&combined, &info.stack_id);
+				if (c) {
+					__sync_fetch_and_add(&c->total_size, info.size);
+					__sync_fetch_and_add(&c->count, 1);
+				} else {
+					count(CNT_COMBINED_FULL);
+				}
+			}
+		}
+	}
+	if (trace_all)
+		emit(EV_ALLOC, ts->kind, info.size, addr);
+}
+
+static __always_inline bool sampled_in(__u64 size)
+{
+	if (size < min_size || size > max_size)
+		return false;
+	if (sample_rate > 1 && bpf_get_prandom_u32() % sample_rate)
+		return false;
+	return true;
+}
+
+/*
+ * Entry of any probed function. Returns 0 when the return probe must run, 1 when it need not.
+ */
+static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
+{
+	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0, ret_addr;
+	bool needs_return = false;
+
+	if (need_exec && !armed)
+		return 1;
+
+	switch (kind) {
+	case FN_FREE:
+	case FN_MUNMAP:
+		arg = PT_REGS_PARM1(ctx);
+		if (!arg)
+			return 1;
+		break;
+	case FN_MALLOC:
+	case FN_VALLOC:
+	case FN_PVALLOC:
+		size = PT_REGS_PARM1(ctx);
+		break;
+	case FN_CALLOC:
+		size = PT_REGS_PARM1(ctx) * PT_REGS_PARM2(ctx);
+		break;
+	case FN_ALIGNED_ALLOC:
+	case FN_MMAP:
+		size = PT_REGS_PARM2(ctx);
+		break;
+	case FN_POSIX_MEMALIGN:
+		arg = PT_REGS_PARM1(ctx);
+		size = PT_REGS_PARM3(ctx);
+		needs_return = true;
+		break;
+	case FN_REALLOC:
+		arg = PT_REGS_PARM1(ctx);
+		size = PT_REGS_PARM2(ctx);
+		needs_return = arg != 0;
+		break;
+	case FN_REALLOCARRAY:
+		arg = PT_REGS_PARM1(ctx);
+		size = PT_REGS_PARM2(ctx) * PT_REGS_PARM3(ctx);
+		needs_return = arg != 0;
+		break;
+	case FN_MREMAP:
+		arg = PT_REGS_PARM1(ctx);
+		size = PT_REGS_PARM3(ctx);
+		needs_return = true;
+		break;
+	default:
+		return 1;
+	}
+
+	struct task_state *ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0,
+						     BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!ts) {
+		count(CNT_STATE_FAILED);
+		return 1;
+	}
+	/*
+	 * A call made from inside another allocator call (malloc's mmap, realloc's malloc, free's
+	 * munmap) is part of that call: count it once. The outer call is still in flight when this
+	 * one is deeper on the stack and either its return probe is pending (it clears outer_sp;
+	 * the kernel has replaced the return address with its trampoline) or, without a return
+	 * probe, its return address is still in its slot.
+	 */
+	if (ts->outer_sp && sp <= ts->outer_sp) {
+		__u64 slot = 0;
+		/* Equal depth: a tail call (glibc's reallocarray jumps to realloc). */
+		if (ts->has_return)
+			return 1;
+		bpf_probe_read_user(&slot, sizeof(slot), (void *)ts->outer_sp);
+		if (sp < ts->outer_sp && slot == ts->outer_ret)
+			return 1;
+	}
+	if (bpf_probe_read_user(&ret_addr, sizeof(ret_addr), (void *)sp))
+		ret_addr = 0;
+	ts->outer_sp = sp;
+	ts->outer_ret = ret_addr;
+	ts->kind = kind;
+
+	ts->has_return = 0;
+	if (kind == FN_FREE || kind == FN_MUNMAP) {
+		record_free(bpf_get_current_pid_tgid() >> 32, arg, kind);
+		return 1;
+	}
+	ts->size = size;
+	ts->arg = arg;
+	ts->record = sampled_in(size);
+	if (ts->record) {
+		ts->stack_id = capture_stack(ctx, ts);
+		needs_return = true;
+	}
+	ts->has_return = needs_return;
+	return needs_return ? 0 : 1;
+}
+
+static __always_inline int on_return(struct pt_regs *ctx)
+{
+	struct task_state *ts;
+	__u64 ret = PT_REGS_RC(ctx), addr = ret;
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+
+	ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0, 0);
+	/* Only the return of the outermost call in flight: after `ret`, rsp is 8 above entry. */
+	if (!ts || !ts->outer_sp || PT_REGS_SP(ctx) != ts->outer_sp + 8)
+		return 0;
+	ts->outer_sp = 0;
+
+	switch (ts->kind) {
+	case FN_REALLOC:
+	case FN_REALLOCARRAY:
+		/* realloc(p, 0) frees p and returns NULL; a failed realloc leaves p alone. */
+		if (ts->arg && (ret || !ts->size))
+			record_free(pid, ts->arg, ts->kind);
+		break;
+	case FN_MREMAP:
+		if (ret == (__u64)-1)
+			return 0;
+		record_free(pid, ts->arg, ts->kind);
+		break;
+	case FN_MMAP:
+		if (ret == (__u64)-1)
+			return 0;
+		break;
+	case FN_POSIX_MEMALIGN:
+		if ((int)ret != 0)
+			return 0;
+		addr = 0;
+		bpf_probe_read_user(&addr, sizeof(addr), (void *)ts->arg);
+		break;
+	default:
+		break;
+	}
+	if (addr && ts->record)
+		record_alloc(pid, addr, ts);
+	return 0;
+}
+
+extern bool bpf_session_is_return(void) __ksym __weak;
+
+SEC("uprobe.session")
+int memleak_session(struct pt_regs *ctx)
+{
+	if (bpf_session_is_return())
+		return on_return(ctx);
+	return on_entry(ctx, bpf_get_attach_cookie(ctx));
+}
+
+SEC("uprobe")
+int memleak_entry(struct pt_regs *ctx)
+{
+	on_entry(ctx, bpf_get_attach_cookie(ctx));
+	return 0;
+}
+
+SEC("uretprobe")
+int memleak_return(struct pt_regs *ctx)
+{
+	return on_return(ctx);
+}
+
+/* -c: the probes are attached before exec; only the command's own image counts. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_binprm *bprm)
+{
+	if ((bpf_get_current_pid_tgid() >> 32) == target_tgid)
+		armed = true;
+	return 0;
+}
+
+/* Never used by the programs: they put the shared enums and event type into BTF, so the Rust
+ * side gets them from the generated skeleton instead of redefining them. */
+enum fn_kind btf_fn_kind __attribute__((unused));
+enum counter btf_counter __attribute__((unused));
+enum event_kind btf_event_kind __attribute__((unused));
+struct trace_event btf_trace_event __attribute__((unused));

@@ -1,0 +1,380 @@
+//! Command line: memleak(8)'s flags, parsed by clap and checked into a [`Config`].
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Parser, ValueEnum};
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+
+memleak -p $(pidof allocs)
+        Trace allocations and display a summary of \"leaked\" (outstanding)
+        allocations every 5 seconds
+memleak -p $(pidof allocs) -t
+        Trace allocations and display each individual allocator function call
+memleak -ap $(pidof allocs) 10
+        Trace allocations and display allocated addresses, sizes, and stacks
+        every 10 seconds for outstanding allocations
+memleak -c \"./allocs --size 16\"
+        Run the specified command and trace its allocations from its first
+        instruction; print a final report when it exits, and exit with its status
+memleak -p $(pidof allocs) -O /usr/lib/libjemalloc.so.2 -S je_
+        Trace a process that allocates through jemalloc's prefixed functions
+memleak -p $(pidof allocs) -o 60000
+        Display only allocations that are at least one minute (60 seconds) old
+memleak -p $(pidof allocs) -s 5
+        Trace roughly every 5th allocation, to reduce overhead
+memleak -p $(pidof allocs) --sort count 1 10
+        Print a report every second, ten times, stacks ordered by allocation count";
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "memleak",
+    version,
+    about = "Trace outstanding memory allocations (leaks) of a process, with eBPF",
+    after_help = EXAMPLES,
+)]
+pub struct Args {
+    /// The PID to trace; if neither -p nor -c is given, trace the kernel's allocators
+    #[arg(short, long, value_name = "PID", conflicts_with = "command")]
+    pub pid: Option<i32>,
+
+    /// Print a line for each alloc and free call as it happens
+    #[arg(short, long)]
+    pub trace: bool,
+
+    /// Show the address and size of every outstanding allocation as well as call stacks
+    #[arg(short = 'a', long)]
+    pub show_allocs: bool,
+
+    /// Hide allocations younger than this age, in milliseconds
+    #[arg(short, long, value_name = "MS", default_value_t = 500)]
+    pub older: u64,
+
+    /// Run this command (split as a shell splits words) and trace it from its first instruction
+    #[arg(short, long, value_name = "COMMAND")]
+    pub command: Option<String>,
+
+    /// Keep only per-stack totals, in BPF (faster reports; -o and -a do not apply)
+    #[arg(long)]
+    pub combined_only: bool,
+
+    /// An allocation at an address already tracked first frees the old record (a missed free)
+    #[arg(long)]
+    pub wa_missing_free: bool,
+
+    /// Record about every Nth allocation, decided in BPF, to decrease the overhead
+    #[arg(short, long, value_name = "N", default_value_t = 1)]
+    pub sample_rate: u32,
+
+    /// Display only this many top allocating stacks
+    #[arg(short = 'T', long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// Capture only allocations of at least this many bytes
+    #[arg(short = 'z', long, value_name = "BYTES")]
+    pub min_size: Option<u64>,
+
+    /// Capture only allocations of at most this many bytes
+    #[arg(short = 'Z', long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+
+    /// Attach to the allocator functions in this object (a library, or the executable itself)
+    #[arg(short = 'O', long, value_name = "OBJ")]
+    pub obj: Option<PathBuf>,
+
+    /// Order the stacks of a report by total size or by allocation count
+    #[arg(long, value_enum, value_name = "KEY", default_value = "size")]
+    pub sort: SortKey,
+
+    /// Kernel mode: trace the percpu allocator instead of kmalloc, kmem_cache and pages
+    #[arg(long)]
+    pub percpu: bool,
+
+    /// Prefix of the allocator's symbols, e.g. je_ for jemalloc's je_malloc
+    #[arg(short = 'S', long, value_name = "PREFIX", default_value = "")]
+    pub symbols_prefix: String,
+
+    /// Print a report every this many seconds (same as the positional interval)
+    #[arg(short = 'i', long = "interval", value_name = "SECONDS")]
+    pub interval_flag: Option<u64>,
+
+    /// Say what was attached where (entry points and their file offsets), on stderr
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// Print a report every this many seconds [default: 5]
+    #[arg(value_name = "interval")]
+    pub interval: Option<u64>,
+
+    /// Number of reports to print before exiting [default: until the target exits or Ctrl-C]
+    #[arg(value_name = "count")]
+    pub count: Option<u64>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    Size,
+    Count,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Pid(i32),
+    /// argv of the command to run
+    Command(Vec<String>),
+    Kernel,
+}
+
+/// Everything the run needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub target: Target,
+    pub trace: bool,
+    pub show_allocs: bool,
+    pub min_age: Duration,
+    pub combined_only: bool,
+    pub wa_missing_free: bool,
+    pub sample_rate: u32,
+    pub top: usize,
+    pub min_size: u64,
+    pub max_size: u64,
+    pub obj: Option<PathBuf>,
+    pub sort: SortKey,
+    pub percpu: bool,
+    pub symbols_prefix: String,
+    pub interval: Duration,
+    pub count: Option<u64>,
+    pub verbose: bool,
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config> {
+        let target = match (self.pid, &self.command) {
+            (Some(pid), _) if pid <= 0 => bail!("invalid pid {pid}: a pid is a positive number"),
+            (Some(pid), _) => Target::Pid(pid),
+            (None, Some(cmd)) => {
+                let argv =
+                    shlex::split(cmd).ok_or_else(|| anyhow::anyhow!("cannot split -c {cmd:?}: unbalanced quotes"))?;
+                if argv.is_empty() {
+                    bail!("-c needs a command to run");
+                }
+                Target::Command(argv)
+            }
+            (None, None) => Target::Kernel,
+        };
+        if self.percpu && target != Target::Kernel {
+            bail!("--percpu traces the kernel's percpu allocator: it does not go with -p or -c");
+        }
+        let min_size = self.min_size.unwrap_or(0);
+        let max_size = self.max_size.unwrap_or(u64::MAX);
+        if min_size > max_size {
+            bail!("min size (-z {min_size}) can't be greater than max size (-Z {max_size})");
+        }
+        if self.sample_rate == 0 {
+            bail!("sample rate (-s) must be at least 1");
+        }
+        if self.top == 0 {
+            bail!("-T/--top must be at least 1");
+        }
+        let interval = match (self.interval_flag, self.interval) {
+            (Some(_), Some(_)) => bail!("give the interval either with -i or as a positional, not both"),
+            (Some(i), None) | (None, Some(i)) => i,
+            (None, None) => 5,
+        };
+        if interval == 0 {
+            bail!("interval must be at least 1 second");
+        }
+        if self.count == Some(0) {
+            bail!("count must be at least 1");
+        }
+        Ok(Config {
+            target,
+            trace: self.trace,
+            show_allocs: self.show_allocs,
+            min_age: Duration::from_millis(self.older),
+            combined_only: self.combined_only,
+            wa_missing_free: self.wa_missing_free,
+            sample_rate: self.sample_rate,
+            top: self.top,
+            min_size,
+            max_size,
+            obj: self.obj,
+            sort: self.sort,
+            percpu: self.percpu,
+            symbols_prefix: self.symbols_prefix,
+            interval: Duration::from_secs(interval),
+            count: self.count,
+            verbose: self.verbose,
+        })
+    }
+}
+
+/// Parses the command line; `Err` carries the one-line message for a bad one.
+pub fn parse<I, T>(args: I) -> std::result::Result<Config, ParseOutcome>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Args::try_parse_from(args) {
+        Ok(a) => a.into_config().map_err(|e| ParseOutcome::Error(format!("{e:#}"))),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                Err(ParseOutcome::Print(e.to_string()))
+            }
+            _ => {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                let first = first.strip_prefix("error: ").unwrap_or(first);
+                Err(ParseOutcome::Error(format!("{first} (try --help)")))
+            }
+        },
+    }
+}
+
+#[derive(Debug)]
+pub enum ParseOutcome {
+    /// --help or --version: print this, exit 0
+    Print(String),
+    /// a one-line message: print it, exit 2
+    Error(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(args: &[&str]) -> Config {
+        parse(std::iter::once("memleak").chain(args.iter().copied())).expect("valid arguments")
+    }
+
+    fn err(args: &[&str]) -> String {
+        match parse(std::iter::once("memleak").chain(args.iter().copied())) {
+            Err(ParseOutcome::Error(m)) => m,
+            other => panic!("expected an error for {args:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_memleak8() {
+        let c = ok(&["-p", "42"]);
+        assert_eq!(c.target, Target::Pid(42));
+        assert_eq!(c.interval, Duration::from_secs(5));
+        assert_eq!(c.count, None);
+        assert_eq!(c.top, 10);
+        assert_eq!(c.min_age, Duration::from_millis(500));
+        assert_eq!(c.sample_rate, 1);
+        assert_eq!(c.sort, SortKey::Size);
+        assert_eq!((c.min_size, c.max_size), (0, u64::MAX));
+    }
+
+    #[test]
+    fn positional_interval_and_count() {
+        let c = ok(&["-ap", "7", "10", "3"]);
+        assert!(c.show_allocs);
+        assert_eq!(c.target, Target::Pid(7));
+        assert_eq!(c.interval, Duration::from_secs(10));
+        assert_eq!(c.count, Some(3));
+        assert_eq!(ok(&["-p", "7", "-i", "2"]).interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn command_is_split_like_a_shell() {
+        let c = ok(&["-c", "./prog 'two words' \"x y\" z"]);
+        assert_eq!(c.target, Target::Command(vec!["./prog".into(), "two words".into(), "x y".into(), "z".into()]));
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let c = ok(&[
+            "-p",
+            "1",
+            "-t",
+            "-a",
+            "-o",
+            "60000",
+            "--combined-only",
+            "-s",
+            "5",
+            "-T",
+            "3",
+            "-z",
+            "16",
+            "-Z",
+            "4096",
+            "-O",
+            "/lib/libjemalloc.so",
+            "--sort",
+            "count",
+            "--symbols-prefix",
+            "je_",
+            "2",
+            "4",
+        ]);
+        assert!(c.trace && c.show_allocs && c.combined_only);
+        assert_eq!(c.min_age, Duration::from_secs(60));
+        assert_eq!((c.sample_rate, c.top, c.min_size, c.max_size), (5, 3, 16, 4096));
+        assert_eq!(c.obj, Some(PathBuf::from("/lib/libjemalloc.so")));
+        assert_eq!(c.sort, SortKey::Count);
+        assert_eq!(c.symbols_prefix, "je_");
+        assert_eq!((c.interval, c.count), (Duration::from_secs(2), Some(4)));
+        assert_eq!(ok(&["-S", "tc_", "-p", "1"]).symbols_prefix, "tc_");
+        assert_eq!(ok(&[]).target, Target::Kernel);
+        assert!(ok(&["--percpu"]).percpu);
+    }
+
+    #[test]
+    fn bad_input_is_one_line() {
+        for (args, needle) in [
+            (&["-p", "1", "-c", "ls"][..], "cannot be used with"),
+            (&["-p", "1", "-z", "100", "-Z", "10"][..], "can't be greater"),
+            (&["-p", "1", "-s", "0"][..], "sample rate"),
+            (&["-p", "1", "0"][..], "interval"),
+            (&["-p", "1", "-i", "0"][..], "interval"),
+            (&["-p", "1", "--sort", "age"][..], "invalid value 'age'"),
+            (&["-p", "1", "--bogus"][..], "unexpected argument '--bogus'"),
+            (&["-p", "x"][..], "invalid value 'x'"),
+            (&["-p", "-3"][..], "unexpected argument"),
+            (&["-p", "0"][..], "invalid pid"),
+            (&["-c", ""][..], "needs a command"),
+            (&["-c", "'unterminated"][..], "unbalanced quotes"),
+            (&["-p", "1", "--percpu"][..], "--percpu"),
+            (&["-p", "1", "1", "0"][..], "count"),
+        ] {
+            let m = err(args);
+            assert!(m.contains(needle), "{args:?}: {m:?} lacks {needle:?}");
+            assert!(!m.contains('\n'), "{args:?}: not one line: {m:?}");
+        }
+    }
+
+    #[test]
+    fn help_has_examples() {
+        match parse(["memleak", "--help"]) {
+            Err(ParseOutcome::Print(h)) => {
+                assert!(h.contains("EXAMPLES:"));
+                for flag in [
+                    "--pid",
+                    "--trace",
+                    "--show-allocs",
+                    "--older",
+                    "--command",
+                    "--combined-only",
+                    "--wa-missing-free",
+                    "--sample-rate",
+                    "--top",
+                    "--min-size",
+                    "--max-size",
+                    "--obj",
+                    "--sort",
+                    "--percpu",
+                    "--symbols-prefix",
+                    "--interval",
+                ] {
+                    assert!(h.contains(flag), "help lacks {flag}");
+                }
+            }
+            other => panic!("--help: {other:?}"),
+        }
+    }
+}

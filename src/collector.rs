@@ -1,0 +1,161 @@
+//! Collector: reads the BPF maps and aggregates the outstanding allocations by stack.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use libbpf_rs::{MapCore, MapFlags};
+
+use crate::skel::MemleakSkel;
+use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
+
+/// One stack's outstanding allocations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StackTotal {
+    /// 0: the stack could not be stored (stack map full).
+    pub stack_id: u64,
+    pub bytes: u64,
+    pub count: u64,
+    /// (address, size) of each block, when -a asks for them.
+    pub blocks: Vec<(u64, u64)>,
+}
+
+/// What went untracked since the start, from the BPF counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    pub allocs_map_full: u64,
+    pub stacks_map_full: u64,
+    pub no_thread_state: u64,
+    pub trace_events_lost: u64,
+    pub combined_map_full: u64,
+    pub truncated_stacks: u64,
+}
+
+pub struct Snapshot {
+    pub stacks: Vec<StackTotal>,
+    pub losses: Losses,
+}
+
+/// Reads elements in batches of this many per syscall.
+const BATCH: u32 = 4096;
+
+pub struct Collector {
+    /// Frames of every stack seen, by id; a stack never changes once stored.
+    stacks: HashMap<u64, Vec<u64>>,
+}
+
+impl Collector {
+    pub fn new() -> Self {
+        Collector { stacks: HashMap::new() }
+    }
+
+    /// The frames of a stack read by [`Collector::refresh_stacks`].
+    pub fn frames(&self, stack_id: u64) -> Option<&[u64]> {
+        self.stacks.get(&stack_id).map(Vec::as_slice)
+    }
+
+    /// Reads the stacks stored since the last call; returns the ids that are new.
+    pub fn refresh_stacks(&mut self, skel: &MemleakSkel) -> Result<Vec<u64>> {
+        let mut new = Vec::new();
+        let iter =
+            skel.maps.stacks.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the stack map")?;
+        for (k, v) in iter {
+            let id = u64::from_ne_bytes(k[..8].try_into().expect("8-byte key"));
+            if self.stacks.contains_key(&id) {
+                continue;
+            }
+            let st: stack = read_pod(&v);
+            let depth = (st.depth as usize).min(st.ips.len());
+            self.stacks.insert(id, st.ips[..depth].to_vec());
+            new.push(id);
+        }
+        Ok(new)
+    }
+
+    /// Outstanding allocations of `pid` by stack. `min_age`: hide younger ones (not in
+    /// combined mode, which keeps no per-allocation times in its totals).
+    pub fn collect(
+        &self,
+        skel: &MemleakSkel,
+        pid: Option<u32>,
+        min_age: Duration,
+        blocks: bool,
+        combined: bool,
+    ) -> Result<Snapshot> {
+        let stacks = if combined { Self::read_combined(skel)? } else { Self::read_allocs(skel, pid, min_age, blocks)? };
+        Ok(Snapshot { stacks, losses: read_losses(skel) })
+    }
+
+    fn read_allocs(skel: &MemleakSkel, pid: Option<u32>, min_age: Duration, blocks: bool) -> Result<Vec<StackTotal>> {
+        let now = monotonic_ns();
+        let min_age = min_age.as_nanos() as u64;
+        let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
+        let iter =
+            skel.maps.allocs.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the allocation map")?;
+        for (k, v) in iter {
+            let key: alloc_key = read_pod(&k);
+            let info: alloc_info = read_pod(&v);
+            if pid.is_some_and(|p| p != key.pid) {
+                continue;
+            }
+            if now.saturating_sub(info.timestamp_ns) < min_age {
+                continue;
+            }
+            let t = by_stack
+                .entry(info.stack_id)
+                .or_insert_with(|| StackTotal { stack_id: info.stack_id, ..Default::default() });
+            t.bytes += info.size;
+            t.count += 1;
+            if blocks {
+                t.blocks.push((key.addr, info.size));
+            }
+        }
+        Ok(by_stack.into_values().collect())
+    }
+
+    fn read_combined(skel: &MemleakSkel) -> Result<Vec<StackTotal>> {
+        let iter =
+            skel.maps.combined.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the combined map")?;
+        Ok(iter
+            .filter_map(|(k, v)| {
+                let c: combined_info = read_pod(&v);
+                (c.count > 0).then(|| StackTotal {
+                    stack_id: u64::from_ne_bytes(k[..8].try_into().expect("8-byte key")),
+                    bytes: c.total_size,
+                    count: c.count,
+                    blocks: Vec::new(),
+                })
+            })
+            .collect())
+    }
+}
+
+fn read_losses(skel: &MemleakSkel) -> Losses {
+    let Some(bss) = skel.maps.bss_data.as_deref() else { return Losses::default() };
+    // SAFETY: the counters live in the mmapped .bss; the kernel updates them atomically and an
+    // aligned u64 read is never torn.
+    let get = |c: counter| unsafe { std::ptr::read_volatile(&bss.counters[c.0 as usize]) };
+    Losses {
+        allocs_map_full: get(counter::CNT_ALLOCS_FULL),
+        stacks_map_full: get(counter::CNT_STACKS_FULL),
+        no_thread_state: get(counter::CNT_STATE_FAILED),
+        trace_events_lost: get(counter::CNT_EVENTS_LOST),
+        combined_map_full: get(counter::CNT_COMBINED_FULL),
+        truncated_stacks: get(counter::CNT_TRUNCATED),
+    }
+}
+
+/// Reads a BPF map key or value as the plain C struct it is.
+pub fn read_pod<T: Copy + Default>(bytes: &[u8]) -> T {
+    assert!(bytes.len() >= std::mem::size_of::<T>(), "map element smaller than its type");
+    // SAFETY: T is a plain C struct (generated from the shared header) valid for any bytes,
+    // and the length was checked.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

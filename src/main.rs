@@ -1,0 +1,47 @@
+//! memleak: trace outstanding memory allocations with eBPF.
+//!
+//! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
+//! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
+mod cli;
+mod collector;
+mod loader;
+mod probes;
+mod procmaps;
+mod report;
+mod run;
+mod symbolizer;
+mod target;
+
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/memleak.skel.rs"));
+}
+
+/// Frames a stack holds at most: `struct stack` of memleak.h is a u64 header then the frames.
+pub const MAX_STACK_DEPTH: usize = std::mem::size_of::<skel::types::stack>() / 8 - 1;
+
+use std::io::Write;
+
+fn main() {
+    let cfg = match cli::parse(std::env::args_os()) {
+        Ok(cfg) => cfg,
+        Err(cli::ParseOutcome::Print(text)) => {
+            print!("{text}");
+            return;
+        }
+        Err(cli::ParseOutcome::Error(msg)) => {
+            eprintln!("memleak: {msg}");
+            std::process::exit(2);
+        }
+    };
+    let code = match run::run(&cfg) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            // One line: the causes joined, as anyhow's alternate form does.
+            eprintln!("memleak: {}", format!("{e:#}").replace('\n', " "));
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}

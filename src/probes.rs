@@ -1,0 +1,205 @@
+//! Probes: the allocator's entry points found in its ELF object, attached as uprobes.
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use libbpf_rs::{Link, UprobeMultiOpts, UprobeOpts};
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::skel::types::fn_kind;
+
+/// The functions traced, with the kind the BPF program is told through the cookie.
+pub const ENTRY_POINTS: &[(&str, fn_kind)] = &[
+    ("malloc", fn_kind::FN_MALLOC),
+    ("calloc", fn_kind::FN_CALLOC),
+    ("realloc", fn_kind::FN_REALLOC),
+    ("reallocarray", fn_kind::FN_REALLOCARRAY),
+    ("posix_memalign", fn_kind::FN_POSIX_MEMALIGN),
+    ("aligned_alloc", fn_kind::FN_ALIGNED_ALLOC),
+    ("memalign", fn_kind::FN_ALIGNED_ALLOC),
+    ("valloc", fn_kind::FN_VALLOC),
+    ("pvalloc", fn_kind::FN_PVALLOC),
+    ("free", fn_kind::FN_FREE),
+    ("mmap", fn_kind::FN_MMAP),
+    ("munmap", fn_kind::FN_MUNMAP),
+    ("mremap", fn_kind::FN_MREMAP),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryPoint {
+    /// The names found at this offset, e.g. "memalign/aligned_alloc".
+    pub names: String,
+    pub kind: fn_kind,
+    /// Offset of the first instruction in the file: what uprobes attach to.
+    pub file_offset: u64,
+}
+
+impl EntryPoint {
+    /// free and munmap need no return probe.
+    pub fn needs_return(&self) -> bool {
+        self.kind != fn_kind::FN_FREE && self.kind != fn_kind::FN_MUNMAP
+    }
+}
+
+/// The entry points that `path` defines (with `prefix` before each name), one per distinct
+/// address, and the names it lacks.
+pub fn resolve(path: &Path, prefix: &str) -> Result<(Vec<EntryPoint>, Vec<String>)> {
+    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF object", path.display()))?;
+    let mut by_offset: BTreeMap<u64, EntryPoint> = BTreeMap::new();
+    let mut missing = Vec::new();
+    for &(name, kind) in ENTRY_POINTS {
+        let full = format!("{prefix}{name}");
+        let Some(vaddr) = symbol_address(&file, &full) else {
+            missing.push(full);
+            continue;
+        };
+        let Some(off) = vaddr_to_offset(&file, vaddr) else {
+            missing.push(full);
+            continue;
+        };
+        by_offset.entry(off).and_modify(|e| e.names.push_str(&format!("/{full}"))).or_insert(EntryPoint {
+            names: full,
+            kind,
+            file_offset: off,
+        });
+    }
+    Ok((by_offset.into_values().collect(), missing))
+}
+
+fn symbol_address(file: &object::File, name: &str) -> Option<u64> {
+    let defined = |s: &object::Symbol| s.name() == Ok(name) && s.is_definition() && s.kind() == SymbolKind::Text;
+    file.dynamic_symbols().find(defined).or_else(|| file.symbols().find(defined)).map(|s| s.address())
+}
+
+fn vaddr_to_offset(file: &object::File, vaddr: u64) -> Option<u64> {
+    file.segments().find_map(|seg| {
+        let (off, size) = seg.file_range();
+        (vaddr >= seg.address() && vaddr < seg.address() + size).then(|| vaddr - seg.address() + off)
+    })
+}
+
+/// Whether the ELF file at `path` defines the function `name`.
+pub fn defines(path: &Path, name: &str) -> bool {
+    let Ok(data) = fs::read(path) else { return false };
+    let Ok(file) = object::File::parse(&*data) else { return false };
+    symbol_address(&file, name).is_some()
+}
+
+/// The dynamic linker named by an executable's PT_INTERP, if it has one.
+pub fn interpreter(path: &Path) -> Result<Option<PathBuf>> {
+    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF executable", path.display()))?;
+    let Some(sec) = file.section_by_name(".interp") else { return Ok(None) };
+    use object::ObjectSection;
+    let raw = sec.data().unwrap_or_default();
+    let s = raw.split(|&b| b == 0).next().unwrap_or_default();
+    Ok((!s.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(s).into_owned())))
+}
+
+/// How the probes get attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// One uprobe_multi session link for every entry point (Linux 6.13+).
+    Session,
+    /// One classic uprobe per entry point and one uretprobe per allocating function.
+    Classic,
+}
+
+/// Attaches the loaded programs to every entry point of `path` in process `pid`.
+pub fn attach(
+    progs: &crate::skel::MemleakProgs,
+    mode: AttachMode,
+    pid: i32,
+    path: &Path,
+    entries: &[EntryPoint],
+) -> Result<Vec<Link>> {
+    if entries.is_empty() {
+        bail!("{} defines none of the allocator functions", path.display());
+    }
+    match mode {
+        AttachMode::Session => {
+            let opts = UprobeMultiOpts {
+                offsets: entries.iter().map(|e| e.file_offset as usize).collect(),
+                cookies: entries.iter().map(|e| e.kind.0 as u64).collect(),
+                session: true,
+                ..Default::default()
+            };
+            let link = progs
+                .memleak_session
+                .attach_uprobe_multi_with_opts(pid, path, "", opts)
+                .with_context(|| format!("cannot attach uprobes to {}", path.display()))?;
+            Ok(vec![link])
+        }
+        AttachMode::Classic => {
+            let mut links = Vec::new();
+            for e in entries {
+                let entry = UprobeOpts { cookie: e.kind.0 as u64, ..Default::default() };
+                links.push(
+                    progs
+                        .memleak_entry
+                        .attach_uprobe_with_opts(pid, path, e.file_offset as usize, entry)
+                        .with_context(|| format!("cannot attach a uprobe to {} in {}", e.names, path.display()))?,
+                );
+                if e.needs_return() {
+                    let ret = UprobeOpts { cookie: e.kind.0 as u64, retprobe: true, ..Default::default() };
+                    links.push(
+                        progs
+                            .memleak_return
+                            .attach_uprobe_with_opts(pid, path, e.file_offset as usize, ret)
+                            .with_context(|| {
+                                format!("cannot attach a uretprobe to {} in {}", e.names, path.display())
+                            })?,
+                    );
+                }
+            }
+            Ok(links)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libc() -> PathBuf {
+        crate::procmaps::ProcMaps::read(std::process::id() as i32)
+            .expect("own maps")
+            .paths()
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libc")))
+            .expect("the test binary maps libc")
+            .to_path_buf()
+    }
+
+    #[test]
+    fn glibc_entry_points_are_found_once_each() {
+        let (entries, missing) = resolve(&libc(), "").expect("libc parses");
+        assert!(missing.is_empty(), "glibc lacks {missing:?}");
+        let names: Vec<&str> = entries.iter().map(|e| e.names.as_str()).collect();
+        // memalign and aligned_alloc are one function in glibc: probed once.
+        assert!(names.iter().any(|n| n.contains("aligned_alloc") && n.contains("memalign")), "{names:?}");
+        let mut offsets: Vec<u64> = entries.iter().map(|e| e.file_offset).collect();
+        offsets.dedup();
+        assert_eq!(offsets.len(), entries.len());
+        assert!(entries.iter().all(|e| e.file_offset > 0));
+        assert!(!entries.iter().find(|e| e.names == "free").expect("free").needs_return());
+    }
+
+    #[test]
+    fn a_prefix_that_matches_nothing_reports_every_name_missing() {
+        let (entries, missing) = resolve(&libc(), "je_").expect("libc parses");
+        assert!(entries.is_empty());
+        assert_eq!(missing.len(), ENTRY_POINTS.len());
+        assert_eq!(missing[0], "je_malloc");
+    }
+
+    #[test]
+    fn a_dynamic_executable_names_its_interpreter() {
+        let exe = std::env::current_exe().expect("test binary");
+        let interp = interpreter(&exe).expect("readable").expect("dynamically linked");
+        assert!(interp.to_string_lossy().contains("ld-linux"), "{}", interp.display());
+        assert!(defines(&libc(), "malloc"));
+        assert!(!defines(&libc(), "no_such_function_here"));
+    }
+}

@@ -1,0 +1,359 @@
+//! The run: set the target up, attach, then report every interval until the target exits,
+//! the count is reached, or Ctrl-C/SIGTERM.
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use libbpf_rs::RingBufferBuilder;
+
+use crate::cli::{Config, Target};
+use crate::collector::{Collector, read_pod};
+use crate::skel::MemleakSkel;
+use crate::skel::types::{event_kind, trace_event};
+use crate::symbolizer::Symbolizer;
+use crate::{loader, probes, report, target};
+
+/// How often stacks are read and their addresses normalized while the process lives.
+const TICK: Duration = Duration::from_secs(1);
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Fails with what is needed when this process cannot load and attach BPF programs.
+fn check_privileges() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!(
+        "memleak needs root, or the capabilities CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE for other users' processes)"
+    )
+}
+
+/// Blocks the signals the loop reads from a signalfd.
+fn signal_fd() -> Result<OwnedFd> {
+    // SAFETY: plain libc calls on a local, zero-initialized sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sigprocmask");
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("signalfd");
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    // SAFETY: a non-negative return is a descriptor we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What ended the loop.
+enum End {
+    /// The traced command exited with this code (128+N if killed by signal N).
+    CommandExited(i32),
+    /// The -p process exited.
+    ProcessExited,
+    /// Ctrl-C, SIGTERM, or the count of reports was reached.
+    Stopped,
+}
+
+struct Tracer<'a, 'obj> {
+    cfg: &'a Config,
+    skel: &'a MemleakSkel<'obj>,
+    pid: i32,
+    collector: Collector,
+    symbolizer: Symbolizer,
+}
+
+impl Tracer<'_, '_> {
+    /// Reads the stacks stored since last time and, while the process lives, records where
+    /// their addresses live, so that they stay symbolizable after it exits.
+    fn prepare_symbols(&mut self) -> Result<()> {
+        let new = self.collector.refresh_stacks(self.skel)?;
+        let addrs: Vec<u64> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
+        self.symbolizer.normalize(addrs);
+        Ok(())
+    }
+
+    fn print_report(&mut self, after_exit: bool) -> Result<()> {
+        if !after_exit {
+            self.prepare_symbols()?;
+        }
+        // After the process exited nothing can be freed any more: every block counts.
+        let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
+        let snap = self.collector.collect(
+            self.skel,
+            Some(self.pid as u32),
+            min_age,
+            self.cfg.show_allocs,
+            self.cfg.combined_only,
+        )?;
+        let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
+        let stacks: Vec<report::StackReport> = selected
+            .iter()
+            .map(|t| report::StackReport {
+                total: t,
+                frames: self
+                    .collector
+                    .frames(t.stack_id)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&a| self.symbolizer.frame(a).to_string())
+                    .collect(),
+            })
+            .collect();
+        let text = report::format(&report::now_hms(), self.cfg.top, &stacks, &snap.losses, self.cfg.show_allocs);
+        write_out(&text)
+    }
+}
+
+fn write_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        // The reader went away (| head): stop quietly.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(e).context("writing the report"),
+    }
+}
+
+fn trace_line(e: &trace_event) -> String {
+    if e.kind == event_kind::EV_ALLOC.0 {
+        format!("alloc exited, size = {}, result = {:x}", e.size, e.addr)
+    } else {
+        format!("free entered, address = {:x}, size = {}", e.addr, e.size)
+    }
+}
+
+pub fn run(cfg: &Config) -> Result<i32> {
+    check_privileges()?;
+    // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
+    let sigfd = signal_fd()?;
+    let (pid, obj, held) = match &cfg.target {
+        Target::Kernel => {
+            let what = if cfg.percpu { "the percpu allocator" } else { "the kernel's allocators" };
+            bail!("tracing {what} is not available yet: give -p PID or -c COMMAND")
+        }
+        Target::Pid(pid) => {
+            target::check_pid(*pid)?;
+            (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
+        }
+        Target::Command(argv) => {
+            let prog = target::resolve_program(&argv[0])?;
+            let obj = target::allocator_object_for_command(&prog, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            let held = target::HeldChild::spawn(&prog, argv)?;
+            (held.pid, obj, Some(held))
+        }
+    };
+    let is_command = held.is_some();
+    if is_command {
+        // Stop the command at its exit while its memory map still exists: the last stacks
+        // are normalized there. Without ptrace the run goes on, only less exact at the end.
+        // SAFETY: PTRACE_SEIZE on our own child, with an options word as data.
+        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, libc::PTRACE_O_TRACEEXIT as libc::c_ulong) };
+        if r != 0 && cfg.verbose {
+            eprintln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    let (entries, missing) = probes::resolve(&obj, &cfg.symbols_prefix)?;
+    if entries.is_empty() {
+        bail!(
+            "{} defines none of the allocator functions ({}malloc, {}free, ...)",
+            obj.display(),
+            cfg.symbols_prefix,
+            cfg.symbols_prefix
+        );
+    }
+    if !missing.is_empty() {
+        eprintln!("memleak: note: {} has no {}: not traced", obj.display(), missing.join(", "));
+    }
+
+    let mut storage = MaybeUninit::uninit();
+    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command)?;
+    let skel = &loaded.skel;
+    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
+    let _exec_link = if is_command {
+        Some(skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?)
+    } else {
+        None
+    };
+    if cfg.verbose {
+        eprintln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
+        for e in &entries {
+            eprintln!("memleak:   {:<28} file offset {:#x}", e.names, e.file_offset);
+        }
+    }
+    write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
+    if let Some(held) = held {
+        held.release()?;
+    }
+
+    let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer: Symbolizer::new(Some(pid)) };
+    let ring = if cfg.trace {
+        let mut b = RingBufferBuilder::new();
+        b.add(&skel.maps.events, |data: &[u8]| {
+            let e: trace_event = read_pod(data);
+            let _ = write_out(&format!("{}\n", trace_line(&e)));
+            0
+        })?;
+        Some(b.build()?)
+    } else {
+        None
+    };
+    let pidfd = if is_command { None } else { pidfd_open(pid) };
+
+    let end = event_loop(&mut tracer, &sigfd, pidfd.as_ref(), ring.as_ref(), is_command)?;
+    if let Some(r) = &ring {
+        let _ = r.consume();
+    }
+    match end {
+        End::CommandExited(code) => {
+            write_out(&format!("[{}] Process {pid} exited with status {code}.\n", report::now_hms()))?;
+            tracer.print_report(true)?;
+            Ok(code)
+        }
+        End::ProcessExited => {
+            write_out(&format!("[{}] Process {pid} exited.\n", report::now_hms()))?;
+            tracer.print_report(true)?;
+            Ok(0)
+        }
+        End::Stopped => Ok(0),
+    }
+}
+
+fn event_loop(
+    t: &mut Tracer,
+    sigfd: &OwnedFd,
+    pidfd: Option<&OwnedFd>,
+    ring: Option<&libbpf_rs::RingBuffer>,
+    is_command: bool,
+) -> Result<End> {
+    let start = Instant::now();
+    let mut next_report = start + t.cfg.interval;
+    let mut next_tick = start + TICK;
+    let mut reports = 0u64;
+    loop {
+        let now = Instant::now();
+        let wake = next_report.min(next_tick);
+        let timeout = wake.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = vec![libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        if let Some(p) = pidfd {
+            fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if let Some(r) = ring {
+            fds.push(libc::pollfd { fd: r.epoll_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        // SAFETY: fds is a live array of fds.len() pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Err(std::io::Error::last_os_error()).context("poll");
+        }
+        if let Some(r) = ring {
+            r.consume().context("reading trace events")?;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            for sig in read_signals(sigfd) {
+                match sig {
+                    libc::SIGINT | libc::SIGTERM => {
+                        t.print_report(false)?;
+                        return Ok(End::Stopped);
+                    }
+                    libc::SIGCHLD if is_command => {
+                        if let Some(code) = reap(t)? {
+                            return Ok(End::CommandExited(code));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if pidfd.is_some() && fds[1].revents & libc::POLLIN != 0 {
+            return Ok(End::ProcessExited);
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            t.prepare_symbols()?;
+            next_tick = now + TICK;
+        }
+        if now >= next_report {
+            t.print_report(false)?;
+            reports += 1;
+            if t.cfg.count.is_some_and(|c| reports >= c) {
+                return Ok(End::Stopped);
+            }
+            next_report += t.cfg.interval;
+            if next_report < now {
+                next_report = now + t.cfg.interval;
+            }
+        }
+    }
+}
+
+fn read_signals(sigfd: &OwnedFd) -> Vec<i32> {
+    let mut sigs = Vec::new();
+    loop {
+        // SAFETY: signalfd_siginfo is plain data; read writes at most its size.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads into the local struct of `size` bytes.
+        let n = unsafe { libc::read(sigfd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        if n != size as isize {
+            return sigs;
+        }
+        sigs.push(info.ssi_signo as i32);
+    }
+}
+
+/// Handles the command's state changes; returns its exit code once it has exited.
+fn reap(t: &mut Tracer) -> Result<Option<i32>> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, writing to a local.
+        let r = unsafe { libc::waitpid(t.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if r <= 0 {
+            return Ok(None);
+        }
+        if libc::WIFEXITED(status) {
+            return Ok(Some(libc::WEXITSTATUS(status)));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(Some(128 + libc::WTERMSIG(status)));
+        }
+        if libc::WIFSTOPPED(status) {
+            let event = (status >> 16) & 0xff;
+            // SAFETY: ptrace requests on our own seized child.
+            unsafe {
+                if event == libc::PTRACE_EVENT_EXIT {
+                    // Its memory map still exists: the last chance to normalize.
+                    t.symbolizer.reread_maps();
+                    t.prepare_symbols()?;
+                    libc::ptrace(libc::PTRACE_DETACH, t.pid, 0, 0);
+                } else if event == libc::PTRACE_EVENT_STOP {
+                    libc::ptrace(libc::PTRACE_LISTEN, t.pid, 0, 0);
+                } else {
+                    libc::ptrace(libc::PTRACE_CONT, t.pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+                }
+            }
+        }
+    }
+}

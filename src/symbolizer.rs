@@ -1,0 +1,173 @@
+//! Symbolizer: turns stack addresses into `function+0xoff [module] (addr)` frames.
+//!
+//! An address is normalized to (file, file offset) while the process lives, from its
+//! /proc/PID/maps; symbols then come from the file with blazesym. So a report printed after
+//! the process has exited is symbolized as well as the ones before.
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use blazesym::symbolize::source::{Elf, Source};
+use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blaze};
+
+use crate::procmaps::ProcMaps;
+
+/// Where an address lives in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File {
+        path: Arc<Path>,
+        offset: u64,
+    },
+    /// Mapped, but not from a file we can read (anonymous memory, JIT code, [vdso]).
+    Other {
+        name: Option<Arc<Path>>,
+    },
+    /// In no mapping we saw.
+    Unmapped,
+}
+
+/// A symbolized frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub addr: u64,
+    /// Function and offset within it, if known.
+    pub symbol: Option<(String, u64)>,
+    /// The module path, or a pseudo-name.
+    pub module: Option<String>,
+}
+
+impl std::fmt::Display for Frame {
+    /// memleak(8)'s form: `main+0x6d [/home/vagrant/allocs] (400862)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.symbol {
+            Some((name, off)) => write!(f, "{name}+{off:#x}")?,
+            None => write!(f, "[unknown]")?,
+        }
+        write!(f, " [{}] ({:x})", self.module.as_deref().unwrap_or("unknown"), self.addr)
+    }
+}
+
+pub struct Symbolizer {
+    pid: Option<i32>,
+    maps: ProcMaps,
+    locations: HashMap<u64, Location>,
+    frames: HashMap<u64, Frame>,
+    blaze: Blaze,
+}
+
+impl Symbolizer {
+    pub fn new(pid: Option<i32>) -> Self {
+        Symbolizer {
+            pid,
+            maps: ProcMaps::default(),
+            locations: HashMap::new(),
+            frames: HashMap::new(),
+            blaze: Blaze::new(),
+        }
+    }
+
+    /// Records where each address lives, while the process is alive. Reads /proc/PID/maps again
+    /// when an address is outside every mapping seen so far.
+    pub fn normalize(&mut self, addrs: impl IntoIterator<Item = u64>) {
+        let Some(pid) = self.pid else { return };
+        let mut reread = false;
+        for addr in addrs {
+            if self.locations.contains_key(&addr) {
+                continue;
+            }
+            if self.maps.find(addr).is_none() && !reread {
+                if let Ok(m) = ProcMaps::read(pid) {
+                    self.maps = m;
+                }
+                reread = true;
+            }
+            let loc = match self.maps.find(addr) {
+                Some(m) if m.is_file() => Location::File {
+                    path: m.path.clone().expect("a file mapping has a path"),
+                    offset: addr - m.start + m.offset,
+                },
+                Some(m) => Location::Other { name: m.path.clone() },
+                None => Location::Unmapped,
+            };
+            self.locations.insert(addr, loc);
+        }
+    }
+
+    /// Rereads the process's maps (call while it lives, e.g. at its exit stop).
+    pub fn reread_maps(&mut self) {
+        if let Some(pid) = self.pid
+            && let Ok(m) = ProcMaps::read(pid)
+        {
+            self.maps = m;
+        }
+    }
+
+    /// The frame for `addr`; addresses never normalized print as unknown.
+    pub fn frame(&mut self, addr: u64) -> Frame {
+        if let Some(f) = self.frames.get(&addr) {
+            return f.clone();
+        }
+        let frame = match self.locations.get(&addr).cloned() {
+            Some(Location::File { path, offset }) => Frame {
+                addr,
+                symbol: self.symbol_in_file(&path, offset),
+                module: Some(path.to_string_lossy().into_owned()),
+            },
+            Some(Location::Other { name }) => Frame {
+                addr,
+                symbol: None,
+                module: name.map(|n| n.to_string_lossy().into_owned()).or(Some("anon".into())),
+            },
+            Some(Location::Unmapped) | None => Frame { addr, symbol: None, module: None },
+        };
+        self.frames.insert(addr, frame.clone());
+        frame
+    }
+
+    fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<(String, u64)> {
+        let src = Source::Elf(Elf::new(path));
+        match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
+            Ok(Symbolized::Sym(sym)) => Some((sym.name.into_owned(), sym.offset as u64)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_print_in_memleak8_form() {
+        let f =
+            Frame { addr: 0x400862, symbol: Some(("main".into(), 0x6d)), module: Some("/home/vagrant/allocs".into()) };
+        assert_eq!(f.to_string(), "main+0x6d [/home/vagrant/allocs] (400862)");
+        let f = Frame { addr: 0x7f00dead, symbol: None, module: Some("[anon:jit]".into()) };
+        assert_eq!(f.to_string(), "[unknown] [[anon:jit]] (7f00dead)");
+        let f = Frame { addr: 0x10, symbol: None, module: None };
+        assert_eq!(f.to_string(), "[unknown] [unknown] (10)");
+    }
+
+    #[inline(never)]
+    fn a_known_function() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn symbolizes_own_function_by_file_offset() {
+        let me = std::process::id() as i32;
+        let addr = a_known_function as *const () as u64 + 1;
+        let mut s = Symbolizer::new(Some(me));
+        s.normalize([addr]);
+        let f = s.frame(addr);
+        let (name, off) = f.symbol.expect("own symbol found");
+        assert!(name.contains("a_known_function"), "{name}");
+        assert_eq!(off, 1);
+        assert!(
+            f.module
+                .expect("module")
+                .ends_with(std::env::current_exe().unwrap().file_name().unwrap().to_str().unwrap())
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! The traced process: checking a -p pid, finding the object that holds its allocator, and
+//! running a -c command held before exec until the probes are in place.
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::probes;
+use crate::procmaps::ProcMaps;
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Checks that `pid` is a live user-space process.
+pub fn check_pid(pid: i32) -> Result<()> {
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("no such process: {pid}"),
+        Err(e) => return Err(e).with_context(|| format!("cannot read /proc/{pid}/stat")),
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        bail!("process {pid} has exited (zombie)");
+    }
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & PF_KTHREAD != 0 {
+        bail!("pid {pid} is a kernel thread: run memleak without -p to trace the kernel's allocators");
+    }
+    Ok(())
+}
+
+/// The object whose allocator functions to probe in a running process: -O if given, else the
+/// libc it has mapped, else its executable if that defines malloc (a static binary).
+pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
+    if let Some(obj) = obj {
+        return check_obj(obj);
+    }
+    let maps = ProcMaps::read(pid)?;
+    if let Some(libc) = maps.paths().find(|p| is_libc(p)) {
+        return Ok(libc.to_path_buf());
+    }
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?;
+    if probes::defines(&exe, &format!("{prefix}malloc")) {
+        return Ok(exe);
+    }
+    bail!(
+        "process {pid} has no libc mapped and its executable defines no {prefix}malloc: name the allocator's object with -O"
+    )
+}
+
+/// For -c: the libc the command will load, as its dynamic linker resolves it (ld.so --list
+/// with the command's environment), or the executable itself when it is static.
+pub fn allocator_object_for_command(prog: &Path, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
+    if let Some(obj) = obj {
+        return check_obj(obj);
+    }
+    let elf = script_interpreter(prog)?.unwrap_or_else(|| prog.to_path_buf());
+    let Some(interp) = probes::interpreter(&elf)? else {
+        if probes::defines(&elf, &format!("{prefix}malloc")) {
+            return Ok(elf);
+        }
+        bail!("{} is statically linked without {prefix}malloc: name the allocator's object with -O", elf.display());
+    };
+    let out = Command::new(&interp)
+        .arg("--list")
+        .arg(&elf)
+        .output()
+        .with_context(|| format!("cannot run the dynamic linker {}", interp.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f...)"
+        if let Some((_, rest)) = line.split_once("=> ") {
+            let path = rest.split(" (").next().unwrap_or("").trim();
+            if is_libc(Path::new(path)) {
+                return Ok(PathBuf::from(path));
+            }
+        }
+    }
+    bail!("{} does not load libc: name the allocator's object with -O", elf.display())
+}
+
+fn check_obj(obj: &Path) -> Result<PathBuf> {
+    if !obj.exists() {
+        bail!("-O {}: no such file", obj.display());
+    }
+    Ok(obj.to_path_buf())
+}
+
+/// libc.so.6, libc-2.21.so, libc.musl-x86_64.so.1: the C library by its file name.
+fn is_libc(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    name.starts_with(b"libc.so") || name.starts_with(b"libc-") || name.starts_with(b"libc.musl")
+}
+
+/// The interpreter of a `#!` script, whose process is the one traced.
+fn script_interpreter(prog: &Path) -> Result<Option<PathBuf>> {
+    let mut head = [0u8; 256];
+    let n = fs::File::open(prog)
+        .and_then(|mut f| f.read(&mut head))
+        .with_context(|| format!("cannot read {}", prog.display()))?;
+    if n < 2 || &head[..2] != b"#!" {
+        return Ok(None);
+    }
+    let line = head[2..n].split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    Ok(line.split_whitespace().next().map(PathBuf::from))
+}
+
+/// Resolves a command name as execvp would, so that a missing program is reported up front.
+pub fn resolve_program(name: &str) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path).map(|d| d.join(name)).collect()
+    };
+    for c in &candidates {
+        if let Ok(meta) = fs::metadata(c) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(c.clone());
+            }
+            if name.contains('/') {
+                bail!("cannot run {name}: not an executable file");
+            }
+        }
+    }
+    bail!("cannot run {name}: no such command")
+}
+
+/// A -c command forked and held before exec: it runs its program only once released.
+pub struct HeldChild {
+    pub pid: i32,
+    go: OwnedFd,
+    exec_err: OwnedFd,
+}
+
+/// The user a command runs as under sudo: SUDO_UID/SUDO_GID, when memleak runs as root.
+fn sudo_user() -> Option<(u32, u32, Vec<libc::gid_t>)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    let uid: u32 = std::env::var("SUDO_UID").ok()?.parse().ok()?;
+    let gid: u32 = std::env::var("SUDO_GID").ok()?.parse().ok()?;
+    let mut groups = vec![gid];
+    if let Ok(user) = std::env::var("SUDO_USER") {
+        let name = CString::new(user).ok()?;
+        let mut n: libc::c_int = 64;
+        let mut buf = vec![0 as libc::gid_t; n as usize];
+        // SAFETY: buf holds n entries; getgrouplist writes at most n and updates n.
+        let r = unsafe { libc::getgrouplist(name.as_ptr(), gid, buf.as_mut_ptr(), &mut n) };
+        if r >= 0 {
+            buf.truncate(n as usize);
+            groups = buf;
+        }
+    }
+    Some((uid, gid, groups))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn cstring(s: &[u8]) -> Result<CString> {
+    CString::new(s).map_err(|_| anyhow::anyhow!("argument holds a NUL byte"))
+}
+
+impl HeldChild {
+    /// Forks `argv` (argv[0] already resolved to `prog`), holding the child before exec.
+    pub fn spawn(prog: &Path, argv: &[String]) -> Result<HeldChild> {
+        // Everything the child needs is built before fork: after it, no allocation.
+        let path = cstring(prog.as_os_str().as_bytes())?;
+        let args: Vec<CString> = argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_>>()?;
+        let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        arg_ptrs.push(std::ptr::null());
+        let env: Vec<CString> = std::env::vars_os()
+            .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<Result<_>>()?;
+        let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        env_ptrs.push(std::ptr::null());
+        let user = sudo_user();
+        let (go_rd, go_wr) = pipe()?;
+        let (err_rd, err_wr) = pipe()?;
+
+        // SAFETY: fork in a process with no other threads yet; the child below makes only
+        // async-signal-safe syscalls on memory prepared before the fork, then execs or exits.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error()).context("fork");
+        }
+        if pid == 0 {
+            // SAFETY: see above.
+            unsafe {
+                let fail = |fd: i32| -> ! {
+                    let e = *libc::__errno_location();
+                    libc::write(fd, (&e as *const i32).cast(), 4);
+                    libc::_exit(127)
+                };
+                let err = err_wr.as_raw_fd();
+                libc::close(go_wr.as_raw_fd());
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                let empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                if let Some((uid, gid, groups)) = &user
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0)
+                {
+                    fail(err);
+                }
+                // Wait for the tracer: one byte means go; EOF means it gave up.
+                let mut b = 0u8;
+                loop {
+                    let n = libc::read(go_rd.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+                    if n == 1 {
+                        break;
+                    }
+                    if n == 0 || *libc::__errno_location() != libc::EINTR {
+                        libc::_exit(127);
+                    }
+                }
+                libc::execve(path.as_ptr(), arg_ptrs.as_ptr(), env_ptrs.as_ptr());
+                fail(err);
+            }
+        }
+        drop(go_rd);
+        drop(err_wr);
+        Ok(HeldChild { pid, go: go_wr, exec_err: err_rd })
+    }
+
+    /// Lets the child exec its program; fails if the exec failed.
+    pub fn release(self) -> Result<i32> {
+        let b = 1u8;
+        // SAFETY: writes one byte from a live stack variable to our pipe.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), (&b as *const u8).cast(), 1) };
+        if n != 1 {
+            return Err(std::io::Error::last_os_error()).context("releasing the command");
+        }
+        // The error pipe closes on a successful exec (O_CLOEXEC) or carries errno.
+        let mut f = fs::File::from(self.exec_err);
+        let mut e = [0u8; 4];
+        match f.read(&mut e) {
+            Ok(4) => {
+                let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(e));
+                bail!("cannot run the command: {err}")
+            }
+            _ => Ok(self.pid),
+        }
+    }
+}
