@@ -19,4 +19,5 @@ fn main() {
     skeleton("memleak");
     println!("cargo:rerun-if-changed=src/bpf/memleak.h");
     println!("cargo:rerun-if-changed=src/bpf/kernel_types.h");
+    println!("cargo:rerun-if-changed=src/bpf/unwind.bpf.h");
 }

@@ -100,6 +100,10 @@ pub struct Args {
     #[arg(short = 'i', long = "interval", value_name = "SECONDS")]
     pub interval_flag: Option<u64>,
 
+    /// Walk frame pointers for stacks (memleak(8)'s way), not the .eh_frame unwind tables
+    #[arg(long)]
+    pub frame_pointers: bool,
+
     /// Say what was attached where (entry points and their file offsets), on stderr
     #[arg(short, long)]
     pub verbose: bool,
@@ -147,6 +151,7 @@ pub struct Config {
     pub interval: Duration,
     pub count: Option<u64>,
     pub verbose: bool,
+    pub frame_pointers: bool,
 }
 
 impl Args {
@@ -207,6 +212,7 @@ impl Args {
             interval: Duration::from_secs(interval),
             count: self.count,
             verbose: self.verbose,
+            frame_pointers: self.frame_pointers,
         })
     }
 }
@@ -322,6 +328,8 @@ mod tests {
         assert_eq!(ok(&["-S", "tc_", "-p", "1"]).symbols_prefix, "tc_");
         assert_eq!(ok(&[]).target, Target::Kernel);
         assert!(ok(&["--percpu"]).percpu);
+        assert!(ok(&["-p", "1", "--frame-pointers"]).frame_pointers);
+        assert!(!ok(&["-p", "1"]).frame_pointers);
     }
 
     #[test]
@@ -370,6 +378,7 @@ mod tests {
                     "--percpu",
                     "--symbols-prefix",
                     "--interval",
+                    "--frame-pointers",
                 ] {
                     assert!(h.contains(flag), "help lacks {flag}");
                 }

@@ -144,6 +144,13 @@ fn read_losses(skel: &MemleakSkel) -> Losses {
     }
 }
 
+/// How often the BPF unwinder met code of an object without a table (grows until it is loaded).
+pub fn no_table_seen(skel: &MemleakSkel) -> u64 {
+    let Some(bss) = skel.maps.bss_data.as_deref() else { return 0 };
+    // SAFETY: as in read_losses.
+    unsafe { std::ptr::read_volatile(&bss.counters[counter::CNT_NO_TABLE_SEEN.0 as usize]) }
+}
+
 /// Reads a BPF map key or value as the plain C struct it is.
 pub fn read_pod<T: Copy + Default>(bytes: &[u8]) -> T {
     assert!(bytes.len() >= std::mem::size_of::<T>(), "map element smaller than its type");

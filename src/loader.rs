@@ -51,6 +51,7 @@ fn open<'obj>(
     rodata.wa_missing_free = cfg.wa_missing_free;
     rodata.need_exec = held_until_exec;
     rodata.target_tgid = target_tgid;
+    rodata.frame_pointers_only = cfg.frame_pointers;
 
     open.maps.allocs.set_max_entries(MAX_ALLOCS)?;
     open.maps.stacks.set_max_entries(MAX_STACKS)?;

@@ -11,6 +11,7 @@ mod report;
 mod run;
 mod symbolizer;
 mod target;
+mod unwind;
 
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/memleak.skel.rs"));

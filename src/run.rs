@@ -13,10 +13,14 @@ use crate::collector::{Collector, read_pod};
 use crate::skel::MemleakSkel;
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
+use crate::unwind::{self, UnwindTables};
 use crate::{loader, probes, report, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the BPF side's "code without an unwind table" counter is checked: when it grew,
+/// the process's mappings are read again at once (dlopen), not at the next tick.
+const UNWIND_CHECK: Duration = Duration::from_millis(50);
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -82,9 +86,27 @@ struct Tracer<'a, 'obj> {
     pid: i32,
     collector: Collector,
     symbolizer: Symbolizer,
+    /// The unwind tables (None with --frame-pointers).
+    unwind: Option<UnwindTables>,
+    /// The "no table" counter when the mappings were last read.
+    no_table_seen: u64,
 }
 
 impl Tracer<'_, '_> {
+    /// Loads the tables of objects mapped since the last call (every tick, and promptly when
+    /// the BPF side met code of an object without a table).
+    fn sync_unwind(&mut self, force: bool) {
+        let Some(u) = self.unwind.as_mut() else { return };
+        let seen = crate::collector::no_table_seen(self.skel);
+        if force || seen != self.no_table_seen {
+            self.no_table_seen = seen;
+            u.sync_process(self.skel, self.pid);
+            for f in u.failures.drain(..) {
+                eprintln!("memleak: {f}; its frames fall back to frame pointers");
+            }
+        }
+    }
+
     /// Reads the stacks stored since last time and, while the process lives, records where
     /// their addresses live, so that they stay symbolizable after it exits.
     fn prepare_symbols(&mut self) -> Result<()> {
@@ -191,6 +213,20 @@ pub fn run(cfg: &Config) -> Result<i32> {
     let mut storage = MaybeUninit::uninit();
     let loaded = loader::load(&mut storage, cfg, pid as u32, is_command)?;
     let skel = &loaded.skel;
+    let mut unwind_tables = if cfg.frame_pointers { None } else { Some(UnwindTables::new(skel, cfg.verbose)?) };
+    if let Some(u) = unwind_tables.as_mut() {
+        if let Target::Command(argv) = &cfg.target {
+            // Before it runs: the tables of what it maps at start are there for its first call.
+            for p in unwind::startup_objects(&target::resolve_program(&argv[0])?) {
+                u.preload(skel, &p);
+            }
+        } else {
+            u.sync_process(skel, pid);
+        }
+        for f in u.failures.drain(..) {
+            eprintln!("memleak: {f}; its frames fall back to frame pointers");
+        }
+    }
     let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
     let _exec_link = if is_command {
         Some(skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?)
@@ -208,7 +244,15 @@ pub fn run(cfg: &Config) -> Result<i32> {
         held.release()?;
     }
 
-    let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer: Symbolizer::new(Some(pid)) };
+    let mut tracer = Tracer {
+        cfg,
+        skel,
+        pid,
+        collector: Collector::new(),
+        symbolizer: Symbolizer::new(Some(pid)),
+        unwind: unwind_tables,
+        no_table_seen: 0,
+    };
     let ring = if cfg.trace {
         let mut b = RingBufferBuilder::new();
         b.add(&skel.maps.events, |data: &[u8]| {
@@ -251,10 +295,14 @@ fn event_loop(
     let start = Instant::now();
     let mut next_report = start + t.cfg.interval;
     let mut next_tick = start + TICK;
+    let mut next_unwind = start + UNWIND_CHECK;
     let mut reports = 0u64;
     loop {
         let now = Instant::now();
-        let wake = next_report.min(next_tick);
+        let mut wake = next_report.min(next_tick);
+        if t.unwind.is_some() {
+            wake = wake.min(next_unwind);
+        }
         let timeout = wake.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32;
         let mut fds = vec![libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(p) = pidfd {
@@ -291,7 +339,12 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
+        if now >= next_unwind {
+            t.sync_unwind(false);
+            next_unwind = now + UNWIND_CHECK;
+        }
         if now >= next_tick {
+            t.sync_unwind(true);
             t.prepare_symbols()?;
             next_tick = now + TICK;
         }

@@ -60,6 +60,8 @@ struct {
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
+#include "unwind.bpf.h"
+
 /*
  * Per-thread state of the outermost allocator call in flight. Task storage, not a per-CPU
  * scratch map: uprobe_multi programs run with preemption enabled.
@@ -74,6 +76,7 @@ struct task_state {
 	__u16 record;    /* the new block passes the size filters and sampling */
 	__u16 has_return; /* the return probe will run and end the call */
 	struct stack stack;
+	struct unwind_scratch unwind;
 };
 
 struct {
@@ -159,7 +162,10 @@ static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_stat
 	__u64 id;
 	long err;
 
-	ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
+	if (frame_pointers_only)
+		ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
+	else
+		ts->stack.depth = unwind_tables(ctx, &ts->unwind, &ts->stack);
 	if (ts->stack.truncated)
 		count(CNT_TRUNCATED);
 	id = stack_hash(&ts->stack);

@@ -55,7 +55,70 @@ enum counter {
 	CNT_EVENTS_LOST = 3,   /* trace ring buffer full: a -t line was not printed */
 	CNT_COMBINED_FULL = 4, /* combined map full: an allocation missing from the totals */
 	CNT_TRUNCATED = 5,     /* stacks cut at MAX_STACK_DEPTH */
-	NR_COUNTERS = 6,
+	/* The table unwinder (docs/unwinding.md): stacks unwound, and why some stopped early. */
+	CNT_UNWINDS = 6,            /* stacks unwound from the tables */
+	CNT_STOP_NOT_MAPPED = 7,    /* a return address in no executable mapping */
+	CNT_STOP_NO_TABLE = 8,      /* code of an object without a table yet; no frame pointer */
+	CNT_STOP_NO_CFI = 9,        /* code the object's .eh_frame does not cover; no frame pointer */
+	CNT_STOP_UNSUPPORTED = 10,  /* a CFA rule outside the table's model */
+	CNT_STOP_BAD_CFA = 11,      /* a CFA that does not rise, or is unaligned */
+	CNT_STOP_READ = 12,         /* stack memory that could not be read */
+	CNT_NO_TABLE_SEEN = 13,     /* lookups of an object without a table: user space reloads */
+	NR_COUNTERS = 14,
+};
+
+/* ---- Unwind tables, built from each object's .eh_frame (src/unwind/, docs/unwinding.md). */
+
+/* Rows are grouped by 64 KiB page of the object's virtual addresses. */
+#define UNWIND_PAGE_SHIFT 16
+
+/* How a row finds the CFA (the caller's rsp; the return address is at CFA-8). */
+enum unwind_cfa {
+	UNW_CFA_NONE = 0,        /* no CFI for this code: walk the frame pointer */
+	UNW_CFA_RSP = 1,         /* rsp + cfa_off */
+	UNW_CFA_RBP = 2,         /* rbp + cfa_off */
+	UNW_CFA_PLT = 3,         /* rsp + cfa_off, + 8 when (ip & 15) >= aux: a PLT entry */
+	UNW_CFA_END = 4,         /* the return address is undefined: the outermost frame */
+	UNW_CFA_UNSUPPORTED = 5, /* another register or a DWARF expression */
+};
+
+/* Where the caller's rbp is. */
+enum unwind_rbp {
+	UNW_RBP_SAME = 0,      /* unchanged */
+	UNW_RBP_AT_CFA = 1,    /* saved at CFA + rbp_off */
+	UNW_RBP_UNDEFINED = 2, /* not recoverable */
+};
+
+/* One rule; rules are deduplicated over all objects. Index 0 is UNW_CFA_NONE. */
+struct unwind_rule {
+	__u8 cfa;  /* enum unwind_cfa */
+	__u8 rbp;  /* enum unwind_rbp */
+	__u8 aux;  /* UNW_CFA_PLT: the threshold on ip & 15 */
+	__u8 pad;
+	__s32 cfa_off;
+	__s32 rbp_off;
+};
+
+/* A page's rows: unwind_rows[first_row .. first_row + nrows), sorted; the first is at offset 0.
+ * A row is a __u32: (address & 0xffff) << 16 | rule index. */
+struct unwind_page {
+	__u32 first_row;
+	__u32 nrows;
+};
+
+/* An object is known to the BPF side by the file its code is mapped from. */
+struct unwind_obj_key {
+	__u32 dev; /* the kernel's dev_t of the file system (MKDEV: major << 20 | minor) */
+	__u32 pad;
+	__u64 ino;
+};
+
+struct unwind_object {
+	__s64 vaddr_minus_offset; /* p_vaddr - p_offset of its executable PT_LOAD */
+	__u32 page_base;          /* index of its first page in unwind_pages */
+	__u32 first_page;         /* p_vaddr >> UNWIND_PAGE_SHIFT of that page */
+	__u32 npages;
+	__u32 pad;
 };
 
 enum event_kind {

@@ -1,0 +1,305 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The table unwinder: walks a user stack from the rows built out of each object's .eh_frame
+ * (src/unwind/ builds them; docs/unwinding.md describes the format). Included by memleak.bpf.c
+ * after its counters; its per-thread task_state holds the unwind_scratch.
+ *
+ * One frame per bpf_loop iteration. A code address is mapped to its file by bpf_find_vma
+ * (cached per stack), the file to its table by (dev, inode), the address to a row by a
+ * binary search in the rows of its 64 KiB page. Code without CFI (JIT, stripped objects) falls
+ * back to the frame pointer. Every step is checked; an early stop is counted by its reason.
+ */
+#ifndef MEMLEAK_UNWIND_BPF_H
+#define MEMLEAK_UNWIND_BPF_H
+
+/* Set by the loader: walk frame pointers only (--frame-pointers). */
+const volatile bool frame_pointers_only = false;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct unwind_obj_key);
+	__type(value, struct unwind_object);
+} unwind_objects SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct unwind_page);
+} unwind_pages SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << 21);
+	__type(key, __u32);
+	__type(value, __u32);
+} unwind_rows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct unwind_rule);
+} unwind_rules SEC(".maps");
+
+/* The rule enums into BTF, for the skeleton's Rust types (never used by the programs). */
+enum unwind_cfa btf_unwind_cfa __attribute__((unused));
+enum unwind_rbp btf_unwind_rbp __attribute__((unused));
+
+/* An executable mapping seen during this walk. */
+struct unwind_vma {
+	__u64 start;
+	__u64 end;
+	__s64 adj; /* address + adj = the object's virtual address */
+	__u32 page_base;
+	__u32 first_page;
+	__u32 npages; /* 0: no table for this object */
+	__u32 pad;
+};
+
+#define UNWIND_VMA_CACHE 4
+
+/* Per-thread scratch of one walk (in task storage: uprobe_multi runs preemptible). */
+struct unwind_scratch {
+	__u64 pc;
+	__u64 sp;
+	__u64 bp;
+	__u32 depth;
+	__u32 stop;  /* the counter of the reason it stopped early; 0: not early */
+	__u32 first; /* pc is the probed instruction, not a return address */
+	__u32 next_vma;
+	struct unwind_vma vmas[UNWIND_VMA_CACHE];
+};
+
+/* bpf_loop's context: where the walk writes. */
+struct unwind_loop_ctx {
+	struct unwind_scratch *u;
+	struct stack *st;
+};
+
+struct vma_found {
+	__u64 start;
+	__u64 end;
+	__u64 pgoff;
+	__u64 flags;
+	__u64 ino;
+	__u32 dev;
+	__u32 has_file;
+};
+
+static __always_inline void unwind_count(__u32 c)
+{
+	barrier_var(c);
+	if (c < NR_COUNTERS)
+		__sync_fetch_and_add(&counters[c], 1);
+}
+
+static long unwind_vma_cb(struct task_struct *task, struct vm_area_struct *vma, void *data)
+{
+	struct vma_found *f = data;
+	struct file *file;
+
+	f->start = BPF_CORE_READ(vma, vm_start);
+	f->end = BPF_CORE_READ(vma, vm_end);
+	f->pgoff = BPF_CORE_READ(vma, vm_pgoff);
+	f->flags = BPF_CORE_READ(vma, vm_flags);
+	file = BPF_CORE_READ(vma, vm_file);
+	if (file) {
+		f->ino = BPF_CORE_READ(file, f_inode, i_ino);
+		f->dev = BPF_CORE_READ(file, f_inode, i_sb, s_dev);
+		f->has_file = 1;
+	}
+	return 0;
+}
+
+/* The executable mapping holding pc, from the cache or the kernel; NULL if none. */
+static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch *u, __u64 pc)
+{
+	struct vma_found f = {};
+	struct unwind_vma *v;
+	struct unwind_object *obj;
+	struct unwind_obj_key key = {};
+
+	for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
+		v = &u->vmas[i];
+		if (pc >= v->start && pc < v->end)
+			return v;
+	}
+	if (bpf_find_vma(bpf_get_current_task_btf(), pc, unwind_vma_cb, &f, 0) || !(f.flags & VM_EXEC))
+		return NULL;
+	v = &u->vmas[u->next_vma & (UNWIND_VMA_CACHE - 1)];
+	u->next_vma++;
+	v->start = f.start;
+	v->end = f.end;
+	v->npages = 0;
+	if (!f.has_file)
+		return v;
+	key.dev = f.dev;
+	key.ino = f.ino;
+	obj = bpf_map_lookup_elem(&unwind_objects, &key);
+	if (!obj) {
+		unwind_count(CNT_NO_TABLE_SEEN);
+		return v;
+	}
+	v->adj = (__s64)(f.pgoff << 12) - (__s64)f.start + obj->vaddr_minus_offset;
+	v->page_base = obj->page_base;
+	v->first_page = obj->first_page;
+	v->npages = obj->npages;
+	return v;
+}
+
+/* The rule index for the code at pc; 0 when there is none. */
+static __always_inline __u32 unwind_rule_index(struct unwind_vma *v, __u64 pc)
+{
+	__u64 vaddr = pc + v->adj, page = vaddr >> UNWIND_PAGE_SHIFT;
+	__u32 target = vaddr & 0xffff, idx, lo, n;
+	struct unwind_page *p;
+	__u32 *row;
+
+	if (page < v->first_page || page - v->first_page >= v->npages)
+		return 0;
+	idx = v->page_base + (__u32)(page - v->first_page);
+	p = bpf_map_lookup_elem(&unwind_pages, &idx);
+	if (!p || !p->nrows)
+		return 0;
+	lo = p->first_row;
+	n = p->nrows;
+	/* The last row whose start is <= target; the page's first row starts at offset 0. */
+	for (int i = 0; i < 18; i++) {
+		__u32 half, mid;
+
+		if (n <= 1)
+			break;
+		half = n / 2;
+		mid = lo + half;
+		row = bpf_map_lookup_elem(&unwind_rows, &mid);
+		if (!row)
+			return 0;
+		if ((*row >> 16) <= target) {
+			lo = mid;
+			n -= half;
+		} else {
+			n = half;
+		}
+	}
+	row = bpf_map_lookup_elem(&unwind_rows, &lo);
+	return row ? (*row & 0xffff) : 0;
+}
+
+/* One frame: finds the caller of the frame at u->pc. Returns 1 to stop the loop. */
+static long unwind_step(__u64 i, void *data)
+{
+	struct unwind_loop_ctx *c = data;
+	struct unwind_scratch *u = c->u;
+	struct stack *st = c->st;
+	struct unwind_rule *rule = NULL;
+	struct unwind_vma *v;
+	__u64 pc = u->pc, sp = u->sp, bp = u->bp, cfa, ra = 0, lookup_pc;
+	__u32 idx = 0;
+
+	/* A return address may be just past the function's last instruction: look up the call. */
+	lookup_pc = u->first ? pc : pc - 1;
+	v = unwind_find_vma(u, lookup_pc);
+	if (!v) {
+		u->stop = CNT_STOP_NOT_MAPPED;
+		return 1;
+	}
+	if (v->npages) {
+		idx = unwind_rule_index(v, lookup_pc);
+		if (idx)
+			rule = bpf_map_lookup_elem(&unwind_rules, &idx);
+	}
+	if (!rule || rule->cfa == UNW_CFA_NONE) {
+		if (u->first) {
+			/* The probe sits on the allocator's first instruction. */
+			cfa = sp + 8;
+		} else {
+			/* No CFI: the frame pointer, if this code keeps one. */
+			__u64 frame[2];
+
+			if (bp <= sp || (bp & 7) || bpf_probe_read_user(frame, sizeof(frame), (void *)bp)) {
+				u->stop = v->npages ? CNT_STOP_NO_CFI : CNT_STOP_NO_TABLE;
+				return 1;
+			}
+			cfa = bp + 16;
+			bp = frame[0];
+		}
+	} else {
+		switch (rule->cfa) {
+		case UNW_CFA_RSP:
+			cfa = sp + rule->cfa_off;
+			break;
+		case UNW_CFA_RBP:
+			cfa = bp + rule->cfa_off;
+			break;
+		case UNW_CFA_PLT:
+			cfa = sp + rule->cfa_off + ((lookup_pc & 15) >= rule->aux ? 8 : 0);
+			break;
+		case UNW_CFA_END:
+			return 1; /* the outermost frame: complete */
+		default:
+			u->stop = CNT_STOP_UNSUPPORTED;
+			return 1;
+		}
+		if (cfa <= sp || (cfa & 7)) {
+			u->stop = CNT_STOP_BAD_CFA;
+			return 1;
+		}
+		if (rule->rbp == UNW_RBP_AT_CFA) {
+			if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + rule->rbp_off))) {
+				u->stop = CNT_STOP_READ;
+				return 1;
+			}
+		} else if (rule->rbp == UNW_RBP_UNDEFINED) {
+			bp = 0;
+		}
+	}
+	if (cfa <= sp || (cfa & 7)) {
+		u->stop = CNT_STOP_BAD_CFA;
+		return 1;
+	}
+	if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8))) {
+		u->stop = CNT_STOP_READ;
+		return 1;
+	}
+	if (!ra)
+		return 1; /* the end of the chain */
+	if (u->depth >= MAX_STACK_DEPTH) {
+		st->truncated = 1;
+		return 1;
+	}
+	st->ips[u->depth] = ra;
+	u->depth++;
+	u->pc = ra;
+	u->sp = cfa;
+	u->bp = bp;
+	u->first = 0;
+	return 0;
+}
+
+/* Unwinds the user stack at an allocator's entry probe into st; returns the depth. */
+static __always_inline __u32 unwind_tables(struct pt_regs *ctx, struct unwind_scratch *u, struct stack *st)
+{
+	struct unwind_loop_ctx c = { .u = u, .st = st };
+
+	u->pc = PT_REGS_IP(ctx);
+	u->sp = PT_REGS_SP(ctx);
+	u->bp = PT_REGS_FP(ctx);
+	u->depth = 0;
+	u->stop = 0;
+	u->first = 1;
+	/* The cache holds mappings of this walk only: they may have changed since the last. */
+	for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
+		u->vmas[i].start = 0;
+		u->vmas[i].end = 0;
+	}
+	st->truncated = 0;
+	bpf_loop(MAX_STACK_DEPTH + 1, unwind_step, &c, 0);
+	unwind_count(CNT_UNWINDS);
+	if (u->stop)
+		unwind_count(u->stop);
+	return u->depth;
+}
+
+#endif
