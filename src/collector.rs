@@ -28,6 +28,26 @@ pub struct Losses {
     pub trace_events_lost: u64,
     pub combined_map_full: u64,
     pub truncated_stacks: u64,
+    /// Stacks unwound from the tables, and how many of them stopped early, by reason.
+    pub unwinds: u64,
+    pub unwind_stops: UnwindStops,
+}
+
+/// Why table unwinds stopped before the outermost frame (src/bpf/unwind.bpf.h).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindStops {
+    pub not_mapped: u64,
+    pub no_table: u64,
+    pub no_cfi: u64,
+    pub unsupported: u64,
+    pub bad_cfa: u64,
+    pub unreadable: u64,
+}
+
+impl UnwindStops {
+    pub fn total(&self) -> u64 {
+        self.not_mapped + self.no_table + self.no_cfi + self.unsupported + self.bad_cfa + self.unreadable
+    }
 }
 
 pub struct Snapshot {
@@ -141,6 +161,15 @@ fn read_losses(skel: &MemleakSkel) -> Losses {
         trace_events_lost: get(counter::CNT_EVENTS_LOST),
         combined_map_full: get(counter::CNT_COMBINED_FULL),
         truncated_stacks: get(counter::CNT_TRUNCATED),
+        unwinds: get(counter::CNT_UNWINDS),
+        unwind_stops: UnwindStops {
+            not_mapped: get(counter::CNT_STOP_NOT_MAPPED),
+            no_table: get(counter::CNT_STOP_NO_TABLE),
+            no_cfi: get(counter::CNT_STOP_NO_CFI),
+            unsupported: get(counter::CNT_STOP_UNSUPPORTED),
+            bad_cfa: get(counter::CNT_STOP_BAD_CFA),
+            unreadable: get(counter::CNT_STOP_READ),
+        },
     }
 }
 

@@ -50,10 +50,40 @@ pub fn loss_lines(l: &Losses) -> Vec<String> {
     if l.truncated_stacks > 0 {
         out.push(format!("{} stacks truncated at {} frames", l.truncated_stacks, crate::MAX_STACK_DEPTH));
     }
+    if let Some(line) = unwind_line(l) {
+        out.push(line);
+    }
     if l.trace_events_lost > 0 {
         out.push(format!("{} -t lines lost: the trace ring buffer was full", l.trace_events_lost));
     }
     out
+}
+
+/// The share of table unwinds that stopped before the outermost frame, with the reasons.
+fn unwind_line(l: &Losses) -> Option<String> {
+    let s = &l.unwind_stops;
+    let early = s.total();
+    if early == 0 || l.unwinds == 0 {
+        return None;
+    }
+    let reasons: Vec<String> = [
+        (s.not_mapped, "at an address in no executable mapping"),
+        (s.no_table, "in an object without an unwind table yet"),
+        (s.no_cfi, "in code without CFI nor frame pointer"),
+        (s.unsupported, "at a CFA rule outside the table's model"),
+        (s.bad_cfa, "at a CFA that did not rise"),
+        (s.unreadable, "at unreadable stack memory"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, why)| format!("{n} {why}"))
+    .collect();
+    Some(format!(
+        "{early} of {} stacks ({:.2}%) end early: {}",
+        l.unwinds,
+        early as f64 * 100.0 / l.unwinds as f64,
+        reasons.join(", ")
+    ))
 }
 
 /// Formats one snapshot.
@@ -140,6 +170,17 @@ mod tests {
         assert!(text.contains("WARNING: 2 allocations without a stack"), "{text}");
         assert!(text.contains("WARNING: 1 -t lines lost"), "{text}");
         assert_eq!(loss_lines(&Losses::default()).len(), 0);
+        let u = Losses {
+            unwinds: 400,
+            unwind_stops: crate::collector::UnwindStops { no_table: 3, unreadable: 1, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(
+            loss_lines(&u),
+            [
+                "4 of 400 stacks (1.00%) end early: 3 in an object without an unwind table yet, 1 at unreadable stack memory"
+            ]
+        );
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
         let text = format("00:00:00", 10, &[StackReport { total: &lost, frames: vec![] }], &l, false);
         assert!(text.contains("\t8 bytes in 1 allocations from stack\n\t\t[stack not stored"), "{text}");

@@ -139,7 +139,7 @@ impl Tracer<'_, '_> {
                     .frames(t.stack_id)
                     .unwrap_or_default()
                     .iter()
-                    .map(|&a| self.symbolizer.frame(a).to_string())
+                    .flat_map(|&a| self.symbolizer.frame(a).lines())
                     .collect(),
             })
             .collect();

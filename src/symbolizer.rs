@@ -3,12 +3,17 @@
 //! An address is normalized to (file, file offset) while the process lives, from its
 //! /proc/PID/maps; symbols then come from the file with blazesym. So a report printed after
 //! the process has exited is symbolized as well as the ones before.
+//!
+//! With DWARF (in the file, or a separate debug file under /usr/lib/debug found by build-id or
+//! .gnu_debuglink) a frame gains ` file:line`, and functions inlined at the address print as
+//! frames of their own before it. C++ and Rust names are demangled. Every address is a return
+//! address: it is looked up at address - 1, the call, and printed as it is.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use blazesym::symbolize::source::{Elf, Source};
-use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blaze};
+use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blaze};
 
 use crate::procmaps::ProcMaps;
 
@@ -28,23 +33,48 @@ pub enum Location {
 }
 
 /// A symbolized frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Frame {
     pub addr: u64,
     /// Function and offset within it, if known.
     pub symbol: Option<(String, u64)>,
     /// The module path, or a pseudo-name.
     pub module: Option<String>,
+    /// `file:line` of the call, when DWARF has it.
+    pub line: Option<String>,
+    /// Functions inlined at this address, innermost first, each with its own `file:line`.
+    pub inlined: Vec<(String, Option<String>)>,
+}
+
+impl Frame {
+    /// The lines this frame prints as: its inlined functions (innermost first), then itself.
+    pub fn lines(&self) -> Vec<String> {
+        let module = self.module.as_deref().unwrap_or("unknown");
+        let mut out: Vec<String> = self
+            .inlined
+            .iter()
+            .map(|(name, line)| {
+                let at = line.as_deref().map(|l| format!(" {l}")).unwrap_or_default();
+                format!("{name} [{module}] ({:x}){at} (inlined)", self.addr)
+            })
+            .collect();
+        out.push(self.to_string());
+        out
+    }
 }
 
 impl std::fmt::Display for Frame {
-    /// memleak(8)'s form: `main+0x6d [/home/vagrant/allocs] (400862)`.
+    /// memleak(8)'s form, `main+0x6d [/home/vagrant/allocs] (400862)`, plus ` file:line`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.symbol {
             Some((name, off)) => write!(f, "{name}+{off:#x}")?,
             None => write!(f, "[unknown]")?,
         }
-        write!(f, " [{}] ({:x})", self.module.as_deref().unwrap_or("unknown"), self.addr)
+        write!(f, " [{}] ({:x})", self.module.as_deref().unwrap_or("unknown"), self.addr)?;
+        if let Some(line) = &self.line {
+            write!(f, " {line}")?;
+        }
+        Ok(())
     }
 }
 
@@ -63,7 +93,7 @@ impl Symbolizer {
             maps: ProcMaps::default(),
             locations: HashMap::new(),
             frames: HashMap::new(),
-            blaze: Blaze::new(),
+            blaze: Blaze::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build(),
         }
     }
 
@@ -109,28 +139,44 @@ impl Symbolizer {
             return f.clone();
         }
         let frame = match self.locations.get(&addr).cloned() {
-            Some(Location::File { path, offset }) => Frame {
-                addr,
-                symbol: self.symbol_in_file(&path, offset),
-                module: Some(path.to_string_lossy().into_owned()),
-            },
+            Some(Location::File { path, offset }) => {
+                let mut frame = self.symbol_in_file(&path, offset).unwrap_or_default();
+                frame.addr = addr;
+                frame.module = Some(path.to_string_lossy().into_owned());
+                frame
+            }
             Some(Location::Other { name }) => Frame {
                 addr,
-                symbol: None,
                 module: name.map(|n| n.to_string_lossy().into_owned()).or(Some("anon".into())),
+                ..Frame::default()
             },
-            Some(Location::Unmapped) | None => Frame { addr, symbol: None, module: None },
+            Some(Location::Unmapped) | None => Frame { addr, ..Frame::default() },
         };
         self.frames.insert(addr, frame.clone());
         frame
     }
 
-    fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<(String, u64)> {
+    /// The symbol, line and inlined functions of the call before the return address at
+    /// `offset`.
+    fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<Frame> {
         let src = Source::Elf(Elf::new(path));
-        match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
-            Ok(Symbolized::Sym(sym)) => Some((sym.name.into_owned(), sym.offset as u64)),
-            _ => None,
-        }
+        let call = offset.checked_sub(1)?;
+        let Ok(Symbolized::Sym(sym)) = self.blaze.symbolize_single(&src, Input::FileOffset(call)) else {
+            return None;
+        };
+        let line = |c: &CodeInfo| c.line.map(|l| format!("{}:{l}", c.to_path().display()));
+        Some(Frame {
+            addr: 0,
+            symbol: Some((sym.name.to_string(), sym.offset as u64 + 1)),
+            module: None,
+            line: sym.code_info.as_deref().and_then(line),
+            inlined: sym
+                .inlined
+                .iter()
+                .rev()
+                .map(|f| (f.name.to_string(), f.code_info.as_ref().and_then(line)))
+                .collect(),
+        })
     }
 }
 
@@ -140,13 +186,31 @@ mod tests {
 
     #[test]
     fn frames_print_in_memleak8_form() {
-        let f =
-            Frame { addr: 0x400862, symbol: Some(("main".into(), 0x6d)), module: Some("/home/vagrant/allocs".into()) };
+        let f = Frame {
+            addr: 0x400862,
+            symbol: Some(("main".into(), 0x6d)),
+            module: Some("/home/vagrant/allocs".into()),
+            ..Frame::default()
+        };
         assert_eq!(f.to_string(), "main+0x6d [/home/vagrant/allocs] (400862)");
-        let f = Frame { addr: 0x7f00dead, symbol: None, module: Some("[anon:jit]".into()) };
+        let f = Frame { addr: 0x7f00dead, module: Some("[anon:jit]".into()), ..Frame::default() };
         assert_eq!(f.to_string(), "[unknown] [[anon:jit]] (7f00dead)");
-        let f = Frame { addr: 0x10, symbol: None, module: None };
+        let f = Frame { addr: 0x10, ..Frame::default() };
         assert_eq!(f.to_string(), "[unknown] [unknown] (10)");
+        let f = Frame {
+            addr: 0x400862,
+            symbol: Some(("main".into(), 0x6d)),
+            module: Some("/a/allocs".into()),
+            line: Some("/src/allocs.c:12".into()),
+            inlined: vec![("helper".into(), Some("/src/allocs.c:5".into()))],
+        };
+        assert_eq!(
+            f.lines(),
+            [
+                "helper [/a/allocs] (400862) /src/allocs.c:5 (inlined)",
+                "main+0x6d [/a/allocs] (400862) /src/allocs.c:12"
+            ]
+        );
     }
 
     #[inline(never)]
@@ -157,13 +221,13 @@ mod tests {
     #[test]
     fn symbolizes_own_function_by_file_offset() {
         let me = std::process::id() as i32;
-        let addr = a_known_function as *const () as u64 + 1;
+        let addr = a_known_function as *const () as u64 + 2;
         let mut s = Symbolizer::new(Some(me));
         s.normalize([addr]);
         let f = s.frame(addr);
         let (name, off) = f.symbol.expect("own symbol found");
         assert!(name.contains("a_known_function"), "{name}");
-        assert_eq!(off, 1);
+        assert_eq!(off, 2);
         assert!(
             f.module
                 .expect("module")
