@@ -65,9 +65,19 @@ struct pt_regs {
 	unsigned long sp;
 } __attribute__((preserve_access_index));
 
+struct seqcount {
+	unsigned sequence;
+} __attribute__((preserve_access_index));
+
+/* Changes whenever the mappings may change (mmap write lock; CONFIG_PER_VMA_LOCK). */
+struct mm_struct {
+	struct seqcount mm_lock_seq;
+} __attribute__((preserve_access_index));
+
 struct task_struct {
 	int pid;
 	int tgid;
+	struct mm_struct *mm;
 } __attribute__((preserve_access_index));
 
 struct linux_binprm;

@@ -47,6 +47,14 @@ struct {
 enum unwind_cfa btf_unwind_cfa __attribute__((unused));
 enum unwind_rbp btf_unwind_rbp __attribute__((unused));
 
+/* Bumped by user space whenever it registers an object: cached "no table" answers expire. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} unwind_generation SEC(".maps");
+
 /* An executable mapping seen during this walk. */
 struct unwind_vma {
 	__u64 start;
@@ -69,6 +77,8 @@ struct unwind_scratch {
 	__u32 stop;  /* the counter of the reason it stopped early; 0: not early */
 	__u32 first; /* pc is the probed instruction, not a return address */
 	__u32 next_vma;
+	__u32 mm_seq; /* the mm's mapping sequence when the cache was filled */
+	__u32 generation; /* unwind_generation then */
 	struct unwind_vma vmas[UNWIND_VMA_CACHE];
 };
 
@@ -249,6 +259,18 @@ static long unwind_step(__u64 i, void *data)
 			u->stop = CNT_STOP_BAD_CFA;
 			return 1;
 		}
+		if (rule->rbp == UNW_RBP_AT_CFA && rule->rbp_off == -16 && cfa - 16 >= sp) {
+			/* The usual frame: rbp saved right below the return address, one read. */
+			__u64 frame[2];
+
+			if (bpf_probe_read_user(frame, sizeof(frame), (void *)(cfa - 16))) {
+				u->stop = CNT_STOP_READ;
+				return 1;
+			}
+			bp = frame[0];
+			ra = frame[1];
+			goto have_ra;
+		}
 		if (rule->rbp == UNW_RBP_AT_CFA) {
 			if (bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + rule->rbp_off))) {
 				u->stop = CNT_STOP_READ;
@@ -266,6 +288,7 @@ static long unwind_step(__u64 i, void *data)
 		u->stop = CNT_STOP_READ;
 		return 1;
 	}
+have_ra:
 	if (!ra)
 		return 1; /* the end of the chain */
 	if (u->depth >= MAX_STACK_DEPTH) {
@@ -281,6 +304,26 @@ static long unwind_step(__u64 i, void *data)
 	return 0;
 }
 
+/*
+ * Whether the cache may be stale: the process's mm_lock_seq moves on every mmap write lock,
+ * the generation when user space adds a table. Without mm_lock_seq (older kernels), always.
+ */
+static __always_inline bool unwind_mappings_changed(struct unwind_scratch *u)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u32 seq, zero = 0, *gen = bpf_map_lookup_elem(&unwind_generation, &zero);
+	__u32 generation = gen ? *gen : 0;
+
+	if (!bpf_core_field_exists(task->mm->mm_lock_seq))
+		return true;
+	seq = BPF_CORE_READ(task, mm, mm_lock_seq.sequence);
+	if (seq == u->mm_seq && !(seq & 1) && generation == u->generation)
+		return false;
+	u->mm_seq = seq;
+	u->generation = generation;
+	return true;
+}
+
 /* Unwinds the user stack at an allocator's entry probe into st; returns the depth. */
 static __always_inline __u32 unwind_tables(struct pt_regs *ctx, struct unwind_scratch *u, struct stack *st)
 {
@@ -292,11 +335,14 @@ static __always_inline __u32 unwind_tables(struct pt_regs *ctx, struct unwind_sc
 	u->depth = 0;
 	u->stop = 0;
 	u->first = 1;
+	/* The cached mappings stay valid while the process maps and unmaps nothing. */
+	if (unwind_mappings_changed(u))
+		for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
+			u->vmas[i].start = 0;
+			u->vmas[i].end = 0;
+		}
 	/* The cache holds mappings of this walk only: they may have changed since the last. */
-	for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
-		u->vmas[i].start = 0;
-		u->vmas[i].end = 0;
-	}
+
 	st->truncated = 0;
 	bpf_loop(MAX_STACK_DEPTH + 1, unwind_step, &c, 0);
 	unwind_count(CNT_UNWINDS);

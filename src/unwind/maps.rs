@@ -41,6 +41,7 @@ pub struct UnwindTables {
     registered: HashMap<(u32, u64), ()>,
     last_maps: String,
     verbose: bool,
+    generation: u32,
     /// Stats for the report and docs: objects built, rows, time spent.
     pub built: u32,
     pub rows_total: u64,
@@ -59,6 +60,7 @@ impl UnwindTables {
             registered: HashMap::new(),
             last_maps: String::new(),
             verbose,
+            generation: 0,
             built: 0,
             rows_total: 0,
             build_secs: 0.0,
@@ -135,14 +137,6 @@ impl UnwindTables {
                         None
                     }
                 };
-                if self.verbose
-                    && let Some(p) = p
-                {
-                    eprintln!(
-                        "memleak: unwind table for {name}: {} rows, {} bytes of code outside the model",
-                        p.rows, p.unsupported_bytes
-                    );
-                }
                 self.objects.insert(id, p);
                 p
             }
@@ -152,6 +146,16 @@ impl UnwindTables {
         if let Err(e) = skel.maps.unwind_objects.update(pod_bytes(&key), pod_bytes(&p.obj), MapFlags::ANY) {
             self.failures.push(format!("{name}: cannot register its table: {e}"));
             return false;
+        }
+        // Walks that cached "no table" for this file look again.
+        self.generation = self.generation.wrapping_add(1);
+        let _ = skel.maps.unwind_generation.update(&0u32.to_ne_bytes(), &self.generation.to_ne_bytes(), MapFlags::ANY);
+        // Said once it is in use (the tests wait for this line).
+        if self.verbose {
+            eprintln!(
+                "memleak: unwind table for {name}: {} rows, {} bytes of code outside the model",
+                p.rows, p.unsupported_bytes
+            );
         }
         true
     }
