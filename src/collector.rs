@@ -132,6 +132,11 @@ impl Collector {
         Ok(by_stack.into_values().collect())
     }
 
+    /// What went untracked since the start.
+    pub fn losses(skel: &MemleakSkel) -> Losses {
+        read_losses(skel)
+    }
+
     fn read_combined(skel: &MemleakSkel) -> Result<Vec<StackTotal>> {
         let iter =
             skel.maps.combined.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the combined map")?;
@@ -171,13 +176,6 @@ fn read_losses(skel: &MemleakSkel) -> Losses {
             unreadable: get(counter::CNT_STOP_READ),
         },
     }
-}
-
-/// How often the BPF unwinder met code of an object without a table (grows until it is loaded).
-pub fn no_table_seen(skel: &MemleakSkel) -> u64 {
-    let Some(bss) = skel.maps.bss_data.as_deref() else { return 0 };
-    // SAFETY: as in read_losses.
-    unsafe { std::ptr::read_volatile(&bss.counters[counter::CNT_NO_TABLE_SEEN.0 as usize]) }
 }
 
 /// Reads a BPF map key or value as the plain C struct it is.

@@ -1,8 +1,10 @@
 //! The run: set the target up, attach, then report every interval until the target exits,
 //! the count is reached, or Ctrl-C/SIGTERM.
+use std::cell::Cell;
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -18,9 +20,6 @@ use crate::{loader, probes, report, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
-/// How often the BPF side's "code without an unwind table" counter is checked: when it grew,
-/// the process's mappings are read again at once (dlopen), not at the next tick.
-const UNWIND_CHECK: Duration = Duration::from_millis(50);
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -88,22 +87,34 @@ struct Tracer<'a, 'obj> {
     symbolizer: Symbolizer,
     /// The unwind tables (None with --frame-pointers).
     unwind: Option<UnwindTables>,
-    /// The "no table" counter when the mappings were last read.
-    no_table_seen: u64,
+    /// Set when the BPF side met code of an object without a table.
+    unwind_wakeup: Rc<Cell<bool>>,
 }
 
 impl Tracer<'_, '_> {
     /// Loads the tables of objects mapped since the last call (every tick, and promptly when
     /// the BPF side met code of an object without a table).
-    fn sync_unwind(&mut self, force: bool) {
+    /// At an exec stop: the tables of the new executable, its interpreter and its libraries.
+    fn load_exec_tables(&mut self) {
         let Some(u) = self.unwind.as_mut() else { return };
-        let seen = crate::collector::no_table_seen(self.skel);
-        if force || seen != self.no_table_seen {
-            self.no_table_seen = seen;
-            u.sync_process(self.skel, self.pid);
-            for f in u.failures.drain(..) {
-                eprintln!("memleak: {f}; its frames fall back to frame pointers");
+        if let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) {
+            for p in unwind::startup_objects(&exe) {
+                u.preload(self.skel, &p);
             }
+        }
+        u.sync_process(self.skel, self.pid);
+        for f in u.failures.drain(..) {
+            eprintln!("memleak: {f}; its frames fall back to frame pointers");
+        }
+    }
+
+    /// Loads the tables of objects mapped since the last call: every tick, and at once when
+    /// the BPF side met code of an object without a table (dlopen, exec of a -p process).
+    fn sync_unwind(&mut self) {
+        let Some(u) = self.unwind.as_mut() else { return };
+        u.sync_process(self.skel, self.pid);
+        for f in u.failures.drain(..) {
+            eprintln!("memleak: {f}; its frames fall back to frame pointers");
         }
     }
 
@@ -191,7 +202,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
         // Stop the command at its exit while its memory map still exists: the last stacks
         // are normalized there. Without ptrace the run goes on, only less exact at the end.
         // SAFETY: PTRACE_SEIZE on our own child, with an options word as data.
-        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, libc::PTRACE_O_TRACEEXIT as libc::c_ulong) };
+        // With unwind tables, it also stops at each exec until the new image's tables are in.
+        let exec = if cfg.frame_pointers { 0 } else { libc::PTRACE_O_TRACEEXEC };
+        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, (libc::PTRACE_O_TRACEEXIT | exec) as libc::c_ulong) };
         if r != 0 && cfg.verbose {
             eprintln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
         }
@@ -251,15 +264,24 @@ pub fn run(cfg: &Config) -> Result<i32> {
         collector: Collector::new(),
         symbolizer: Symbolizer::new(Some(pid)),
         unwind: unwind_tables,
-        no_table_seen: 0,
+        unwind_wakeup: Rc::new(Cell::new(false)),
     };
-    let ring = if cfg.trace {
+    let ring = if cfg.trace || tracer.unwind.is_some() {
         let mut b = RingBufferBuilder::new();
-        b.add(&skel.maps.events, |data: &[u8]| {
-            let e: trace_event = read_pod(data);
-            let _ = write_out(&format!("{}\n", trace_line(&e)));
-            0
-        })?;
+        if cfg.trace {
+            b.add(&skel.maps.events, |data: &[u8]| {
+                let e: trace_event = read_pod(data);
+                let _ = write_out(&format!("{}\n", trace_line(&e)));
+                0
+            })?;
+        }
+        if tracer.unwind.is_some() {
+            let wakeup = tracer.unwind_wakeup.clone();
+            b.add(&skel.maps.unwind_wakeup, move |_: &[u8]| {
+                wakeup.set(true);
+                0
+            })?;
+        }
         Some(b.build()?)
     } else {
         None
@@ -269,6 +291,19 @@ pub fn run(cfg: &Config) -> Result<i32> {
     let end = event_loop(&mut tracer, &sigfd, pidfd.as_ref(), ring.as_ref(), is_command)?;
     if let Some(r) = &ring {
         let _ = r.consume();
+    }
+    if cfg.verbose
+        && let Some(u) = &tracer.unwind
+    {
+        let l = crate::collector::Collector::losses(skel);
+        eprintln!(
+            "memleak: unwind: {} objects, {} rows built in {:.3} s; {} stacks unwound, {} ended early",
+            u.built,
+            u.rows_total,
+            u.build_secs,
+            l.unwinds,
+            l.unwind_stops.total()
+        );
     }
     match end {
         End::CommandExited(code) => {
@@ -295,14 +330,10 @@ fn event_loop(
     let start = Instant::now();
     let mut next_report = start + t.cfg.interval;
     let mut next_tick = start + TICK;
-    let mut next_unwind = start + UNWIND_CHECK;
     let mut reports = 0u64;
     loop {
         let now = Instant::now();
-        let mut wake = next_report.min(next_tick);
-        if t.unwind.is_some() {
-            wake = wake.min(next_unwind);
-        }
+        let wake = next_report.min(next_tick);
         let timeout = wake.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32;
         let mut fds = vec![libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(p) = pidfd {
@@ -318,6 +349,9 @@ fn event_loop(
         }
         if let Some(r) = ring {
             r.consume().context("reading trace events")?;
+        }
+        if t.unwind_wakeup.replace(false) {
+            t.sync_unwind();
         }
         if fds[0].revents & libc::POLLIN != 0 {
             for sig in read_signals(sigfd) {
@@ -339,12 +373,8 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
-        if now >= next_unwind {
-            t.sync_unwind(false);
-            next_unwind = now + UNWIND_CHECK;
-        }
         if now >= next_tick {
-            t.sync_unwind(true);
+            t.sync_unwind();
             t.prepare_symbols()?;
             next_tick = now + TICK;
         }
@@ -401,6 +431,10 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
                     t.symbolizer.reread_maps();
                     t.prepare_symbols()?;
                     libc::ptrace(libc::PTRACE_DETACH, t.pid, 0, 0);
+                } else if event == libc::PTRACE_EVENT_EXEC {
+                    // A new image: its objects' tables before it runs (an exec'ing wrapper).
+                    t.load_exec_tables();
+                    libc::ptrace(libc::PTRACE_CONT, t.pid, 0, 0);
                 } else if event == libc::PTRACE_EVENT_STOP {
                     libc::ptrace(libc::PTRACE_LISTEN, t.pid, 0, 0);
                 } else {

@@ -55,6 +55,12 @@ struct {
 	__type(value, __u32);
 } unwind_generation SEC(".maps");
 
+/* Wakes user space when a walk meets code of an object without a table (dlopen, exec). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} unwind_wakeup SEC(".maps");
+
 /* An executable mapping seen during this walk. */
 struct unwind_vma {
 	__u64 start;
@@ -150,6 +156,8 @@ static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch 
 	obj = bpf_map_lookup_elem(&unwind_objects, &key);
 	if (!obj) {
 		unwind_count(CNT_NO_TABLE_SEEN);
+		/* Full: user space has been woken already. */
+		bpf_ringbuf_output(&unwind_wakeup, &key, sizeof(key), 0);
 		return v;
 	}
 	v->adj = (__s64)(f.pgoff << 12) - (__s64)f.start + obj->vaddr_minus_offset;

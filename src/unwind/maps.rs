@@ -113,6 +113,9 @@ impl UnwindTables {
         let Ok(md) = std::fs::metadata(path) else { return false };
         let dev = md.dev();
         let kdev = (libc::major(dev) << 20) | libc::minor(dev);
+        if self.registered.contains_key(&(kdev, md.ino())) {
+            return false;
+        }
         let name = path.to_string_lossy().into_owned();
         self.add_object(skel, path, &name, kdev, md.ino())
     }
