@@ -47,6 +47,18 @@ pub fn loss_lines(l: &Losses) -> Vec<String> {
             l.stacks_map_full
         ));
     }
+    if l.frees_missed > 0 || l.allocs_missed > 0 {
+        out.push(format!(
+            "{} frees and {} allocations missed: BPF recursion protection skipped them (another program was running on that CPU, e.g. interrupted); a missed free shows as a false leak",
+            l.frees_missed, l.allocs_missed
+        ));
+    }
+    if l.frees_failed > 0 {
+        out.push(format!(
+            "{} frees untracked: the allocation map was busy; their blocks show as leaks",
+            l.frees_failed
+        ));
+    }
     if l.truncated_stacks > 0 {
         out.push(format!("{} stacks truncated at {} frames", l.truncated_stacks, crate::MAX_STACK_DEPTH));
     }
@@ -140,6 +152,10 @@ mod tests {
         assert!(text.contains("WARNING: 2 allocations without a stack"), "{text}");
         assert!(text.contains("WARNING: 1 -t lines lost"), "{text}");
         assert_eq!(loss_lines(&Losses::default()).len(), 0);
+        let k = Losses { frees_missed: 4, allocs_missed: 1, frees_failed: 2, ..Default::default() };
+        let text = format("00:00:00", 10, &[], &k, false);
+        assert!(text.contains("\tWARNING: 4 frees and 1 allocations missed: BPF recursion protection"), "{text}");
+        assert!(text.contains("\tWARNING: 2 frees untracked"), "{text}");
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
         let text = format("00:00:00", 10, &[StackReport { total: &lost, frames: vec![] }], &l, false);
         assert!(text.contains("\t8 bytes in 1 allocations from stack\n\t\t[stack not stored"), "{text}");

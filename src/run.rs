@@ -6,11 +6,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use libbpf_rs::RingBufferBuilder;
+use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
-use crate::collector::{Collector, read_pod};
-use crate::skel::MemleakSkel;
+use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
 use crate::{loader, probes, report, target};
@@ -67,7 +66,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 }
 
 /// What ended the loop.
-enum End {
+pub enum End {
     /// The traced command exited with this code (128+N if killed by signal N).
     CommandExited(i32),
     /// The -p process exited.
@@ -76,19 +75,24 @@ enum End {
     Stopped,
 }
 
-struct Tracer<'a, 'obj> {
-    cfg: &'a Config,
-    skel: &'a MemleakSkel<'obj>,
-    pid: i32,
-    collector: Collector,
-    symbolizer: Symbolizer,
+/// The report side of a run, for either BPF object: user mode's or kernel mode's.
+pub struct Tracer<'a, 'obj> {
+    pub cfg: &'a Config,
+    pub maps: RecordMaps<'a, MapMut<'obj>>,
+    pub stacks: &'a MapMut<'obj>,
+    /// The traced process; None in kernel mode.
+    pub pid: Option<i32>,
+    pub collector: Collector,
+    pub symbolizer: Symbolizer,
+    /// Kernel mode: the attached programs, whose runs the kernel skipped are reported.
+    pub kernel: Option<crate::kernel::Programs<'a>>,
 }
 
 impl Tracer<'_, '_> {
     /// Reads the stacks stored since last time and, while the process lives, records where
     /// their addresses live, so that they stay symbolizable after it exits.
     fn prepare_symbols(&mut self) -> Result<()> {
-        let new = self.collector.refresh_stacks(self.skel)?;
+        let new = self.collector.refresh_stacks(self.stacks)?;
         let addrs: Vec<u64> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
         self.symbolizer.normalize(addrs);
         Ok(())
@@ -100,24 +104,26 @@ impl Tracer<'_, '_> {
         }
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
-        let snap = self.collector.collect(
-            self.skel,
-            Some(self.pid as u32),
+        let mut snap = self.collector.collect(
+            &self.maps,
+            self.pid.map(|p| p as u32),
             min_age,
             self.cfg.show_allocs,
             self.cfg.combined_only,
         )?;
         let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
+        if let Some(k) = &self.kernel {
+            k.add_losses(&mut snap.losses);
+        }
         let stacks: Vec<report::StackReport> = selected
             .iter()
             .map(|t| report::StackReport {
                 total: t,
                 frames: self
-                    .collector
-                    .frames(t.stack_id)
-                    .unwrap_or_default()
+                    .symbolizer
+                    .stack(self.collector.frames(t.stack_id).unwrap_or_default())
                     .iter()
-                    .map(|&a| self.symbolizer.frame(a).to_string())
+                    .map(ToString::to_string)
                     .collect(),
             })
             .collect();
@@ -126,7 +132,7 @@ impl Tracer<'_, '_> {
     }
 }
 
-fn write_out(text: &str) -> Result<()> {
+pub fn write_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
         Ok(()) => Ok(()),
@@ -149,10 +155,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
     let sigfd = signal_fd()?;
     let (pid, obj, held) = match &cfg.target {
-        Target::Kernel => {
-            let what = if cfg.percpu { "the percpu allocator" } else { "the kernel's allocators" };
-            bail!("tracing {what} is not available yet: give -p PID or -c COMMAND")
-        }
+        Target::Kernel => return crate::kernel::run(cfg, &sigfd),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
             (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
@@ -208,10 +211,35 @@ pub fn run(cfg: &Config) -> Result<i32> {
         held.release()?;
     }
 
-    let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer: Symbolizer::new(Some(pid)) };
-    let ring = if cfg.trace {
+    let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
+    let tracer = Tracer {
+        cfg,
+        maps: RecordMaps { allocs: &skel.maps.allocs, combined: &skel.maps.combined, counters: &bss.counters },
+        stacks: &skel.maps.stacks,
+        pid: Some(pid),
+        collector: Collector::new(),
+        symbolizer: Symbolizer::new(Some(pid)),
+        kernel: None,
+    };
+    let pidfd = if is_command { None } else { pidfd_open(pid) };
+    match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
+        End::CommandExited(code) => Ok(code),
+        End::ProcessExited | End::Stopped => Ok(0),
+    }
+}
+
+/// Reports until the end of the run (and, when the process exited, a final report); prints
+/// the -t lines from `events` as they come.
+pub fn follow(
+    mut tracer: Tracer,
+    sigfd: &OwnedFd,
+    events: &MapMut,
+    pidfd: Option<&OwnedFd>,
+    is_command: bool,
+) -> Result<End> {
+    let ring = if tracer.cfg.trace {
         let mut b = RingBufferBuilder::new();
-        b.add(&skel.maps.events, |data: &[u8]| {
+        b.add(events, |data: &[u8]| {
             let e: trace_event = read_pod(data);
             let _ = write_out(&format!("{}\n", trace_line(&e)));
             0
@@ -220,25 +248,24 @@ pub fn run(cfg: &Config) -> Result<i32> {
     } else {
         None
     };
-    let pidfd = if is_command { None } else { pidfd_open(pid) };
 
-    let end = event_loop(&mut tracer, &sigfd, pidfd.as_ref(), ring.as_ref(), is_command)?;
+    let end = event_loop(&mut tracer, sigfd, pidfd, ring.as_ref(), is_command)?;
     if let Some(r) = &ring {
         let _ = r.consume();
     }
+    let pid = tracer.pid.unwrap_or(0);
     match end {
         End::CommandExited(code) => {
             write_out(&format!("[{}] Process {pid} exited with status {code}.\n", report::now_hms()))?;
             tracer.print_report(true)?;
-            Ok(code)
         }
         End::ProcessExited => {
             write_out(&format!("[{}] Process {pid} exited.\n", report::now_hms()))?;
             tracer.print_report(true)?;
-            Ok(0)
         }
-        End::Stopped => Ok(0),
+        End::Stopped => {}
     }
+    Ok(end)
 }
 
 fn event_loop(
@@ -326,10 +353,11 @@ fn read_signals(sigfd: &OwnedFd) -> Vec<i32> {
 
 /// Handles the command's state changes; returns its exit code once it has exited.
 fn reap(t: &mut Tracer) -> Result<Option<i32>> {
+    let Some(pid) = t.pid else { return Ok(None) };
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our own child, writing to a local.
-        let r = unsafe { libc::waitpid(t.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
         if r <= 0 {
             return Ok(None);
         }
@@ -347,11 +375,11 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
                     // Its memory map still exists: the last chance to normalize.
                     t.symbolizer.reread_maps();
                     t.prepare_symbols()?;
-                    libc::ptrace(libc::PTRACE_DETACH, t.pid, 0, 0);
+                    libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
                 } else if event == libc::PTRACE_EVENT_STOP {
-                    libc::ptrace(libc::PTRACE_LISTEN, t.pid, 0, 0);
+                    libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
                 } else {
-                    libc::ptrace(libc::PTRACE_CONT, t.pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
                 }
             }
         }
