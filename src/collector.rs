@@ -3,8 +3,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags};
 
+use crate::batch;
 use crate::skel::MemleakSkel;
 use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
 
@@ -35,9 +35,6 @@ pub struct Snapshot {
     pub losses: Losses,
 }
 
-/// Reads elements in batches of this many per syscall.
-const BATCH: u32 = 4096;
-
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
     stacks: HashMap<u64, Vec<u64>>,
@@ -56,18 +53,17 @@ impl Collector {
     /// Reads the stacks stored since the last call; returns the ids that are new.
     pub fn refresh_stacks(&mut self, skel: &MemleakSkel) -> Result<Vec<u64>> {
         let mut new = Vec::new();
-        let iter =
-            skel.maps.stacks.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the stack map")?;
-        for (k, v) in iter {
-            let id = u64::from_ne_bytes(k[..8].try_into().expect("8-byte key"));
-            if self.stacks.contains_key(&id) {
-                continue;
+        let stacks = &mut self.stacks;
+        batch::for_each(&skel.maps.stacks, |k, v| {
+            let id: u64 = read_pod(k);
+            if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
+                let st: stack = read_pod(v);
+                let depth = (st.depth as usize).min(st.ips.len());
+                e.insert(st.ips[..depth].to_vec());
+                new.push(id);
             }
-            let st: stack = read_pod(&v);
-            let depth = (st.depth as usize).min(st.ips.len());
-            self.stacks.insert(id, st.ips[..depth].to_vec());
-            new.push(id);
-        }
+        })
+        .context("reading the stack map")?;
         Ok(new)
     }
 
@@ -89,16 +85,11 @@ impl Collector {
         let now = monotonic_ns();
         let min_age = min_age.as_nanos() as u64;
         let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
-        let iter =
-            skel.maps.allocs.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the allocation map")?;
-        for (k, v) in iter {
-            let key: alloc_key = read_pod(&k);
-            let info: alloc_info = read_pod(&v);
-            if pid.is_some_and(|p| p != key.pid) {
-                continue;
-            }
-            if now.saturating_sub(info.timestamp_ns) < min_age {
-                continue;
+        batch::for_each(&skel.maps.allocs, |k, v| {
+            let key: alloc_key = read_pod(k);
+            let info: alloc_info = read_pod(v);
+            if pid.is_some_and(|p| p != key.pid) || now.saturating_sub(info.timestamp_ns) < min_age {
+                return;
             }
             let t = by_stack
                 .entry(info.stack_id)
@@ -108,24 +99,21 @@ impl Collector {
             if blocks {
                 t.blocks.push((key.addr, info.size));
             }
-        }
+        })
+        .context("reading the allocation map")?;
         Ok(by_stack.into_values().collect())
     }
 
     fn read_combined(skel: &MemleakSkel) -> Result<Vec<StackTotal>> {
-        let iter =
-            skel.maps.combined.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the combined map")?;
-        Ok(iter
-            .filter_map(|(k, v)| {
-                let c: combined_info = read_pod(&v);
-                (c.count > 0).then(|| StackTotal {
-                    stack_id: u64::from_ne_bytes(k[..8].try_into().expect("8-byte key")),
-                    bytes: c.total_size,
-                    count: c.count,
-                    blocks: Vec::new(),
-                })
-            })
-            .collect())
+        let mut out = Vec::new();
+        batch::for_each(&skel.maps.combined, |k, v| {
+            let c: combined_info = read_pod(v);
+            if c.count > 0 {
+                out.push(StackTotal { stack_id: read_pod(k), bytes: c.total_size, count: c.count, blocks: Vec::new() });
+            }
+        })
+        .context("reading the combined map")?;
+        Ok(out)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::probes::AttachMode;
 use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 
 /// Map sizes. docs/design.md explains the numbers.
-pub const MAX_ALLOCS: u32 = 1_000_000;
+pub const MAX_ALLOCS: u32 = 1 << 21;
 pub const MAX_STACKS: u32 = 32_768;
 pub const MAX_COMBINED: u32 = 32_768;
 const TRACE_RINGBUF: u32 = 4 << 20;

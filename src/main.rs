@@ -2,9 +2,11 @@
 //!
 //! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
 //! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
+mod batch;
 mod cli;
 mod collector;
 mod loader;
+mod placement;
 mod probes;
 mod procmaps;
 mod report;

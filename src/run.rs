@@ -100,6 +100,7 @@ impl Tracer<'_, '_> {
         }
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
+        let started = Instant::now();
         let snap = self.collector.collect(
             self.skel,
             Some(self.pid as u32),
@@ -107,6 +108,8 @@ impl Tracer<'_, '_> {
             self.cfg.show_allocs,
             self.cfg.combined_only,
         )?;
+        let read = started.elapsed();
+        let (allocs, nstacks) = (snap.stacks.iter().map(|s| s.count).sum::<u64>(), snap.stacks.len());
         let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
         let stacks: Vec<report::StackReport> = selected
             .iter()
@@ -122,7 +125,15 @@ impl Tracer<'_, '_> {
             })
             .collect();
         let text = report::format(&report::now_hms(), self.cfg.top, &stacks, &snap.losses, self.cfg.show_allocs);
-        write_out(&text)
+        write_out(&text)?;
+        if self.cfg.verbose {
+            eprintln!(
+                "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, printed in {:.1} ms",
+                read.as_secs_f64() * 1e3,
+                (started.elapsed() - read).as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
     }
 }
 
@@ -200,7 +211,16 @@ pub fn run(cfg: &Config) -> Result<i32> {
     if cfg.verbose {
         eprintln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
         for e in &entries {
-            eprintln!("memleak:   {:<28} file offset {:#x}", e.names, e.file_offset);
+            let p = &e.placement;
+            eprintln!(
+                "memleak:   {:<28} entry {:#x} probe {:#x} (+{}: {}){}",
+                e.names,
+                e.entry_offset,
+                e.file_offset,
+                p.delta,
+                p.insn,
+                p.note.as_deref().map(|n| format!(", single-stepped: {n}")).unwrap_or_default()
+            );
         }
     }
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
@@ -226,7 +246,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     if let Some(r) = &ring {
         let _ = r.consume();
     }
-    match end {
+    let code = match end {
         End::CommandExited(code) => {
             write_out(&format!("[{}] Process {pid} exited with status {code}.\n", report::now_hms()))?;
             tracer.print_report(true)?;
@@ -238,7 +258,13 @@ pub fn run(cfg: &Config) -> Result<i32> {
             Ok(0)
         }
         End::Stopped => Ok(0),
+    };
+    if cfg.verbose {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
+        eprintln!("memleak: peak memory (VmHWM) {peak}");
     }
+    code
 }
 
 fn event_loop(
