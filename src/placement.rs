@@ -42,13 +42,15 @@ const READ_BY_PROBE: &[Register] = &[
 /// kernel decides: push r64 (REX 0x41 only), jmp rel8/rel32, call rel32, jcc rel8/rel32, nop;
 /// a 0x66 prefix is refused by the kernel, other prefixes are not accepted here either.
 pub fn emulated(bytes: &[u8]) -> bool {
-    match bytes {
-        [0x50..=0x57] | [0x41, 0x50..=0x57] | [0x90] => true,
-        [0xeb | 0x70..=0x7f, _] => true,
-        [0xe9 | 0xe8, _, _, _, _] => true,
-        [0x0f, 0x80..=0x8f, _, _, _, _] => true,
-        _ => false,
-    }
+    matches!(
+        bytes,
+        [0x50..=0x57]
+            | [0x41, 0x50..=0x57]
+            | [0x90]
+            | [0xeb | 0x70..=0x7f, _]
+            | [0xe9 | 0xe8, _, _, _, _]
+            | [0x0f, 0x80..=0x8f, _, _, _, _]
+    )
 }
 
 /// Why passing `insn` before the probe would be unsafe, if it would be.
