@@ -10,7 +10,6 @@ use crate::probes::AttachMode;
 use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 
 /// Map sizes. docs/design.md explains the numbers.
-pub const MAX_ALLOCS: u32 = 1 << 21;
 pub const MAX_STACKS: u32 = 32_768;
 pub const MAX_COMBINED: u32 = 32_768;
 const TRACE_RINGBUF: u32 = 4 << 20;
@@ -52,7 +51,7 @@ fn open<'obj>(
     rodata.need_exec = held_until_exec;
     rodata.target_tgid = target_tgid;
 
-    open.maps.allocs.set_max_entries(MAX_ALLOCS)?;
+    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
     open.maps.stacks.set_max_entries(MAX_STACKS)?;
     open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
     // A ring buffer's size is a power-of-two number of pages; the smallest when -t is off.

@@ -124,7 +124,9 @@ impl Tracer<'_, '_> {
                     .collect(),
             })
             .collect();
-        let text = report::format(&report::now_hms(), self.cfg.top, &stacks, &snap.losses, self.cfg.show_allocs);
+        let opts =
+            report::Options { top: self.cfg.top, show_allocs: self.cfg.show_allocs, max_allocs: self.cfg.max_allocs };
+        let text = report::format(&report::now_hms(), &opts, &stacks, &snap.losses);
         write_out(&text)?;
         if self.cfg.verbose {
             eprintln!(
@@ -132,9 +134,22 @@ impl Tracer<'_, '_> {
                 read.as_secs_f64() * 1e3,
                 (started.elapsed() - read).as_secs_f64() * 1e3
             );
+            let maps = &self.skel.maps;
+            eprintln!(
+                "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
+                map_memory(&maps.allocs).map_or("?".into(), |b| b.to_string()),
+                map_memory(&maps.stacks).map_or("?".into(), |b| b.to_string())
+            );
         }
         Ok(())
     }
+}
+
+/// The kernel memory a BPF map uses, as the kernel reports it in the map fd's fdinfo.
+fn map_memory(map: &impl libbpf_rs::MapCore) -> Option<u64> {
+    let fd = map.as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
 }
 
 fn write_out(text: &str) -> Result<()> {
