@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_allocs: u32,
 
+    /// How to attach: one uprobe_multi session link (Linux 6.13+), or classic uprobes and
+    /// uretprobes; auto picks the first the kernel has
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub attach: AttachChoice,
+
     /// Say what was attached where (entry points and their file offsets), on stderr
     #[arg(short, long)]
     pub verbose: bool,
@@ -122,6 +127,13 @@ pub struct Args {
 pub enum SortKey {
     Size,
     Count,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachChoice {
+    Auto,
+    Session,
+    Classic,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +164,7 @@ pub struct Config {
     pub interval: Duration,
     pub count: Option<u64>,
     pub max_allocs: u32,
+    pub attach: AttachChoice,
     pub verbose: bool,
 }
 
@@ -216,6 +229,7 @@ impl Args {
             interval: Duration::from_secs(interval),
             count: self.count,
             max_allocs: self.max_allocs,
+            attach: self.attach,
             verbose: self.verbose,
         })
     }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::OpenObject;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
-use crate::cli::Config;
+use crate::cli::{AttachChoice, Config};
 use crate::probes::AttachMode;
 use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 
@@ -26,7 +26,12 @@ pub fn load<'obj>(
     target_tgid: u32,
     held_until_exec: bool,
 ) -> Result<Loaded<'obj>> {
-    let mode = if session_supported() { AttachMode::Session } else { AttachMode::Classic };
+    let mode = match cfg.attach {
+        AttachChoice::Session => AttachMode::Session,
+        AttachChoice::Classic => AttachMode::Classic,
+        AttachChoice::Auto if session_supported() => AttachMode::Session,
+        AttachChoice::Auto => AttachMode::Classic,
+    };
     let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
     let skel = open.load().context("cannot load the BPF programs")?;
     Ok(Loaded { skel, mode })
