@@ -1,7 +1,10 @@
 /*
  * Benchmark workload.
- *   churn pairs N [THREADS]   N malloc(16 + (i & 255)) per thread, each freed 64 later; prints
- *                             "ns_per_pair X", timed inside the process (start-up excluded)
+ *   churn pairs N [THREADS [LEAK_EVERY]]
+ *                             N malloc(16 + (i & 255)) per thread, each freed 64 later; prints
+ *                             "ns_per_pair X", timed inside the process (start-up excluded).
+ *                             With LEAK_EVERY > 0, every LEAK_EVERY-th iteration also leaks a
+ *                             1000-byte block from leak_one().
  *   churn hold N [SECONDS]    allocates N blocks of 32 bytes from one stack, keeps them, prints
  *                             "holding N", then sleeps
  */
@@ -13,6 +16,13 @@
 #include <unistd.h>
 
 static long pairs;
+static long leak_every;
+static void *volatile leaked;
+
+__attribute__((noinline)) static void leak_one(void)
+{
+	leaked = malloc(1000);
+}
 
 static double now_ns(void)
 {
@@ -29,6 +39,8 @@ static void *churn(void *arg)
 	for (long i = 0; i < pairs; i++) {
 		free(ring[i & 63]);
 		ring[i & 63] = malloc(16 + (i & 255));
+		if (leak_every > 0 && i % leak_every == 0)
+			leak_one();
 	}
 	for (int i = 0; i < 64; i++)
 		free(ring[i]);
@@ -41,6 +53,7 @@ int main(int argc, char **argv)
 		int threads = argc > 3 ? atoi(argv[3]) : 1;
 		pthread_t tid[64];
 		pairs = atol(argv[2]);
+		leak_every = argc > 4 ? atol(argv[4]) : 0;
 		double t0 = now_ns();
 		for (int i = 0; i < threads && i < 64; i++)
 			pthread_create(&tid[i], NULL, churn, NULL);
@@ -61,6 +74,6 @@ int main(int argc, char **argv)
 		sleep(secs);
 		return keep[0] == NULL;
 	}
-	fprintf(stderr, "usage: churn pairs N [THREADS] | churn hold N [SECONDS]\n");
+	fprintf(stderr, "usage: churn pairs N [THREADS [LEAK_EVERY]] | churn hold N [SECONDS]\n");
 	return 2;
 }
