@@ -100,6 +100,16 @@ pub struct Args {
     #[arg(short = 'i', long = "interval", value_name = "SECONDS")]
     pub interval_flag: Option<u64>,
 
+    /// Most allocations tracked at once; more are counted as untracked (kernel memory: 96 bytes
+    /// per outstanding allocation, plus 16 bytes per slot of this size rounded to a power of two)
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    pub max_allocs: u32,
+
+    /// How to attach: one uprobe_multi session link (Linux 6.13+), or classic uprobes and
+    /// uretprobes; auto picks the first the kernel has
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub attach: AttachChoice,
+
     /// Say what was attached where (entry points and their file offsets), on stderr
     #[arg(short, long)]
     pub verbose: bool,
@@ -117,6 +127,13 @@ pub struct Args {
 pub enum SortKey {
     Size,
     Count,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachChoice {
+    Auto,
+    Session,
+    Classic,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +163,8 @@ pub struct Config {
     pub symbols_prefix: String,
     pub interval: Duration,
     pub count: Option<u64>,
+    pub max_allocs: u32,
+    pub attach: AttachChoice,
     pub verbose: bool,
 }
 
@@ -186,6 +205,9 @@ impl Args {
         if interval == 0 {
             bail!("interval must be at least 1 second");
         }
+        if self.max_allocs == 0 {
+            bail!("--max-allocs must be at least 1");
+        }
         if self.count == Some(0) {
             bail!("count must be at least 1");
         }
@@ -206,6 +228,8 @@ impl Args {
             symbols_prefix: self.symbols_prefix,
             interval: Duration::from_secs(interval),
             count: self.count,
+            max_allocs: self.max_allocs,
+            attach: self.attach,
             verbose: self.verbose,
         })
     }
@@ -341,6 +365,7 @@ mod tests {
             (&["-c", "'unterminated"][..], "unbalanced quotes"),
             (&["-p", "1", "--percpu"][..], "--percpu"),
             (&["-p", "1", "1", "0"][..], "count"),
+            (&["-p", "1", "--max-allocs", "0"][..], "--max-allocs"),
         ] {
             let m = err(args);
             assert!(m.contains(needle), "{args:?}: {m:?} lacks {needle:?}");

@@ -3,8 +3,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags};
 
+use libbpf_rs::MapCore;
+
+use crate::batch;
 use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
 
 /// One stack's outstanding allocations.
@@ -39,9 +41,6 @@ pub struct Snapshot {
     pub losses: Losses,
 }
 
-/// Reads elements in batches of this many per syscall.
-const BATCH: u32 = 4096;
-
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
     stacks: HashMap<u64, Vec<u64>>,
@@ -58,19 +57,19 @@ impl Collector {
     }
 
     /// Reads the stacks stored since the last call; returns the ids that are new.
-    pub fn refresh_stacks(&mut self, stacks: &impl MapCore) -> Result<Vec<u64>> {
+    pub fn refresh_stacks(&mut self, stacks_map: &impl MapCore) -> Result<Vec<u64>> {
         let mut new = Vec::new();
-        let iter = stacks.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the stack map")?;
-        for (k, v) in iter {
-            let id = u64::from_ne_bytes(k[..8].try_into().expect("8-byte key"));
-            if self.stacks.contains_key(&id) {
-                continue;
+        let stacks = &mut self.stacks;
+        batch::for_each(stacks_map, |k, v| {
+            let id: u64 = read_pod(k);
+            if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
+                let st: stack = read_pod(v);
+                let depth = (st.depth as usize).min(st.ips.len());
+                e.insert(st.ips[..depth].to_vec());
+                new.push(id);
             }
-            let st: stack = read_pod(&v);
-            let depth = (st.depth as usize).min(st.ips.len());
-            self.stacks.insert(id, st.ips[..depth].to_vec());
-            new.push(id);
-        }
+        })
+        .context("reading the stack map")?;
         Ok(new)
     }
 
@@ -101,15 +100,11 @@ impl Collector {
         let now = monotonic_ns();
         let min_age = min_age.as_nanos() as u64;
         let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
-        let iter = allocs.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the allocation map")?;
-        for (k, v) in iter {
-            let key: alloc_key = read_pod(&k);
-            let info: alloc_info = read_pod(&v);
-            if pid.is_some_and(|p| p != key.pid) {
-                continue;
-            }
-            if now.saturating_sub(info.timestamp_ns) < min_age {
-                continue;
+        batch::for_each(allocs, |k, v| {
+            let key: alloc_key = read_pod(k);
+            let info: alloc_info = read_pod(v);
+            if pid.is_some_and(|p| p != key.pid) || now.saturating_sub(info.timestamp_ns) < min_age {
+                return;
             }
             let t = by_stack
                 .entry(info.stack_id)
@@ -119,23 +114,21 @@ impl Collector {
             if blocks {
                 t.blocks.push((key.addr, info.size));
             }
-        }
+        })
+        .context("reading the allocation map")?;
         Ok(by_stack.into_values().collect())
     }
 
     fn read_combined(combined: &impl MapCore) -> Result<Vec<StackTotal>> {
-        let iter = combined.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the combined map")?;
-        Ok(iter
-            .filter_map(|(k, v)| {
-                let c: combined_info = read_pod(&v);
-                (c.count > 0).then(|| StackTotal {
-                    stack_id: u64::from_ne_bytes(k[..8].try_into().expect("8-byte key")),
-                    bytes: c.total_size,
-                    count: c.count,
-                    blocks: Vec::new(),
-                })
-            })
-            .collect())
+        let mut out = Vec::new();
+        batch::for_each(combined, |k, v| {
+            let c: combined_info = read_pod(v);
+            if c.count > 0 {
+                out.push(StackTotal { stack_id: read_pod(k), bytes: c.total_size, count: c.count, blocks: Vec::new() });
+            }
+        })
+        .context("reading the combined map")?;
+        Ok(out)
     }
 }
 

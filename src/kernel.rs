@@ -13,7 +13,7 @@ use crate::cli::Config;
 use crate::collector::{Collector, Losses, RecordMaps};
 use crate::kmem_skel::KmemSkelBuilder;
 use crate::kmem_skel::types::bss;
-use crate::loader::{MAX_ALLOCS, MAX_COMBINED, MAX_STACKS, page_size};
+use crate::loader::{MAX_COMBINED, MAX_STACKS, page_size};
 use crate::run::{Tracer, follow, write_out};
 use crate::symbolizer::Symbolizer;
 
@@ -110,7 +110,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
     rodata.wa_missing_free = cfg.wa_missing_free;
     rodata.cache_alloc_has_cache = layout.cache_alloc_has_cache;
     rodata.percpu_has_call_site = layout.percpu_has_call_site;
-    open.maps.allocs.set_max_entries(MAX_ALLOCS)?;
+    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
     open.maps.stacks.set_max_entries(MAX_STACKS)?;
     open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
     open.maps.events.set_max_entries(if cfg.trace { TRACE_RINGBUF } else { page_size() })?;

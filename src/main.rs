@@ -3,10 +3,12 @@
 //! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
 //! (or, without a process, `kernel`: tracepoints of the kernel's allocators)
 //! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
+mod batch;
 mod cli;
 mod collector;
 mod kernel;
 mod loader;
+mod placement;
 mod probes;
 mod procmaps;
 mod report;

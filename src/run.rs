@@ -104,6 +104,7 @@ impl Tracer<'_, '_> {
         }
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
+        let started = Instant::now();
         let mut snap = self.collector.collect(
             &self.maps,
             self.pid.map(|p| p as u32),
@@ -111,6 +112,8 @@ impl Tracer<'_, '_> {
             self.cfg.show_allocs,
             self.cfg.combined_only,
         )?;
+        let read = started.elapsed();
+        let (allocs, nstacks) = (snap.stacks.iter().map(|s| s.count).sum::<u64>(), snap.stacks.len());
         let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
         if let Some(k) = &self.kernel {
             k.add_losses(&mut snap.losses);
@@ -127,9 +130,31 @@ impl Tracer<'_, '_> {
                     .collect(),
             })
             .collect();
-        let text = report::format(&report::now_hms(), self.cfg.top, &stacks, &snap.losses, self.cfg.show_allocs);
-        write_out(&text)
+        let opts =
+            report::Options { top: self.cfg.top, show_allocs: self.cfg.show_allocs, max_allocs: self.cfg.max_allocs };
+        let text = report::format(&report::now_hms(), &opts, &stacks, &snap.losses);
+        write_out(&text)?;
+        if self.cfg.verbose {
+            eprintln!(
+                "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, printed in {:.1} ms",
+                read.as_secs_f64() * 1e3,
+                (started.elapsed() - read).as_secs_f64() * 1e3
+            );
+            eprintln!(
+                "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
+                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
+                map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
+            );
+        }
+        Ok(())
     }
+}
+
+/// The kernel memory a BPF map uses, as the kernel reports it in the map fd's fdinfo.
+fn map_memory(map: &impl libbpf_rs::MapCore) -> Option<u64> {
+    let fd = map.as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
 }
 
 pub fn write_out(text: &str) -> Result<()> {
@@ -203,7 +228,16 @@ pub fn run(cfg: &Config) -> Result<i32> {
     if cfg.verbose {
         eprintln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
         for e in &entries {
-            eprintln!("memleak:   {:<28} file offset {:#x}", e.names, e.file_offset);
+            let p = &e.placement;
+            eprintln!(
+                "memleak:   {:<28} entry {:#x} probe {:#x} (+{}: {}){}",
+                e.names,
+                e.entry_offset,
+                e.file_offset,
+                p.delta,
+                p.insn,
+                p.note.as_deref().map(|n| format!(", single-stepped: {n}")).unwrap_or_default()
+            );
         }
     }
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
@@ -264,6 +298,11 @@ pub fn follow(
             tracer.print_report(true)?;
         }
         End::Stopped => {}
+    }
+    if tracer.cfg.verbose {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
+        eprintln!("memleak: peak memory (VmHWM) {peak}");
     }
     Ok(end)
 }
