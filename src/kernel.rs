@@ -7,12 +7,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use anyhow::{Context, Result, bail};
 use libbpf_rs::btf::{Btf, BtfKind, BtfType, types::FuncProto};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, ProgramMut};
+use libbpf_rs::{Link, OpenObject, ProgramMut};
 
 use crate::cli::Config;
 use crate::collector::{Collector, Losses, RecordMaps};
-use crate::kmem_skel::KmemSkelBuilder;
 use crate::kmem_skel::types::bss;
+use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
 use crate::loader::{MAX_COMBINED, MAX_STACKS, page_size};
 use crate::run::{Tracer, follow, write_out};
 use crate::symbolizer::Symbolizer;
@@ -100,34 +100,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
     drop(btf);
 
     let mut storage = MaybeUninit::uninit();
-    let mut open = KmemSkelBuilder::default().open(&mut storage).context("cannot open the BPF object")?;
-    let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
-    rodata.min_size = cfg.min_size;
-    rodata.max_size = cfg.max_size;
-    rodata.sample_rate = cfg.sample_rate;
-    rodata.trace_all = cfg.trace;
-    rodata.combined_only = cfg.combined_only;
-    rodata.wa_missing_free = cfg.wa_missing_free;
-    rodata.cache_alloc_has_cache = layout.cache_alloc_has_cache;
-    rodata.percpu_has_call_site = layout.percpu_has_call_site;
-    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
-    open.maps.stacks.set_max_entries(MAX_STACKS)?;
-    open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
-    open.maps.events.set_max_entries(if cfg.trace { TRACE_RINGBUF } else { page_size() })?;
-    let p = &mut open.progs;
-    for prog in [
-        &mut p.memleak_kmalloc,
-        &mut p.memleak_kfree,
-        &mut p.memleak_kmem_cache_alloc,
-        &mut p.memleak_kmem_cache_free,
-        &mut p.memleak_page_alloc,
-        &mut p.memleak_page_free,
-    ] {
-        prog.set_autoload(!cfg.percpu);
-    }
-    p.memleak_percpu_alloc.set_autoload(cfg.percpu);
-    p.memleak_percpu_free.set_autoload(cfg.percpu);
-    let mut skel = open.load().context("cannot load the BPF programs")?;
+    let mut skel = open(&mut storage, cfg, layout)?.load().context("cannot load the BPF programs")?;
 
     let p = &skel.progs;
     let progs: Vec<(&ProgramMut, Role)> = if cfg.percpu {
@@ -170,8 +143,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
     }
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
 
-    let what = if cfg.percpu { "the percpu allocator" } else { "kernel allocators" };
-    write_out(&format!("Attaching to {what}, Ctrl+C to quit.\n"))?;
+    write_out("Attaching to kernel allocators, Ctrl+C to quit.\n")?;
     let tracer = Tracer {
         cfg,
         maps: RecordMaps { allocs: &skel.maps.allocs, combined: &skel.maps.combined, counters: &bss.counters },
@@ -184,6 +156,38 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
     follow(tracer, sigfd, &skel.maps.events, None, false)?;
     drop(links);
     Ok(0)
+}
+
+/// Opens the object configured for this run: constants, map sizes, the programs of the mode.
+fn open<'obj>(storage: &'obj mut MaybeUninit<OpenObject>, cfg: &Config, layout: Layout) -> Result<OpenKmemSkel<'obj>> {
+    let mut open = KmemSkelBuilder::default().open(storage).context("cannot open the BPF object")?;
+    let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
+    rodata.min_size = cfg.min_size;
+    rodata.max_size = cfg.max_size;
+    rodata.sample_rate = cfg.sample_rate;
+    rodata.trace_all = cfg.trace;
+    rodata.combined_only = cfg.combined_only;
+    rodata.wa_missing_free = cfg.wa_missing_free;
+    rodata.cache_alloc_has_cache = layout.cache_alloc_has_cache;
+    rodata.percpu_has_call_site = layout.percpu_has_call_site;
+    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
+    open.maps.stacks.set_max_entries(MAX_STACKS)?;
+    open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
+    open.maps.events.set_max_entries(if cfg.trace { TRACE_RINGBUF } else { page_size() })?;
+    let p = &mut open.progs;
+    for prog in [
+        &mut p.memleak_kmalloc,
+        &mut p.memleak_kfree,
+        &mut p.memleak_kmem_cache_alloc,
+        &mut p.memleak_kmem_cache_free,
+        &mut p.memleak_page_alloc,
+        &mut p.memleak_page_free,
+    ] {
+        prog.set_autoload(!cfg.percpu);
+    }
+    p.memleak_percpu_alloc.set_autoload(cfg.percpu);
+    p.memleak_percpu_free.set_autoload(cfg.percpu);
+    Ok(open)
 }
 
 /// The kernel's vmemmap base (the struct page of PFN 0), from one page of ours: its PFN from
@@ -263,6 +267,24 @@ mod tests {
         assert_eq!(vmemmap_base(base + 0x1234 * 64, 64, 0x1234).unwrap(), base);
         assert!(vmemmap_base(base + 0x1234 * 64 + 8, 64, 0x1234).is_err());
         assert!(vmemmap_base(0, 64, 0x1234).is_err());
+    }
+
+    /// Both layouts of each changed tracepoint pass the verifier (with the other layout's
+    /// argument positions, which exist here too): an older kernel gets a loadable object.
+    #[test]
+    fn every_layout_loads() {
+        let Ok(mut cfg) = crate::cli::parse(["memleak", "--max-allocs", "1024"]) else { panic!("kernel mode") };
+        for percpu in [false, true] {
+            cfg.percpu = percpu;
+            for (cache_alloc_has_cache, percpu_has_call_site) in [(true, true), (false, false)] {
+                let layout = Layout { cache_alloc_has_cache, percpu_has_call_site };
+                let mut storage = MaybeUninit::uninit();
+                let open = open(&mut storage, &cfg, layout).expect("opens");
+                if let Err(e) = open.load() {
+                    panic!("{layout:?}, percpu {percpu}: {e:#}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -357,7 +357,8 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
-        if now >= next_tick {
+        // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
+        if now >= next_tick && t.pid.is_some() {
             t.prepare_symbols()?;
             next_tick = now + TICK;
         }

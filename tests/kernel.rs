@@ -200,6 +200,25 @@ fn pipes_show_from_alloc_pipe_info_then_fall_away() {
 }
 
 #[test]
+fn size_filter_applies_in_kernel_mode() {
+    let _serial = serial();
+    const N: u64 = 300;
+    const MIN: u64 = 512;
+    // Each pipe allocates a small pipe_inode_info and a buffer array of at least 512 bytes
+    // (16 pipe_buffers) through alloc_pipe_info: only the array passes -z.
+    let ml = Memleak::start(&["-a", "-z", &MIN.to_string(), "-T", "100000", "1"]);
+    let mut fx = Fixture::start(&["pipes", &N.to_string()]);
+    let held = ml.wait_for("the pipes' buffer arrays", |r| r.count_through("alloc_pipe_info") >= N);
+    for s in &held.stacks {
+        assert_eq!(s.blocks.len() as u64, s.count, "-a lists every block: {s:?}");
+        assert!(s.blocks.iter().all(|&(_, size)| size >= MIN), "-z {MIN}: {s:?}");
+    }
+    let pipe_allocs = held.count_through("alloc_pipe_info");
+    assert!(pipe_allocs < 2 * N, "the small half of each pipe is filtered out: {pipe_allocs}");
+    fx.release();
+}
+
+#[test]
 fn pages_show_by_pfn_then_fall_away() {
     let _serial = serial();
     const PIPES: u64 = 64;
