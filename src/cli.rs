@@ -186,6 +186,9 @@ impl Args {
         if self.percpu && target != Target::Kernel {
             bail!("--percpu traces the kernel's percpu allocator: it does not go with -p or -c");
         }
+        if target == Target::Kernel && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
+            bail!("-O and -S choose a process's allocator: they need -p or -c");
+        }
         let min_size = self.min_size.unwrap_or(0);
         let max_size = self.max_size.unwrap_or(u64::MAX);
         if min_size > max_size {
@@ -364,6 +367,8 @@ mod tests {
             (&["-c", ""][..], "needs a command"),
             (&["-c", "'unterminated"][..], "unbalanced quotes"),
             (&["-p", "1", "--percpu"][..], "--percpu"),
+            (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
+            (&["-S", "je_"][..], "need -p or -c"),
             (&["-p", "1", "1", "0"][..], "count"),
             (&["-p", "1", "--max-allocs", "0"][..], "--max-allocs"),
         ] {

@@ -223,7 +223,9 @@ static __always_inline void record_alloc(void *ctx, __u64 addr, __u64 size, __u3
 SEC("tp_btf/kmalloc")
 int memleak_kmalloc(__u64 *ctx)
 {
-	record_alloc(ctx, ctx[1], ctx[3] /* bytes_alloc */, FN_KMALLOC, SLOT_KMALLOC);
+	/* kmalloc(0) returns ZERO_SIZE_PTR (16), shared by all: nothing to track. */
+	if (ctx[1] > 16)
+		record_alloc(ctx, ctx[1], ctx[3] /* bytes_alloc */, FN_KMALLOC, SLOT_KMALLOC);
 	return 0;
 }
 
