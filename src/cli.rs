@@ -189,6 +189,9 @@ impl Args {
         if target == Target::Kernel && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
             bail!("-O and -S choose a process's allocator: they need -p or -c");
         }
+        if target == Target::Kernel && self.attach != AttachChoice::Auto {
+            bail!("--attach chooses how uprobes attach: it needs -p or -c (kernel mode uses tracepoints)");
+        }
         let min_size = self.min_size.unwrap_or(0);
         let max_size = self.max_size.unwrap_or(u64::MAX);
         if min_size > max_size {
@@ -367,6 +370,7 @@ mod tests {
             (&["-c", ""][..], "needs a command"),
             (&["-c", "'unterminated"][..], "unbalanced quotes"),
             (&["-p", "1", "--percpu"][..], "--percpu"),
+            (&["--attach", "classic"][..], "--attach"),
             (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
             (&["-S", "je_"][..], "need -p or -c"),
             (&["-p", "1", "1", "0"][..], "count"),
