@@ -3,7 +3,7 @@ use std::fmt::Write;
 
 use crate::cli::SortKey;
 use crate::collector::{Losses, StackTotal};
-use crate::loader::{MAX_ALLOCS, MAX_COMBINED, MAX_STACKS};
+use crate::loader::{MAX_COMBINED, MAX_STACKS};
 
 /// A stack ready to print: its totals and frames.
 pub struct StackReport<'a> {
@@ -24,11 +24,11 @@ pub fn select(mut stacks: Vec<StackTotal>, sort: SortKey, top: usize) -> Vec<Sta
 }
 
 /// The lines saying what went untracked, one per cause; none when nothing was lost.
-pub fn loss_lines(l: &Losses) -> Vec<String> {
+pub fn loss_lines(l: &Losses, max_allocs: u32) -> Vec<String> {
     let mut out = Vec::new();
     if l.allocs_map_full > 0 {
         out.push(format!(
-            "{} allocations untracked: the allocation map is full ({MAX_ALLOCS} entries)",
+            "{} allocations untracked: the allocation map is full ({max_allocs} entries, see --max-allocs)",
             l.allocs_map_full
         ));
     }
@@ -45,6 +45,18 @@ pub fn loss_lines(l: &Losses) -> Vec<String> {
         out.push(format!(
             "{} allocations without a stack: the stack map is full ({MAX_STACKS} stacks)",
             l.stacks_map_full
+        ));
+    }
+    if l.frees_missed > 0 || l.allocs_missed > 0 {
+        out.push(format!(
+            "{} frees and {} allocations missed: BPF recursion protection skipped them (another program was running on that CPU, e.g. interrupted); a missed free shows as a false leak",
+            l.frees_missed, l.allocs_missed
+        ));
+    }
+    if l.frees_failed > 0 {
+        out.push(format!(
+            "{} frees untracked: the allocation map was busy; their blocks show as leaks",
+            l.frees_failed
         ));
     }
     if l.truncated_stacks > 0 {
@@ -73,6 +85,7 @@ fn unwind_line(l: &Losses) -> Option<String> {
         (s.unsupported, "at a CFA rule outside the table's model"),
         (s.bad_cfa, "at a CFA that did not rise"),
         (s.unreadable, "at unreadable stack memory"),
+        (s.vma_busy, "at a new address while another thread held the mmap lock"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)
@@ -86,15 +99,21 @@ fn unwind_line(l: &Losses) -> Option<String> {
     ))
 }
 
+pub struct Options {
+    pub top: usize,
+    pub show_allocs: bool,
+    pub max_allocs: u32,
+}
+
 /// Formats one snapshot.
-pub fn format(time: &str, top: usize, stacks: &[StackReport], losses: &Losses, show_allocs: bool) -> String {
+pub fn format(time: &str, opts: &Options, stacks: &[StackReport], losses: &Losses) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "[{time}] Top {top} stacks with outstanding allocations:");
-    for line in loss_lines(losses) {
+    let _ = writeln!(out, "[{time}] Top {} stacks with outstanding allocations:", opts.top);
+    for line in loss_lines(losses, opts.max_allocs) {
         let _ = writeln!(out, "\tWARNING: {line}");
     }
     for s in stacks {
-        if show_allocs {
+        if opts.show_allocs {
             let mut blocks = s.total.blocks.clone();
             blocks.sort();
             for (addr, size) in blocks {
@@ -150,7 +169,8 @@ mod tests {
             "__libc_start_main+0xf0 [/usr/lib64/libc-2.21.so] (7fd460ac2790)".to_string(),
         ];
         let stacks = [StackReport { total: &t, frames }];
-        let text = format("12:34:56", 10, &stacks, &Losses::default(), false);
+        let opts = Options { top: 10, show_allocs: false, max_allocs: 1 << 20 };
+        let text = format("12:34:56", &opts, &stacks, &Losses::default());
         assert_eq!(
             text,
             "[12:34:56] Top 10 stacks with outstanding allocations:\n\
@@ -158,31 +178,36 @@ mod tests {
              \t\tmain+0x6d [/home/vagrant/allocs] (400862)\n\
              \t\t__libc_start_main+0xf0 [/usr/lib64/libc-2.21.so] (7fd460ac2790)\n"
         );
-        let with_allocs = format("12:34:56", 10, &stacks, &Losses::default(), true);
+        let with_allocs = format("12:34:56", &Options { show_allocs: true, ..opts }, &stacks, &Losses::default());
         assert!(with_allocs.contains("\taddr = 10 size = 16\n\taddr = 20 size = 16\n\t80 bytes"), "{with_allocs}");
     }
 
     #[test]
     fn losses_are_never_silent() {
         let l = Losses { allocs_map_full: 3, stacks_map_full: 2, trace_events_lost: 1, ..Default::default() };
-        let text = format("00:00:00", 10, &[], &l, false);
-        assert!(text.contains("WARNING: 3 allocations untracked: the allocation map is full"), "{text}");
+        let opts = Options { top: 10, show_allocs: false, max_allocs: 1000 };
+        let text = format("00:00:00", &opts, &[], &l);
+        assert!(text.contains("WARNING: 3 allocations untracked: the allocation map is full (1000 entries"), "{text}");
         assert!(text.contains("WARNING: 2 allocations without a stack"), "{text}");
         assert!(text.contains("WARNING: 1 -t lines lost"), "{text}");
-        assert_eq!(loss_lines(&Losses::default()).len(), 0);
+        assert_eq!(loss_lines(&Losses::default(), 1).len(), 0);
+        let k = Losses { frees_missed: 4, allocs_missed: 1, frees_failed: 2, ..Default::default() };
+        let text = format("00:00:00", &opts, &[], &k);
+        assert!(text.contains("\tWARNING: 4 frees and 1 allocations missed: BPF recursion protection"), "{text}");
+        assert!(text.contains("\tWARNING: 2 frees untracked"), "{text}");
         let u = Losses {
             unwinds: 400,
             unwind_stops: crate::collector::UnwindStops { no_table: 3, unreadable: 1, ..Default::default() },
             ..Default::default()
         };
         assert_eq!(
-            loss_lines(&u),
+            loss_lines(&u, 1),
             [
                 "4 of 400 stacks (1.00%) end early: 3 in an object without an unwind table yet, 1 at unreadable stack memory"
             ]
         );
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
-        let text = format("00:00:00", 10, &[StackReport { total: &lost, frames: vec![] }], &l, false);
+        let text = format("00:00:00", &opts, &[StackReport { total: &lost, frames: vec![] }], &l);
         assert!(text.contains("\t8 bytes in 1 allocations from stack\n\t\t[stack not stored"), "{text}");
     }
 }

@@ -8,11 +8,13 @@
 //! .gnu_debuglink) a frame gains ` file:line`, and functions inlined at the address print as
 //! frames of their own before it. C++ and Rust names are demangled. Every address is a return
 //! address: it is looked up at address - 1, the call, and printed as it is.
+//! Kernel mode: addresses are kernel text, symbolized from /proc/kallsyms.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use blazesym::symbolize::source::{Elf, Source};
+use blazesym::MaybeDefault;
+use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blaze};
 
 use crate::procmaps::ProcMaps;
@@ -80,6 +82,8 @@ impl std::fmt::Display for Frame {
 
 pub struct Symbolizer {
     pid: Option<i32>,
+    /// Kernel mode: every address is symbolized from /proc/kallsyms.
+    kernel: bool,
     maps: ProcMaps,
     locations: HashMap<u64, Location>,
     frames: HashMap<u64, Frame>,
@@ -90,11 +94,17 @@ impl Symbolizer {
     pub fn new(pid: Option<i32>) -> Self {
         Symbolizer {
             pid,
+            kernel: false,
             maps: ProcMaps::default(),
             locations: HashMap::new(),
             frames: HashMap::new(),
             blaze: Blaze::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build(),
         }
+    }
+
+    /// Kernel mode: frames print as `func+0xoff [kernel] (addr)`.
+    pub fn kernel() -> Self {
+        Symbolizer { kernel: true, ..Symbolizer::new(None) }
     }
 
     /// Records where each address lives, while the process is alive. Reads /proc/PID/maps again
@@ -138,6 +148,12 @@ impl Symbolizer {
         if let Some(f) = self.frames.get(&addr) {
             return f.clone();
         }
+        if self.kernel {
+            let frame =
+                Frame { addr, symbol: self.kernel_symbol(addr), module: Some("kernel".into()), ..Frame::default() };
+            self.frames.insert(addr, frame.clone());
+            return frame;
+        }
         let frame = match self.locations.get(&addr).cloned() {
             Some(Location::File { path, offset }) => {
                 let mut frame = self.symbol_in_file(&path, offset).unwrap_or_default();
@@ -154,6 +170,34 @@ impl Symbolizer {
         };
         self.frames.insert(addr, frame.clone());
         frame
+    }
+
+    /// The frames of a stack, innermost first. A kernel stack starts inside the tracing
+    /// machinery (the BPF program, the tracepoint's runner): those frames are left out.
+    pub fn stack(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        let mut frames: Vec<Frame> = addrs.iter().map(|&a| self.frame(a)).collect();
+        if self.kernel {
+            let skip = frames
+                .iter()
+                .take_while(|f| f.symbol.as_ref().is_some_and(|(name, _)| is_tracing_machinery(name)))
+                .count();
+            frames.drain(..skip);
+        }
+        frames
+    }
+
+    fn kernel_symbol(&self, addr: u64) -> Option<(String, u64)> {
+        let src = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Default,
+            // No vmlinux search: kallsyms has every function symbol the report prints.
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Default::default()
+        });
+        match self.blaze.symbolize_single(&src, Input::AbsAddr(addr)) {
+            Ok(Symbolized::Sym(sym)) => Some((sym.name.into_owned(), sym.offset as u64)),
+            _ => None,
+        }
     }
 
     /// The symbol, line and inlined functions of the call before the return address at
@@ -178,6 +222,11 @@ impl Symbolizer {
                 .collect(),
         })
     }
+}
+
+/// Kernel functions a tracepoint program runs under, above the tracepoint's call site.
+fn is_tracing_machinery(name: &str) -> bool {
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"].iter().any(|p| name.starts_with(p))
 }
 
 #[cfg(test)]
@@ -211,6 +260,28 @@ mod tests {
                 "main+0x6d [/a/allocs] (400862) /src/allocs.c:12"
             ]
         );
+    }
+
+    #[test]
+    fn symbolizes_kernel_text_from_kallsyms() {
+        // A function's own address from kallsyms (root sees real addresses; others see 0s).
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").expect("/proc/kallsyms");
+        let addr = kallsyms
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (a, t, name) = (f.next()?, f.next()?, f.next()?);
+                (name == "kfree" && t.eq_ignore_ascii_case("t")).then(|| u64::from_str_radix(a, 16).ok())?
+            })
+            .expect("kfree in kallsyms");
+        if addr == 0 {
+            eprintln!("skipped: kallsyms addresses are hidden (not root)");
+            return;
+        }
+        let mut s = Symbolizer::kernel();
+        let f = s.frame(addr + 4);
+        assert_eq!(f.symbol, Some(("kfree".to_string(), 4)));
+        assert_eq!(f.to_string(), format!("kfree+0x4 [kernel] ({:x})", addr + 4));
     }
 
     #[inline(never)]

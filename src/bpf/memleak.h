@@ -19,9 +19,18 @@ enum fn_kind {
 	FN_MMAP = 10,
 	FN_MUNMAP = 11,
 	FN_MREMAP = 12,
+	/* Kernel mode: the tracepoint that fired. */
+	FN_KMALLOC = 13,
+	FN_KFREE = 14,
+	FN_KMEM_CACHE_ALLOC = 15,
+	FN_KMEM_CACHE_FREE = 16,
+	FN_PAGE_ALLOC = 17,
+	FN_PAGE_FREE = 18,
+	FN_PERCPU_ALLOC = 19,
+	FN_PERCPU_FREE = 20,
 };
 
-/* Allocation records are keyed by process and address. */
+/* Allocation records are keyed by process and address (kernel mode: pid 0; pages by PFN). */
 struct alloc_key {
 	__u32 pid;
 	__u32 pad;
@@ -40,7 +49,7 @@ struct combined_info {
 	__u64 count;
 };
 
-/* A user stack: return addresses, innermost first. Keyed by a 64-bit hash of its frames. */
+/* A stack (user, or kernel in kernel mode): return addresses, innermost first. Keyed by a 64-bit hash of its frames. */
 struct stack {
 	__u32 depth;
 	__u32 truncated; /* 1 if the walk stopped at MAX_STACK_DEPTH */
@@ -55,16 +64,18 @@ enum counter {
 	CNT_EVENTS_LOST = 3,   /* trace ring buffer full: a -t line was not printed */
 	CNT_COMBINED_FULL = 4, /* combined map full: an allocation missing from the totals */
 	CNT_TRUNCATED = 5,     /* stacks cut at MAX_STACK_DEPTH */
+	CNT_FREE_FAILED = 6,   /* kernel mode: a record could not be deleted (map busy) */
 	/* The table unwinder (docs/unwinding.md): stacks unwound, and why some stopped early. */
-	CNT_UNWINDS = 6,            /* stacks unwound from the tables */
-	CNT_STOP_NOT_MAPPED = 7,    /* a return address in no executable mapping */
-	CNT_STOP_NO_TABLE = 8,      /* code of an object without a table yet; no frame pointer */
-	CNT_STOP_NO_CFI = 9,        /* code the object's .eh_frame does not cover; no frame pointer */
-	CNT_STOP_UNSUPPORTED = 10,  /* a CFA rule outside the table's model */
-	CNT_STOP_BAD_CFA = 11,      /* a CFA that does not rise, or is unaligned */
-	CNT_STOP_READ = 12,         /* stack memory that could not be read */
-	CNT_NO_TABLE_SEEN = 13,     /* lookups of an object without a table: user space reloads */
-	NR_COUNTERS = 14,
+	CNT_UNWINDS = 7,            /* stacks unwound from the tables */
+	CNT_STOP_NOT_MAPPED = 8,    /* a return address in no executable mapping */
+	CNT_STOP_NO_TABLE = 9,      /* code of an object without a table yet; no frame pointer */
+	CNT_STOP_NO_CFI = 10,       /* code the object's .eh_frame does not cover; no frame pointer */
+	CNT_STOP_UNSUPPORTED = 11,  /* a CFA rule outside the table's model */
+	CNT_STOP_BAD_CFA = 12,      /* a CFA that does not rise, or is unaligned */
+	CNT_STOP_READ = 13,         /* stack memory that could not be read */
+	CNT_NO_TABLE_SEEN = 14,     /* lookups of an object without a table: user space reloads */
+	CNT_STOP_VMA_BUSY = 15,     /* a new address while another thread held the mmap lock */
+	NR_COUNTERS = 16,
 };
 
 /* ---- Unwind tables, built from each object's .eh_frame (src/unwind/, docs/unwinding.md). */

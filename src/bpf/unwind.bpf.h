@@ -69,10 +69,27 @@ struct unwind_vma {
 	__u32 page_base;
 	__u32 first_page;
 	__u32 npages; /* 0: no table for this object */
-	__u32 pad;
+	__u32 stale;  /* the mappings may have changed since: check again when possible */
 };
 
 #define UNWIND_VMA_CACHE 4
+
+/*
+ * The mappings a thread of the process found last, shared with the others: a thread whose own
+ * cache misses while the mmap lock is taken (another thread mapping or unmapping) looks here.
+ * seq is odd while a writer copies; a reader that sees it change ignores what it read.
+ */
+struct unwind_shared {
+	__u64 seq;
+	struct unwind_vma vmas[UNWIND_VMA_CACHE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct unwind_shared);
+} unwind_shared_vmas SEC(".maps");
 
 /* Per-thread scratch of one walk (in task storage: uprobe_multi runs preemptible). */
 struct unwind_scratch {
@@ -85,6 +102,8 @@ struct unwind_scratch {
 	__u32 next_vma;
 	__u32 mm_seq; /* the mm's mapping sequence when the cache was filled */
 	__u32 generation; /* unwind_generation then */
+	__u32 busy;   /* bpf_find_vma could not take the mmap lock */
+	__u32 pad;
 	struct unwind_vma vmas[UNWIND_VMA_CACHE];
 };
 
@@ -129,26 +148,90 @@ static long unwind_vma_cb(struct task_struct *task, struct vm_area_struct *vma, 
 	return 0;
 }
 
-/* The executable mapping holding pc, from the cache or the kernel; NULL if none. */
+/* Publishes this thread's cache for the others. */
+static __always_inline void unwind_shared_store(struct unwind_scratch *u)
+{
+	__u32 zero = 0;
+	struct unwind_shared *sh = bpf_map_lookup_elem(&unwind_shared_vmas, &zero);
+
+	if (!sh)
+		return;
+	__sync_fetch_and_add(&sh->seq, 1);
+	for (int i = 0; i < UNWIND_VMA_CACHE; i++)
+		sh->vmas[i] = u->vmas[i];
+	__sync_fetch_and_add(&sh->seq, 1);
+}
+
+/* A mapping holding pc from the shared copy, into this thread's cache (stale); or NULL. */
+static __always_inline struct unwind_vma *unwind_shared_lookup(struct unwind_scratch *u, __u64 pc)
+{
+	__u32 zero = 0;
+	struct unwind_shared *sh = bpf_map_lookup_elem(&unwind_shared_vmas, &zero);
+	struct unwind_vma copy, *v;
+	__u64 seq;
+
+	if (!sh)
+		return NULL;
+	seq = __sync_fetch_and_add(&sh->seq, 0);
+	if (seq & 1)
+		return NULL;
+	for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
+		copy = sh->vmas[i];
+		if (pc < copy.start || pc >= copy.end)
+			continue;
+		if (__sync_fetch_and_add(&sh->seq, 0) != seq)
+			return NULL;
+		v = &u->vmas[u->next_vma & (UNWIND_VMA_CACHE - 1)];
+		u->next_vma++;
+		*v = copy;
+		v->stale = 1;
+		return v;
+	}
+	return NULL;
+}
+
+/*
+ * The executable mapping holding pc, from the cache or the kernel; NULL if none. bpf_find_vma
+ * only try-locks the mmap lock: while another thread maps or unmaps, a stale cache entry is
+ * used as it is (mappings of code rarely change), and a new address ends the walk (busy).
+ */
 static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch *u, __u64 pc)
 {
 	struct vma_found f = {};
-	struct unwind_vma *v;
+	struct unwind_vma *v, *hit = NULL;
 	struct unwind_object *obj;
 	struct unwind_obj_key key = {};
+	long err;
 
 	for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
 		v = &u->vmas[i];
-		if (pc >= v->start && pc < v->end)
-			return v;
+		if (pc >= v->start && pc < v->end) {
+			if (!v->stale)
+				return v;
+			hit = v;
+			break;
+		}
 	}
-	if (bpf_find_vma(bpf_get_current_task_btf(), pc, unwind_vma_cb, &f, 0) || !(f.flags & VM_EXEC))
+	err = bpf_find_vma(bpf_get_current_task_btf(), pc, unwind_vma_cb, &f, 0);
+	if (err == -16 /* EBUSY */) {
+		if (!hit)
+			hit = unwind_shared_lookup(u, pc);
+		if (!hit)
+			u->busy = 1;
+		return hit;
+	}
+	if (err || !(f.flags & VM_EXEC))
 		return NULL;
-	v = &u->vmas[u->next_vma & (UNWIND_VMA_CACHE - 1)];
-	u->next_vma++;
+	if (hit) {
+		v = hit;
+	} else {
+		v = &u->vmas[u->next_vma & (UNWIND_VMA_CACHE - 1)];
+		u->next_vma++;
+	}
 	v->start = f.start;
 	v->end = f.end;
 	v->npages = 0;
+	v->stale = 0;
 	if (!f.has_file)
 		return v;
 	key.dev = f.dev;
@@ -164,6 +247,7 @@ static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch 
 	v->page_base = obj->page_base;
 	v->first_page = obj->first_page;
 	v->npages = obj->npages;
+	unwind_shared_store(u);
 	return v;
 }
 
@@ -220,7 +304,7 @@ static long unwind_step(__u64 i, void *data)
 	lookup_pc = u->first ? pc : pc - 1;
 	v = unwind_find_vma(u, lookup_pc);
 	if (!v) {
-		u->stop = CNT_STOP_NOT_MAPPED;
+		u->stop = u->busy ? CNT_STOP_VMA_BUSY : CNT_STOP_NOT_MAPPED;
 		return 1;
 	}
 	if (v->npages) {
@@ -342,13 +426,12 @@ static __always_inline __u32 unwind_tables(struct pt_regs *ctx, struct unwind_sc
 	u->bp = PT_REGS_FP(ctx);
 	u->depth = 0;
 	u->stop = 0;
+	u->busy = 0;
 	u->first = 1;
 	/* The cached mappings stay valid while the process maps and unmaps nothing. */
 	if (unwind_mappings_changed(u))
-		for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
-			u->vmas[i].start = 0;
-			u->vmas[i].end = 0;
-		}
+		for (int i = 0; i < UNWIND_VMA_CACHE; i++)
+			u->vmas[i].stale = 1;
 	/* The cache holds mappings of this walk only: they may have changed since the last. */
 
 	st->truncated = 0;

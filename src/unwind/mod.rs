@@ -3,12 +3,52 @@
 pub mod maps;
 pub mod table;
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 
 use object::Object;
 
 pub use maps::UnwindTables;
+
+use crate::skel::MemleakSkel;
+
+/// The unwind tables of a run and the BPF object they feed.
+pub struct Unwinder<'a, 'obj> {
+    pub skel: &'a MemleakSkel<'obj>,
+    pub tables: UnwindTables,
+    /// Set when the BPF side met code of an object without a table (its wake-up ring buffer).
+    pub wakeup: Rc<Cell<bool>>,
+    pub pid: i32,
+}
+
+impl Unwinder<'_, '_> {
+    /// Loads the tables of objects mapped since the last call: every tick, and at once when
+    /// the BPF side met code of an object without a table (dlopen, exec of a -p process).
+    pub fn sync(&mut self) {
+        self.tables.sync_process(self.skel, self.pid);
+        self.report_failures();
+    }
+
+    /// At an exec stop (-c): the new executable's, its interpreter's and its libraries' tables,
+    /// before it runs its first instruction.
+    pub fn load_exec(&mut self) {
+        if let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) {
+            for p in startup_objects(&exe) {
+                self.tables.preload(self.skel, &p);
+            }
+        }
+        self.sync();
+    }
+
+    /// Objects that got no table, said once each.
+    pub fn report_failures(&mut self) {
+        for f in self.tables.failures.drain(..) {
+            eprintln!("memleak: {f}; its frames fall back to frame pointers");
+        }
+    }
+}
 
 /// The objects a command will map at start: itself, its interpreter, and the libraries the
 /// interpreter resolves for it (`ld.so --list`, which loads nothing and runs none of its code).
