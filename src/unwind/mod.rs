@@ -51,7 +51,7 @@ impl Unwinder<'_, '_> {
 }
 
 /// The objects a command will map at start: itself, its interpreter, and the libraries the
-/// interpreter resolves for it (`ld.so --list`, which loads nothing and runs none of its code).
+/// interpreter resolves for it (`ld.so --list`, which runs none of their code nor the program's).
 pub fn startup_objects(prog: &Path) -> Vec<PathBuf> {
     let mut out = vec![prog.to_path_buf()];
     let Ok(data) = std::fs::read(prog) else { return out };
