@@ -303,3 +303,90 @@ fn dlopened_library_gets_its_table() {
     let chain = [&["lib_inner", "lib_outer", "call_lib", "main"][..], &LIBC_START[..]].concat();
     assert_eq!(leaked_from(&stacks, &chain), (72, 1), "{stdout}");
 }
+
+#[test]
+fn code_without_cfi_falls_back_to_its_frame_pointer() {
+    let dir = out_dir("nocfi");
+    let mut stacks_by_build = Vec::new();
+    for (name, flag) in [("nocfi_fp", "-fno-omit-frame-pointer"), ("nocfi_nofp", "-fomit-frame-pointer")] {
+        let out = dir.join(name);
+        let st = Command::new("gcc")
+            .args(["-O2", "-g", flag, "-o"])
+            .arg(&out)
+            .arg(fixture("nocfi_main.c"))
+            .arg(fixture("nocfi.S"))
+            .status()
+            .expect("gcc runs");
+        assert!(st.success());
+        let (stacks, warnings) = trace(&out.display().to_string(), &[]);
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        let chain = [&["leaf", "nocfi_call", "via_asm", "main"][..], &LIBC_START[..]].concat();
+        assert_eq!(leaked_from(&stacks, &chain), (112, 2), "{name}: {stacks:#?}");
+        stacks_by_build.push(by_names(&stacks));
+    }
+    assert_eq!(stacks_by_build[0], stacks_by_build[1]);
+}
+
+#[test]
+fn attaching_to_a_running_process_loads_its_tables() {
+    let dir = out_dir("pid");
+    let lib = build(
+        "gcc",
+        &["-O2", "-g", "-fomit-frame-pointer", "-shared", "-fPIC"],
+        &fixture("dl_lib.c"),
+        &dir.join("libdl_fixture.so"),
+    );
+    let main = build("gcc", &["-O2", "-g", "-fomit-frame-pointer"], &fixture("dl_main.c"), &dir.join("dl_main"));
+    // The fixture dlopens, says "loaded", leaks after one line on stdin and exits after another.
+    let mut fixture = Command::new(&main)
+        .arg(&lib)
+        .arg("wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fixture runs");
+    let mut fixture_out = BufReader::new(fixture.stdout.take().unwrap());
+    let mut line = String::new();
+    fixture_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "loaded\n");
+    let mut memleak = Command::new(MEMLEAK)
+        .args(["-p", &fixture.id().to_string(), "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("memleak runs");
+    let (tx, rx) = mpsc::channel();
+    let out = memleak.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Attached (the tables of what the process maps were loaded before): let it leak.
+    let first = rx.recv_timeout(WAIT).expect("memleak's first line");
+    assert!(first.starts_with("Attaching to pid"), "{first}");
+    let mut stdin = fixture.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    // Reports every second; the one that shows the leak's stack ends the wait.
+    let mut report = String::new();
+    loop {
+        let l = rx.recv_timeout(WAIT).expect("a report with the leak");
+        if l.contains("Top 10 stacks") {
+            report.clear();
+        }
+        report.push_str(&l);
+        report.push('\n');
+        if l.contains("_start+") && report.contains("lib_inner+") {
+            break;
+        }
+    }
+    stdin.write_all(b"end\n").unwrap();
+    assert!(fixture.wait().unwrap().success());
+    let _ = memleak.wait();
+    let (stacks, warnings) = last_report(&report);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let chain = [&["lib_inner", "lib_outer", "call_lib", "main"][..], &LIBC_START[..]].concat();
+    assert_eq!(leaked_from(&stacks, &chain), (72, 1), "{report}");
+}

@@ -323,7 +323,8 @@ static long unwind_step(__u64 i, void *data)
 			/* The ABI zeroes rbp at the process's entry: the end of the chain. */
 			if (!bp)
 				return 1;
-			if (bp <= sp || (bp & 7) || bpf_probe_read_user(frame, sizeof(frame), (void *)bp)) {
+			/* rbp points at the saved rbp: at or above this frame's stack pointer. */
+			if (bp < sp || (bp & 7) || bpf_probe_read_user(frame, sizeof(frame), (void *)bp)) {
 				u->stop = v->npages ? CNT_STOP_NO_CFI : CNT_STOP_NO_TABLE;
 				return 1;
 			}
