@@ -81,6 +81,7 @@ struct unwind_vma {
  */
 struct unwind_shared {
 	__u64 seq;
+	__u64 mm; /* whose mappings (an exec makes a new mm) */
 	struct unwind_vma vmas[UNWIND_VMA_CACHE];
 };
 
@@ -104,6 +105,7 @@ struct unwind_scratch {
 	__u32 generation; /* unwind_generation then */
 	__u32 busy;   /* bpf_find_vma could not take the mmap lock */
 	__u32 pad;
+	__u64 mm;     /* the mm the cache describes (an exec keeps the task, not the mm) */
 	struct unwind_vma vmas[UNWIND_VMA_CACHE];
 };
 
@@ -157,6 +159,7 @@ static __always_inline void unwind_shared_store(struct unwind_scratch *u)
 	if (!sh)
 		return;
 	__sync_fetch_and_add(&sh->seq, 1);
+	sh->mm = u->mm;
 	for (int i = 0; i < UNWIND_VMA_CACHE; i++)
 		sh->vmas[i] = u->vmas[i];
 	__sync_fetch_and_add(&sh->seq, 1);
@@ -173,7 +176,7 @@ static __always_inline struct unwind_vma *unwind_shared_lookup(struct unwind_scr
 	if (!sh)
 		return NULL;
 	seq = __sync_fetch_and_add(&sh->seq, 0);
-	if (seq & 1)
+	if ((seq & 1) || sh->mm != u->mm)
 		return NULL;
 	for (int i = 0; i < UNWIND_VMA_CACHE; i++) {
 		copy = sh->vmas[i];
@@ -406,12 +409,21 @@ static __always_inline bool unwind_mappings_changed(struct unwind_scratch *u)
 	struct task_struct *task = bpf_get_current_task_btf();
 	__u32 seq, zero = 0, *gen = bpf_map_lookup_elem(&unwind_generation, &zero);
 	__u32 generation = gen ? *gen : 0;
+	__u64 mm = (__u64)BPF_CORE_READ(task, mm);
 
-	if (!bpf_core_field_exists(task->mm->mm_lock_seq))
+	if (!bpf_core_field_exists(task->mm->mm_lock_seq)) {
+		u->mm = mm;
 		return true;
+	}
 	seq = BPF_CORE_READ(task, mm, mm_lock_seq.sequence);
-	if (seq == u->mm_seq && !(seq & 1) && generation == u->generation)
+	if (mm == u->mm && seq == u->mm_seq && !(seq & 1) && generation == u->generation)
 		return false;
+	if (mm != u->mm) {
+		/* Another image (exec): nothing cached describes it, even as a stale guess. */
+		for (int i = 0; i < UNWIND_VMA_CACHE; i++)
+			u->vmas[i].end = 0;
+	}
+	u->mm = mm;
 	u->mm_seq = seq;
 	u->generation = generation;
 	return true;
