@@ -1,0 +1,198 @@
+//! Each allocator entry point, reported to the byte; frees, failures and nesting counted right.
+mod common;
+use common::*;
+
+/// One stack per entry point, each from its own call site in the fixture.
+#[test]
+fn each_entry_point_is_reported_to_the_byte() {
+    let out = run_under_c(
+        &["-T", "50"],
+        &[
+            "malloc 100 3",
+            "calloc 3 40 2",
+            "realloc 10 100 1000",
+            "reallocarray 2 8 4",
+            "posix_memalign 64 200 2",
+            "aligned_alloc 64 256 1",
+            "memalign 128 320 1",
+            "valloc 500 1",
+            "pvalloc 600 1",
+            "mmap 8192 2",
+            "mremap 4096 12288",
+        ],
+    );
+    let r = final_report(&out.stdout);
+    assert_eq!(
+        r.summary(),
+        s(&[
+            ("do_malloc", 300, 3),
+            ("do_calloc", 240, 2),
+            ("do_realloc", 1000, 1),
+            ("do_reallocarray", 32, 1),
+            ("do_posix_memalign", 400, 2),
+            ("do_aligned_alloc", 256, 1),
+            ("do_memalign", 320, 1),
+            ("do_valloc", 500, 1),
+            ("do_pvalloc", 600, 1),
+            ("do_mmap", 16384, 2),
+            ("do_mremap", 12288, 1),
+        ]),
+        "{}",
+        out.stdout.join("\n")
+    );
+    let exe = fixture("allocs");
+    for st in &r.stacks {
+        assert_symbolized(st, &exe);
+        assert_eq!(st.func(1), "run", "the call site's caller: {st:?}");
+    }
+    // Largest last.
+    let bytes: Vec<u64> = r.stacks.iter().map(|s| s.bytes).collect();
+    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "not in ascending order: {bytes:?}");
+    assert_eq!(r.header.split("] ").nth(1), Some("Top 50 stacks with outstanding allocations:"));
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+/// The same under -p, where the probes go onto a running process.
+#[test]
+fn each_entry_point_under_p() {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid().to_string();
+    let m = memleak_attached(&["-o", "0", "-T", "50", "-p", &pid, "60"]);
+    for c in [
+        "malloc 100 3",
+        "calloc 3 40 2",
+        "realloc 10 100 1000",
+        "reallocarray 2 8 4",
+        "posix_memalign 64 200 2",
+        "aligned_alloc 64 256 1",
+        "memalign 128 320 1",
+        "valloc 500 1",
+        "pvalloc 600 1",
+        "mmap 8192 2",
+        "mremap 4096 12288",
+    ] {
+        f.command(c);
+    }
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let reports = parse_reports(&out.stdout);
+    assert_eq!(reports.len(), 1, "{}", out.stdout.join("\n"));
+    assert_eq!(
+        reports[0].summary(),
+        s(&[
+            ("do_malloc", 300, 3),
+            ("do_calloc", 240, 2),
+            ("do_realloc", 1000, 1),
+            ("do_reallocarray", 32, 1),
+            ("do_posix_memalign", 400, 2),
+            ("do_aligned_alloc", 256, 1),
+            ("do_memalign", 320, 1),
+            ("do_valloc", 500, 1),
+            ("do_pvalloc", 600, 1),
+            ("do_mmap", 16384, 2),
+            ("do_mremap", 12288, 1),
+        ]),
+        "{}",
+        out.stdout.join("\n")
+    );
+    for st in &reports[0].stacks {
+        assert_symbolized(st, &fixture("allocs"));
+    }
+}
+
+/// free and munmap end records; a block allocated and freed in between never shows.
+#[test]
+fn freed_blocks_are_never_reported() {
+    let out = run_under_c(
+        &[],
+        &[
+            "freed 64 200",
+            "malloc 16 4",
+            "calloc 2 16 3",
+            "mmap 4096 2",
+            "mremap 4096 8192",
+            "posix_memalign 32 48 2",
+            "free_all",
+            "freed 4096 10",
+            "malloc 24 1",
+        ],
+    );
+    let r = final_report(&out.stdout);
+    assert_eq!(r.summary(), s(&[("do_malloc", 24, 1)]), "{}", out.stdout.join("\n"));
+}
+
+/// realloc(p, 0) frees p; a chain of reallocs leaves one block of the last size.
+#[test]
+fn realloc_chains_and_realloc_to_zero() {
+    let out = run_under_c(
+        &[],
+        &[
+            "realloc0 50",
+            "realloc0 5000",
+            // 100 → 200000 crosses glibc's mmap threshold, 400000 is an mremap inside realloc.
+            "realloc 100 200000 400000",
+            "realloc 8 16 32 64 128 256 512",
+            "realloc 4096 16",
+        ],
+    );
+    let r = final_report(&out.stdout);
+    // All three chains come from one call site: 400000 + 512 + 16 bytes in 3 blocks.
+    assert_eq!(r.summary(), s(&[("do_realloc", 400528, 3)]), "{}", out.stdout.join("\n"));
+}
+
+/// Failed calls allocate nothing: malloc returning NULL, posix_memalign returning EINVAL,
+/// mmap returning MAP_FAILED, realloc failing (which leaves the old block in place).
+#[test]
+fn failed_calls_allocate_nothing() {
+    let out = run_under_c(&[], &["fail_malloc", "fail_posix_memalign", "fail_mmap", "fail_realloc 20"]);
+    let r = final_report(&out.stdout);
+    // fail_realloc mallocs 20 bytes, then fails to grow them: the 20 bytes stay.
+    assert_eq!(r.summary(), s(&[("do_malloc", 20, 1)]), "{}", out.stdout.join("\n"));
+}
+
+/// A malloc that glibc serves with mmap is one allocation, not two; its free likewise.
+#[test]
+fn malloc_served_by_mmap_counts_once() {
+    let out = run_under_c(
+        &["-a"],
+        &["malloc 1048576 2", "calloc 1 300000 1", "posix_memalign 4096 1000000 1", "malloc 2000000 1"],
+    );
+    let r = final_report(&out.stdout);
+    assert_eq!(
+        r.summary(),
+        s(&[("do_malloc", 4097152, 3), ("do_calloc", 300000, 1), ("do_posix_memalign", 1000000, 1)]),
+        "{}",
+        out.stdout.join("\n")
+    );
+    // The addresses are the ones malloc returned, not the mappings under them.
+    let mut printed = fixture_addrs(&out.stdout);
+    let mut reported: Vec<(u64, u64)> = r.stacks.iter().flat_map(|s| s.addrs.clone()).collect();
+    printed.sort();
+    reported.sort();
+    assert_eq!(printed, reported);
+
+    let freed = run_under_c(&[], &["malloc 1048576 2", "free_all", "calloc 1 100 1"]);
+    assert_eq!(final_report(&freed.stdout).summary(), s(&[("do_calloc", 100, 1)]));
+}
+
+/// In glibc memalign and aligned_alloc are one function: probed once, both call sites reported.
+#[test]
+fn memalign_and_aligned_alloc_are_one_function() {
+    let out = run_under_c(&["-v"], &["memalign 64 100 1", "aligned_alloc 64 128 2"]);
+    // "memleak:   aligned_alloc/memalign       file offset 0x99610"
+    let entries: Vec<Vec<&str>> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains(" file offset 0x"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").split('/').collect())
+        .collect();
+    let with = |name: &str| entries.iter().filter(|e| e.contains(&name)).cloned().collect::<Vec<_>>();
+    let mut both = with("memalign");
+    assert_eq!(both.len(), 1, "one probe for memalign: {}", out.stderr);
+    assert_eq!(with("aligned_alloc"), both, "aligned_alloc shares memalign's probe: {}", out.stderr);
+    both[0].sort();
+    assert_eq!(both[0], ["aligned_alloc", "memalign"], "{}", out.stderr);
+    let r = final_report(&out.stdout);
+    assert_eq!(r.summary(), s(&[("do_aligned_alloc", 256, 2), ("do_memalign", 100, 1)]));
+}
