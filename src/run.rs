@@ -95,9 +95,9 @@ impl Tracer<'_, '_> {
     }
 
     fn print_report(&mut self, after_exit: bool) -> Result<()> {
-        if !after_exit {
-            self.prepare_symbols()?;
-        }
+        // After an exit too: stacks stored since the last tick are still in the map, and their
+        // addresses resolve against the last maps read (a -p process is gone by now).
+        self.prepare_symbols()?;
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
         let snap = self.collector.collect(
@@ -209,6 +209,10 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
 
     let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer: Symbolizer::new(Some(pid)) };
+    if !is_command {
+        // The maps of a running process, kept in case it exits before its stacks are read.
+        tracer.symbolizer.reread_maps();
+    }
     let ring = if cfg.trace {
         let mut b = RingBufferBuilder::new();
         b.add(&skel.maps.events, |data: &[u8]| {

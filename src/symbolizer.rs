@@ -77,7 +77,10 @@ impl Symbolizer {
                 continue;
             }
             if self.maps.find(addr).is_none() && !reread {
-                if let Ok(m) = ProcMaps::read(pid) {
+                // An exited process has no maps left: keep the last ones seen.
+                if let Ok(m) = ProcMaps::read(pid)
+                    && !m.mappings.is_empty()
+                {
                     self.maps = m;
                 }
                 reread = true;
@@ -98,6 +101,7 @@ impl Symbolizer {
     pub fn reread_maps(&mut self) {
         if let Some(pid) = self.pid
             && let Ok(m) = ProcMaps::read(pid)
+            && !m.mappings.is_empty()
         {
             self.maps = m;
         }
