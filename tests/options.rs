@@ -1,0 +1,159 @@
+//! Report options: -a, -o, -z/-Z, -T, --sort, --combined-only, -s, -t, interval and count.
+mod common;
+use common::*;
+
+/// Runs `memleak ARGS -o 0 -p FIXTURE 60` over `cmds`, then Ctrl-C: the one report printed,
+/// with everything the fixture printed.
+fn report_under_p(args: &[&str], cmds: &[&str]) -> (Report, Vec<String>) {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid().to_string();
+    let mut all = args.to_vec();
+    all.extend(["-p", &pid, "60"]);
+    if !args.contains(&"-o") {
+        all.extend(["-o", "0"]);
+    }
+    let m = memleak_attached(&all);
+    let mut printed = Vec::new();
+    for c in cmds {
+        printed.extend(f.command(c));
+    }
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let reports = parse_reports(&out.stdout);
+    assert_eq!(reports.len(), 1, "{}", out.stdout.join("\n"));
+    (reports[0].clone(), printed)
+}
+
+/// -a lists every outstanding block, address and size, before its stack.
+#[test]
+fn show_allocs_lists_each_block() {
+    let (r, printed) = report_under_p(&["-a"], &["malloc 16 5", "calloc 2 24 3", "freed 64 5", "mmap 8192 1"]);
+    assert_eq!(r.summary(), s(&[("do_calloc", 144, 3), ("do_malloc", 80, 5), ("do_mmap", 8192, 1)]));
+    let mut expected = fixture_addrs(&printed);
+    expected.sort();
+    assert_eq!(expected.len(), 9);
+    let mut listed: Vec<(u64, u64)> = r.stacks.iter().flat_map(|s| s.addrs.clone()).collect();
+    listed.sort();
+    assert_eq!(listed, expected);
+    for st in &r.stacks {
+        assert_eq!(st.addrs.iter().map(|a| a.1).sum::<u64>(), st.bytes, "{st:?}");
+        assert_eq!(st.addrs.len() as u64, st.count, "{st:?}");
+    }
+    // Without -a, no addr lines.
+    let (r, _) = report_under_p(&[], &["malloc 16 5"]);
+    assert!(r.stacks.iter().all(|s| s.addrs.is_empty()));
+}
+
+/// -o hides blocks younger than the age given: an old block shows, a young one does not.
+#[test]
+fn older_hides_young_blocks() {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid().to_string();
+    let mut m = memleak_attached(&["-o", "3000", "-p", &pid, "1"]);
+    f.command("malloc 111 1");
+    // Shows once 3 s old: wait for a report with it.
+    m.expect("the 3 s old block in a report", |l| l == "\t111 bytes in 1 allocations from stack");
+    // Allocated now, reported right away (on Ctrl-C): seconds younger than -o.
+    f.command("calloc 1 222 1");
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let last = parse_reports(&out.stdout).pop().expect("a report");
+    assert_eq!(last.summary(), s(&[("do_malloc", 111, 1)]), "{}", out.stdout.join("\n"));
+}
+
+/// -z and -Z keep sizes in [min, max], both ends included, whichever the entry point.
+#[test]
+fn size_filters_keep_min_to_max() {
+    let (r, _) = report_under_p(
+        &["-z", "100", "-Z", "5000"],
+        &["malloc 99 1", "malloc 100 2", "malloc 5000 1", "malloc 5001 1", "calloc 10 10 1", "calloc 1 99 1"],
+    );
+    assert_eq!(r.summary(), s(&[("do_calloc", 100, 1), ("do_malloc", 5200, 3)]));
+    let (r, _) = report_under_p(&["-z", "64", "-Z", "64"], &["malloc 63 1", "malloc 64 3", "valloc 65 1"]);
+    assert_eq!(r.summary(), s(&[("do_malloc", 192, 3)]));
+}
+
+/// -T shows only the N largest stacks (largest last); --sort count orders by count.
+#[test]
+fn top_and_sort() {
+    // malloc: 1000 bytes in 1; calloc: 500 bytes in 50; valloc: 300 bytes in 3.
+    let cmds = ["malloc 1000 1", "calloc 1 10 50", "valloc 100 3"];
+    let order = |r: &Report| r.stacks.iter().map(|s| s.func(0).to_string()).collect::<Vec<_>>();
+
+    let (r, _) = report_under_p(&[], &cmds);
+    assert_eq!(order(&r), ["do_valloc", "do_calloc", "do_malloc"]);
+    let (r, _) = report_under_p(&["-T", "2"], &cmds);
+    assert!(r.header.ends_with("] Top 2 stacks with outstanding allocations:"), "{}", r.header);
+    assert_eq!(order(&r), ["do_calloc", "do_malloc"]);
+    let (r, _) = report_under_p(&["--sort", "count"], &cmds);
+    assert_eq!(order(&r), ["do_malloc", "do_valloc", "do_calloc"]);
+    let (r, _) = report_under_p(&["--sort", "count", "-T", "1"], &cmds);
+    assert_eq!(r.summary(), s(&[("do_calloc", 500, 50)]));
+    let (r, _) = report_under_p(&["--sort", "size", "-T", "1"], &cmds);
+    assert_eq!(r.summary(), s(&[("do_malloc", 1000, 1)]));
+}
+
+/// --combined-only keeps per-stack totals in BPF: the same numbers, frees subtracted.
+#[test]
+fn combined_only_gives_the_same_totals() {
+    let cmds = ["malloc 16 5", "calloc 3 8 2", "freed 64 20", "mmap 4096 2", "free_all", "malloc 24 3", "valloc 10 1"];
+    let (r, _) = report_under_p(&["--combined-only"], &cmds);
+    assert_eq!(r.summary(), s(&[("do_malloc", 72, 3), ("do_valloc", 10, 1)]));
+    // And under -c, to its final report.
+    let out = run_under_c(&["--combined-only"], &["malloc 100 2", "freed 16 10", "realloc 10 100 1000"]);
+    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_malloc", 200, 2), ("do_realloc", 1000, 1)]));
+}
+
+/// -s N records about one allocation in N. 20000 allocations at -s 10: the count is
+/// binomial(20000, 0.1), mean 2000, sigma 42.4; it must lie within 6 sigma (1745..=2255).
+#[test]
+fn sample_rate_within_binomial_bounds() {
+    let (r, _) = report_under_p(&["-s", "10"], &["quiet", "malloc 16 20000"]);
+    assert_eq!(r.stacks.len(), 1, "{r:?}");
+    let st = &r.stacks[0];
+    assert_eq!(st.func(0), "do_malloc");
+    assert_eq!(st.bytes, 16 * st.count);
+    assert!((1745..=2255).contains(&st.count), "{} sampled of 20000 at -s 10", st.count);
+}
+
+/// -t prints one line per call: the size and address at the allocation's return, and the
+/// address and size at the free's entry.
+#[test]
+fn trace_prints_each_call() {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid().to_string();
+    let mut m = memleak_attached(&["-t", "-p", &pid, "60"]);
+    let a = fixture_addrs(&f.command("malloc 48 1"))[0].0;
+    let b = fixture_addrs(&f.command("calloc 3 8 1"))[0].0;
+    f.command("free_all");
+    let is_trace = |l: &str| l.starts_with("alloc exited, ") || l.starts_with("free entered, ");
+    let expected = [
+        format!("alloc exited, size = 48, result = {a:x}"),
+        format!("alloc exited, size = 24, result = {b:x}"),
+        format!("free entered, address = {a:x}, size = 48"),
+        format!("free entered, address = {b:x}, size = 24"),
+    ];
+    for e in &expected {
+        m.expect(e, |l| l == e);
+    }
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let traced: Vec<&String> = out.stdout.iter().filter(|l| is_trace(l)).collect();
+    assert_eq!(traced, expected.iter().collect::<Vec<_>>(), "{}", out.stdout.join("\n"));
+}
+
+/// "interval count": that many reports, then memleak exits by itself.
+#[test]
+fn interval_and_count() {
+    let mut f = allocs_fixture(&[]);
+    f.command("malloc 10 1");
+    let out = memleak(&["-p", &f.pid().to_string(), "1", "2"]).finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(parse_reports(&out.stdout).len(), 2, "{}", out.stdout.join("\n"));
+    for r in parse_reports(&out.stdout) {
+        assert_eq!(r.summary(), s(&[]), "allocated before attach: {r:?}");
+    }
+}
