@@ -203,16 +203,18 @@ pub fn run(cfg: &Config) -> Result<i32> {
             eprintln!("memleak:   {:<28} file offset {:#x}", e.names, e.file_offset);
         }
     }
+    let mut symbolizer = Symbolizer::new(Some(pid));
+    if !is_command {
+        // The maps of the running process, read before it can exit (the line below tells
+        // scripts the probes are in place), kept in case it exits before its stacks are read.
+        symbolizer.reread_maps();
+    }
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
     if let Some(held) = held {
         held.release()?;
     }
 
-    let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer: Symbolizer::new(Some(pid)) };
-    if !is_command {
-        // The maps of a running process, kept in case it exits before its stacks are read.
-        tracer.symbolizer.reread_maps();
-    }
+    let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer };
     let ring = if cfg.trace {
         let mut b = RingBufferBuilder::new();
         b.add(&skel.maps.events, |data: &[u8]| {
