@@ -196,3 +196,19 @@ fn memalign_and_aligned_alloc_are_one_function() {
     let r = final_report(&out.stdout);
     assert_eq!(r.summary(), s(&[("do_aligned_alloc", 256, 2), ("do_memalign", 100, 1)]));
 }
+
+/// Threads allocating at once: per-thread state keeps every call apart. Creating threads
+/// allocates too (their stacks and TLS), from pthread_create: only the threads' own call
+/// site is compared exactly, and the blocks they freed never show.
+#[test]
+fn threads_allocating_at_once() {
+    let out = run_under_c(&["-T", "50"], &["quiet", "threads 8 24 500"]);
+    let r = final_report(&out.stdout);
+    let mine = r.stacks_in("do_thread_malloc");
+    assert_eq!(mine.len(), 1, "{}", out.stdout.join("\n"));
+    assert_eq!((mine[0].bytes, mine[0].count), (8 * 500 * 24, 8 * 500));
+    assert_eq!(mine[0].func(1), "thread_main", "{:?}", mine[0]);
+    assert_eq!(mine[0].module(0), fixture("allocs").to_string_lossy());
+    assert!(r.stacks_in("do_malloc_and_free").is_empty(), "{}", out.stdout.join("\n"));
+    assert!(r.stacks.iter().all(|s| s.bytes != 48), "a freed 48-byte block shows: {}", out.stdout.join("\n"));
+}

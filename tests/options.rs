@@ -73,6 +73,10 @@ fn size_filters_keep_min_to_max() {
     assert_eq!(r.summary(), s(&[("do_calloc", 100, 1), ("do_malloc", 5200, 3)]));
     let (r, _) = report_under_p(&["-z", "64", "-Z", "64"], &["malloc 63 1", "malloc 64 3", "valloc 65 1"]);
     assert_eq!(r.summary(), s(&[("do_malloc", 192, 3)]));
+    // realloc moves a block across the bounds: the old record ends, the new one counts only
+    // when inside them.
+    let (r, _) = report_under_p(&["-z", "50"], &["realloc 100 10", "realloc 10 100", "realloc 60 70 40"]);
+    assert_eq!(r.summary(), s(&[("do_realloc", 100, 1)]));
 }
 
 /// -T shows only the N largest stacks (largest last); --sort count orders by count.
