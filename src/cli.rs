@@ -320,6 +320,11 @@ mod tests {
         assert_eq!(c.symbols_prefix, "je_");
         assert_eq!((c.interval, c.count), (Duration::from_secs(2), Some(4)));
         assert_eq!(ok(&["-S", "tc_", "-p", "1"]).symbols_prefix, "tc_");
+        // One bound alone leaves the other open; equal bounds are allowed.
+        let c = ok(&["-p", "1", "-z", "64"]);
+        assert_eq!((c.min_size, c.max_size), (64, u64::MAX));
+        let c = ok(&["-p", "1", "-Z", "64", "-z", "64"]);
+        assert_eq!((c.min_size, c.max_size), (64, 64));
         assert_eq!(ok(&[]).target, Target::Kernel);
         assert!(ok(&["--percpu"]).percpu);
     }
@@ -341,6 +346,10 @@ mod tests {
             (&["-c", "'unterminated"][..], "unbalanced quotes"),
             (&["-p", "1", "--percpu"][..], "--percpu"),
             (&["-p", "1", "1", "0"][..], "count"),
+            (&["-p", "1", "-i", "2", "3"][..], "either with -i or as a positional"),
+            (&["-p", "1", "-T", "0"][..], "-T/--top must be at least 1"),
+            (&["-p", "1", "-z", "-5"][..], "unexpected argument '-5'"),
+            (&["-p", "1", "-s", "x"][..], "invalid value 'x'"),
         ] {
             let m = err(args);
             assert!(m.contains(needle), "{args:?}: {m:?} lacks {needle:?}");
