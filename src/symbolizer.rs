@@ -130,11 +130,22 @@ impl Symbolizer {
     }
 
     fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<(String, u64)> {
-        let src = Source::Elf(Elf::new(path));
-        match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
-            Ok(Symbolized::Sym(sym)) => Some((sym.name.into_owned(), sym.offset as u64)),
-            _ => None,
-        }
+        let lookup = |debug_syms: bool| {
+            let mut elf = Elf::new(path);
+            elf.debug_syms = debug_syms;
+            match self.blaze.symbolize_single(&Source::Elf(elf), Input::FileOffset(offset)) {
+                Ok(Symbolized::Sym(sym)) => Some(sym),
+                _ => None,
+            }
+        };
+        let sym = match lookup(true) {
+            // Debug info (e.g. libc6-dbg) can give a function without its address (addr 0,
+            // offset = the whole file offset; seen inside glibc's pthread_create): the ELF
+            // symbol tables then know better.
+            Some(s) if s.addr == 0 || s.size.is_some_and(|size| s.offset >= size) => lookup(false).or(Some(s)),
+            other => other,
+        }?;
+        Some((sym.name.into_owned(), sym.offset as u64))
     }
 }
 
