@@ -282,6 +282,22 @@ impl Stack {
     }
 }
 
+/// The offset of a symbolized frame: 0x18 of "do_malloc+0x18 [/path] (55..)".
+pub fn frame_offset(frame: &str) -> Option<u64> {
+    let off = frame.split_once("+0x")?.1.split(' ').next()?;
+    u64::from_str_radix(off, 16).ok()
+}
+
+/// Checks every symbolized frame names a function that can contain it: no function of the
+/// fixtures, libc or ld.so is anywhere near 64 KiB long, so a larger offset is a wrong symbol.
+pub fn assert_plausible_symbols(r: &Report) {
+    for f in r.stacks.iter().flat_map(|s| &s.frames) {
+        if let Some(off) = frame_offset(f) {
+            assert!(off < 0x10000, "implausible symbol offset in frame {f:?}");
+        }
+    }
+}
+
 /// One report: its header, warnings, and stacks as printed (largest last).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
