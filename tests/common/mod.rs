@@ -385,6 +385,7 @@ pub fn final_report(lines: &[String]) -> Report {
     let reports = parse_reports(lines);
     let finals: Vec<&Report> = reports.iter().filter(|r| r.after_exit).collect();
     assert_eq!(finals.len(), 1, "expected one final report in:\n{}", lines.join("\n"));
+    assert_plausible_symbols(finals[0]);
     finals[0].clone()
 }
 
