@@ -161,3 +161,20 @@ fn interval_and_count() {
         assert_eq!(r.summary(), s(&[]), "allocated before attach: {r:?}");
     }
 }
+
+/// -O names the object holding the allocator and -S its prefix: here the fixture's own
+/// pool_malloc/pool_free. libc's malloc is then not traced; the missing names are listed.
+#[test]
+fn obj_and_symbols_prefix() {
+    let exe = fixture("allocs");
+    let obj = exe.to_str().expect("utf-8");
+    let (r, _) = report_under_p(&["-O", obj, "-S", "pool_"], &["malloc 10 2", "pool 48 3 5", "calloc 1 8 1"]);
+    assert_eq!(r.summary(), s(&[("do_pool_malloc", 144, 3)]));
+    assert_symbolized(&r.stacks[0], &exe);
+
+    let out = run_under_c(&["-O", obj, "--symbols-prefix", "pool_"], &["pool 16 1 2", "malloc 10 1"]);
+    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_pool_malloc", 16, 1)]));
+    let note = out.stderr.lines().find(|l| l.contains("note:")).unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(note.contains(&format!("{obj} has no pool_calloc, pool_realloc")), "{note}");
+    assert!(note.ends_with(": not traced"), "{note}");
+}

@@ -202,3 +202,38 @@ fn c_under_sudo_runs_as_the_invoking_user() {
     // The fixture leaks getuid() bytes.
     assert_eq!(final_report(&out.stdout).summary(), s(&[("do_malloc", 65534, 1)]));
 }
+
+/// A static executable has its allocator inside: found there, under -p and -c.
+#[test]
+fn static_executable_is_its_own_allocator() {
+    let exe = static_fixture("allocs");
+    let cmds = ["malloc 100 2", "calloc 2 10 1", "mmap 4096 1", "freed 64 3", "realloc 10 1000"];
+    let expected = s(&[("do_calloc", 20, 1), ("do_malloc", 200, 2), ("do_mmap", 4096, 1), ("do_realloc", 1000, 1)]);
+
+    let mut f = start_allocs(&exe, &[]);
+    let m = memleak_attached(&["-o", "0", "-p", &f.pid().to_string(), "60"]);
+    for c in cmds {
+        f.command(c);
+    }
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let r = parse_reports(&out.stdout).pop().expect("a report");
+    assert_eq!(r.summary(), expected, "{}", out.stdout.join("\n"));
+    for st in &r.stacks {
+        assert_symbolized(st, &exe);
+    }
+
+    // Under -c the C library's own start-up allocations (its _dl_* tables, made before main)
+    // show as well.
+    let out = run_exe_under_c(&exe, &["-T", "50"], &cmds);
+    let mut r = final_report(&out.stdout);
+    let (mine, startup): (Vec<_>, Vec<_>) = r.stacks.into_iter().partition(|s| s.func(0).starts_with("do_"));
+    assert!(
+        startup.iter().all(|s| !s.frames.iter().any(|f| f.starts_with("main+"))),
+        "only start-up allocations besides the fixture's: {}",
+        out.stdout.join("\n")
+    );
+    r.stacks = mine;
+    assert_eq!(r.summary(), expected, "{}", out.stdout.join("\n"));
+}

@@ -26,19 +26,25 @@ fn repo() -> &'static Path {
 /// Builds tests/fixtures/NAME.c (examples/NAME.c if there is no such fixture) with gcc -O0
 /// -g -fno-omit-frame-pointer, once per test process; safe when several tests ask at once.
 pub fn fixture(name: &str) -> PathBuf {
-    build_fixture(name, &[])
+    build_fixture(name, name, &[])
+}
+
+/// A fixture linked statically: its allocator is in the executable itself.
+pub fn static_fixture(name: &str) -> PathBuf {
+    build_fixture(name, &format!("{name}-static"), &["-static"])
 }
 
 /// A fixture linked statically without the C library: no allocator in it at all.
 pub fn fixture_without_libc(name: &str) -> PathBuf {
-    build_fixture(name, &["-static", "-nostdlib", "-fno-stack-protector"])
+    build_fixture(name, name, &["-static", "-nostdlib", "-fno-stack-protector"])
 }
 
-fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
+/// Builds source `name` into target/tmp/fixtures/`out` with `extra` flags.
+fn build_fixture(name: &str, out: &str, extra: &[&str]) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     // Held while compiling: a second thread asking for the same fixture waits for the first.
     let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = built.get(name) {
+    if let Some(p) = built.get(out) {
         return p.clone();
     }
     let mut src = repo().join("tests/fixtures").join(format!("{name}.c"));
@@ -48,10 +54,11 @@ fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
     assert!(src.exists(), "no fixture source for {name}");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).expect("fixture directory");
-    let out = dir.join(name);
+    let key = out.to_string();
+    let out = dir.join(out);
     // Another test binary may build the same fixture at the same time: write a private file
     // and rename it into place, which is atomic.
-    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    let tmp = dir.join(format!(".{key}.{}", std::process::id()));
     let status = Command::new("gcc")
         .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-Werror"])
         .args(extra)
@@ -62,7 +69,7 @@ fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
         .expect("gcc runs");
     assert!(status.success(), "gcc failed on {}", src.display());
     std::fs::rename(&tmp, &out).expect("rename the fixture into place");
-    built.insert(name.to_string(), out.clone());
+    built.insert(key, out.clone());
     out
 }
 
@@ -234,7 +241,12 @@ pub fn memleak_attached(args: &[&str]) -> Proc {
 
 /// Starts the command-driven allocs fixture and waits for its "ready" line.
 pub fn allocs_fixture(args: &[&str]) -> Proc {
-    let mut cmd = Command::new(fixture("allocs"));
+    start_allocs(&fixture("allocs"), args)
+}
+
+/// Starts a build of the allocs fixture and waits for its "ready" line.
+pub fn start_allocs(exe: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(exe);
     cmd.args(args);
     let mut p = Proc::spawn("allocs", cmd);
     let pid = p.pid();
@@ -409,7 +421,11 @@ pub fn s(v: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
 /// Runs the allocs fixture under `memleak ARGS -c allocs`, sends `cmds` one by one (each waits
 /// for its "done"), then "exit 0"; returns everything once memleak has exited.
 pub fn run_under_c(args: &[&str], cmds: &[&str]) -> Finished {
-    let exe = fixture("allocs");
+    run_exe_under_c(&fixture("allocs"), args, cmds)
+}
+
+/// run_under_c for a given build of the allocs fixture.
+pub fn run_exe_under_c(exe: &Path, args: &[&str], cmds: &[&str]) -> Finished {
     let cmd = exe.to_str().expect("utf-8 path").to_string();
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["-c", &cmd]);
