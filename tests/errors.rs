@@ -139,3 +139,29 @@ fn help_and_version_exit_zero() {
     assert_eq!(out.code(), Some(0));
     assert_eq!(out.stdout, [format!("memleak {}", env!("CARGO_PKG_VERSION"))]);
 }
+
+#[test]
+fn exited_process_not_yet_reaped() {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid();
+    f.send("exit 0");
+    // Not waited for: it stays a zombie until this test reaps it.
+    let stat = format!("/proc/{pid}/stat");
+    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+    while !std::fs::read_to_string(&stat).unwrap_or_default().contains(") Z ") {
+        assert!(std::time::Instant::now() < deadline, "{pid} never became a zombie");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    fails(&["-p", &pid.to_string()], &format!("process {pid} has exited (zombie)"));
+    assert_eq!(f.finish().code(), Some(0));
+}
+
+/// -p with a thread id: the message names the process to give instead.
+#[test]
+fn thread_id_instead_of_process_id() {
+    let mut f = allocs_fixture(&[]);
+    let lines = f.command("park");
+    let tid: i32 = lines.iter().find_map(|l| l.strip_prefix("thread ")).and_then(|t| t.parse().ok()).expect("a tid");
+    assert_ne!(tid, f.pid());
+    fails(&["-p", &tid.to_string()], &format!("{tid} is a thread of process {}: give -p {}", f.pid(), f.pid()));
+}
