@@ -65,6 +65,38 @@ fn missing_obj() {
     fails(&["-c", "/bin/true", "-O", "/nonexistent/libfoo.so"], "-O /nonexistent/libfoo.so: no such file");
     // The process was not disturbed.
     f.command("malloc 1 1");
+    // Not an ELF object.
+    fails(&["-p", &f.pid().to_string(), "-O", "/etc/passwd"], "/etc/passwd is not an ELF object");
+    fails(&["-c", "/bin/true", "-O", "/etc"], "cannot read /etc");
+}
+
+#[test]
+fn script_whose_interpreter_does_not_exist() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bad-interpreter");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let script = dir.join("script");
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    fails(&["-c", script.to_str().expect("utf-8")], "cannot read /nonexistent/interpreter");
+}
+
+/// The exec itself fails (-c under sudo, a program the user may not run): memleak says so
+/// and exits non-zero after having attached.
+#[test]
+fn command_that_cannot_be_executed_as_the_user() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("private");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let prog = dir.join("true");
+    std::fs::copy("/bin/true", &prog).expect("copy /bin/true");
+    let mut cmd = Command::new(memleak_bin());
+    cmd.args(["-c", prog.to_str().expect("utf-8")]).env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+    let out = Proc::spawn("memleak", cmd).finish();
+    let err = out.stderr.trim_end();
+    assert_eq!(out.code(), Some(1), "{err}");
+    assert_eq!(err, "memleak: cannot run the command: Permission denied (os error 13)");
 }
 
 #[test]
