@@ -3,7 +3,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags};
 
 use crate::skel::MemleakSkel;
 use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
@@ -35,9 +34,6 @@ pub struct Snapshot {
     pub losses: Losses,
 }
 
-/// Reads elements in batches of this many per syscall.
-const BATCH: u32 = 4096;
-
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
     stacks: HashMap<u64, Vec<u64>>,
@@ -56,8 +52,7 @@ impl Collector {
     /// Reads the stacks stored since the last call; returns the ids that are new.
     pub fn refresh_stacks(&mut self, skel: &MemleakSkel) -> Result<Vec<u64>> {
         let mut new = Vec::new();
-        let iter =
-            skel.maps.stacks.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the stack map")?;
+        let iter = crate::batch::read_all(&skel.maps.stacks).context("reading the stack map")?;
         for (k, v) in iter {
             let id = u64::from_ne_bytes(k[..8].try_into().expect("8-byte key"));
             if self.stacks.contains_key(&id) {
@@ -89,8 +84,7 @@ impl Collector {
         let now = monotonic_ns();
         let min_age = min_age.as_nanos() as u64;
         let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
-        let iter =
-            skel.maps.allocs.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the allocation map")?;
+        let iter = crate::batch::read_all(&skel.maps.allocs).context("reading the allocation map")?;
         for (k, v) in iter {
             let key: alloc_key = read_pod(&k);
             let info: alloc_info = read_pod(&v);
@@ -113,9 +107,9 @@ impl Collector {
     }
 
     fn read_combined(skel: &MemleakSkel) -> Result<Vec<StackTotal>> {
-        let iter =
-            skel.maps.combined.lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY).context("reading the combined map")?;
+        let iter = crate::batch::read_all(&skel.maps.combined).context("reading the combined map")?;
         Ok(iter
+            .into_iter()
             .filter_map(|(k, v)| {
                 let c: combined_info = read_pod(&v);
                 (c.count > 0).then(|| StackTotal {

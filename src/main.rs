@@ -2,6 +2,7 @@
 //!
 //! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
 //! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
+mod batch;
 mod cli;
 mod collector;
 mod loader;
