@@ -216,3 +216,63 @@ fn threads_allocating_at_once() {
     // debug info that blazesym returned at address 0, printed as +0x89d01).
     assert_plausible_symbols(&r);
 }
+
+/// Tens of thousands of outstanding blocks: every one is read back from the maps.
+#[test]
+fn many_outstanding_blocks_are_all_reported() {
+    let out = run_under_c(&[], &["quiet", "malloc 16 50000", "calloc 1 24 30000"]);
+    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_calloc", 720000, 30000), ("do_malloc", 800000, 50000)]));
+    // And with -a, each block listed.
+    let (r, _) = {
+        let mut f = allocs_fixture(&[]);
+        let m = memleak_attached(&["-a", "-o", "0", "-p", &f.pid().to_string(), "60"]);
+        f.command("quiet");
+        f.command("malloc 8 40000");
+        m.signal(libc::SIGINT);
+        let out = m.finish();
+        (parse_reports(&out.stdout).pop().expect("a report"), out)
+    };
+    assert_eq!(r.summary(), s(&[("do_malloc", 320000, 40000)]));
+    let mut addrs: Vec<u64> = r.stacks[0].addrs.iter().map(|a| a.0).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 40000);
+}
+
+/// More distinct stacks than the stack map holds: the allocations past it are still counted,
+/// under a line saying their stacks were not stored, and a warning says how many.
+#[test]
+fn stack_map_full_is_said_not_hidden() {
+    // 2^16 = 65536 blocks, each from its own stack.
+    let out = run_under_c(&["-T", "100000"], &["quiet", "paths 16"]);
+    let r = final_report(&out.stdout);
+    let total: u64 = r.stacks.iter().map(|s| s.count).sum();
+    assert_eq!(total, 65536);
+    assert_eq!(r.total_bytes(), 65536 * 8);
+    let unstored: Vec<&Stack> =
+        r.stacks.iter().filter(|s| s.frames.first().is_some_and(|f| f.starts_with("[stack not stored"))).collect();
+    assert_eq!(unstored.len(), 1, "one line for all allocations without a stack");
+    let warning = format!("{} allocations without a stack: the stack map is full", unstored[0].count);
+    assert!(r.warnings.iter().any(|w| w.starts_with(&warning)), "{warning:?} not in {:?}", r.warnings);
+    // Every stored stack is the fixture's, whole.
+    for st in r.stacks.iter().filter(|s| s.count > 0 && !s.frames[0].starts_with("[stack not stored")) {
+        assert_eq!((st.func(0), st.count), ("do_malloc", 1), "{st:?}");
+        assert!(st.frames.iter().filter(|f| f.starts_with("path_")).count() == 16, "{st:?}");
+    }
+}
+
+/// Stacks deeper than the frames kept are cut, and the report says how many were.
+#[test]
+fn deep_stacks_are_truncated_with_a_warning() {
+    let out = run_under_c(&[], &["recurse 300 5", "recurse 10 1"]);
+    let r = final_report(&out.stdout);
+    assert_eq!(r.stacks.len(), 2, "{}", out.stdout.join("\n"));
+    let deep = &r.stacks[1];
+    assert_eq!((deep.bytes, deep.count), (40, 5));
+    assert_eq!(deep.frames.len(), 127, "{deep:?}");
+    assert!(deep.frames[1..].iter().all(|f| f.starts_with("do_recurse+")), "{deep:?}");
+    assert_eq!(r.warnings, ["5 stacks truncated at 127 frames"]);
+    let shallow = &r.stacks[0];
+    assert_eq!((shallow.bytes, shallow.count, shallow.func(1)), (8, 1, "do_recurse"));
+    assert_symbolized(shallow, &fixture("allocs"));
+}
