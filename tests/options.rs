@@ -178,3 +178,45 @@ fn obj_and_symbols_prefix() {
     assert!(note.contains(&format!("{obj} has no pool_calloc, pool_realloc")), "{note}");
     assert!(note.ends_with(": not traced"), "{note}");
 }
+
+/// SIGTERM ends the run like Ctrl-C: one last report, exit 0; the process goes on.
+#[test]
+fn sigterm_prints_a_last_report() {
+    let mut f = allocs_fixture(&[]);
+    let m = memleak_attached(&["-o", "0", "-p", &f.pid().to_string(), "60"]);
+    f.command("malloc 12 3");
+    m.signal(libc::SIGTERM);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(parse_reports(&out.stdout).pop().expect("a report").summary(), s(&[("do_malloc", 36, 3)]));
+    f.command("malloc 1 1");
+}
+
+/// The reader going away (memleak ... | head -1) ends memleak quietly at its next report.
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::io::BufRead;
+    let f = allocs_fixture(&[]);
+    let mut child = std::process::Command::new(memleak_bin())
+        .args(["-p", &f.pid().to_string(), "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("memleak runs");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first).expect("a line");
+    assert!(first.starts_with("Attaching to pid "), "{first}");
+    // The reader is dropped: the pipe is closed.
+    let deadline = std::time::Instant::now() + EXIT_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "memleak kept running with nobody reading");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_eq!(err, "");
+}
