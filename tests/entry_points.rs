@@ -24,7 +24,7 @@ fn each_entry_point_is_reported_to_the_byte() {
     let r = final_report(&out.stdout);
     assert_eq!(
         r.summary(),
-        s(&[
+        expected(&[
             ("do_malloc", 300, 3),
             ("do_calloc", 240, 2),
             ("do_realloc", 1000, 1),
@@ -81,7 +81,7 @@ fn each_entry_point_under_p() {
     assert_eq!(reports.len(), 1, "{}", out.stdout.join("\n"));
     assert_eq!(
         reports[0].summary(),
-        s(&[
+        expected(&[
             ("do_malloc", 300, 3),
             ("do_calloc", 240, 2),
             ("do_realloc", 1000, 1),
@@ -120,7 +120,7 @@ fn freed_blocks_are_never_reported() {
         ],
     );
     let r = final_report(&out.stdout);
-    assert_eq!(r.summary(), s(&[("do_malloc", 24, 1)]), "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 24, 1)]), "{}", out.stdout.join("\n"));
 }
 
 /// realloc(p, 0) frees p; a chain of reallocs leaves one block of the last size.
@@ -139,7 +139,7 @@ fn realloc_chains_and_realloc_to_zero() {
     );
     let r = final_report(&out.stdout);
     // All three chains come from one call site: 400000 + 512 + 16 bytes in 3 blocks.
-    assert_eq!(r.summary(), s(&[("do_realloc", 400528, 3)]), "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), expected(&[("do_realloc", 400528, 3)]), "{}", out.stdout.join("\n"));
 }
 
 /// Failed calls allocate nothing: malloc returning NULL, posix_memalign returning EINVAL,
@@ -149,7 +149,7 @@ fn failed_calls_allocate_nothing() {
     let out = run_under_c(&[], &["fail_malloc", "fail_posix_memalign", "fail_mmap", "fail_realloc 20"]);
     let r = final_report(&out.stdout);
     // fail_realloc mallocs 20 bytes, then fails to grow them: the 20 bytes stay.
-    assert_eq!(r.summary(), s(&[("do_malloc", 20, 1)]), "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 20, 1)]), "{}", out.stdout.join("\n"));
 }
 
 /// A malloc that glibc serves with mmap is one allocation, not two; its free likewise.
@@ -162,7 +162,7 @@ fn malloc_served_by_mmap_counts_once() {
     let r = final_report(&out.stdout);
     assert_eq!(
         r.summary(),
-        s(&[("do_malloc", 4097152, 3), ("do_calloc", 300000, 1), ("do_posix_memalign", 1000000, 1)]),
+        expected(&[("do_malloc", 4097152, 3), ("do_calloc", 300000, 1), ("do_posix_memalign", 1000000, 1)]),
         "{}",
         out.stdout.join("\n")
     );
@@ -174,7 +174,7 @@ fn malloc_served_by_mmap_counts_once() {
     assert_eq!(printed, reported);
 
     let freed = run_under_c(&[], &["malloc 1048576 2", "free_all", "calloc 1 100 1"]);
-    assert_eq!(final_report(&freed.stdout).summary(), s(&[("do_calloc", 100, 1)]));
+    assert_eq!(final_report(&freed.stdout).summary(), expected(&[("do_calloc", 100, 1)]));
 }
 
 /// In glibc memalign and aligned_alloc are one function: probed once, both call sites reported.
@@ -195,7 +195,7 @@ fn memalign_and_aligned_alloc_are_one_function() {
     both[0].sort();
     assert_eq!(both[0], ["aligned_alloc", "memalign"], "{}", out.stderr);
     let r = final_report(&out.stdout);
-    assert_eq!(r.summary(), s(&[("do_aligned_alloc", 256, 2), ("do_memalign", 100, 1)]));
+    assert_eq!(r.summary(), expected(&[("do_aligned_alloc", 256, 2), ("do_memalign", 100, 1)]));
 }
 
 /// Threads allocating at once: per-thread state keeps every call apart. Creating threads
@@ -221,7 +221,10 @@ fn threads_allocating_at_once() {
 #[test]
 fn many_outstanding_blocks_are_all_reported() {
     let out = run_under_c(&[], &["quiet", "malloc 16 50000", "calloc 1 24 30000"]);
-    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_calloc", 720000, 30000), ("do_malloc", 800000, 50000)]));
+    assert_eq!(
+        final_report(&out.stdout).summary(),
+        expected(&[("do_calloc", 720000, 30000), ("do_malloc", 800000, 50000)])
+    );
     // And with -a, each block listed.
     let (r, _) = {
         let mut f = allocs_fixture(&[]);
@@ -232,7 +235,7 @@ fn many_outstanding_blocks_are_all_reported() {
         let out = m.finish();
         (parse_reports(&out.stdout).pop().expect("a report"), out)
     };
-    assert_eq!(r.summary(), s(&[("do_malloc", 320000, 40000)]));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 320000, 40000)]));
     let mut addrs: Vec<u64> = r.stacks[0].addrs.iter().map(|a| a.0).collect();
     addrs.sort();
     addrs.dedup();

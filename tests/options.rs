@@ -29,13 +29,13 @@ fn report_under_p(args: &[&str], cmds: &[&str]) -> (Report, Vec<String>) {
 #[test]
 fn show_allocs_lists_each_block() {
     let (r, printed) = report_under_p(&["-a"], &["malloc 16 5", "calloc 2 24 3", "freed 64 5", "mmap 8192 1"]);
-    assert_eq!(r.summary(), s(&[("do_calloc", 144, 3), ("do_malloc", 80, 5), ("do_mmap", 8192, 1)]));
-    let mut expected = fixture_addrs(&printed);
-    expected.sort();
-    assert_eq!(expected.len(), 9);
+    assert_eq!(r.summary(), expected(&[("do_calloc", 144, 3), ("do_malloc", 80, 5), ("do_mmap", 8192, 1)]));
+    let mut printed_addrs = fixture_addrs(&printed);
+    printed_addrs.sort();
+    assert_eq!(printed_addrs.len(), 9);
     let mut listed: Vec<(u64, u64)> = r.stacks.iter().flat_map(|s| s.addrs.clone()).collect();
     listed.sort();
-    assert_eq!(listed, expected);
+    assert_eq!(listed, printed_addrs);
     for st in &r.stacks {
         assert_eq!(st.addrs.iter().map(|a| a.1).sum::<u64>(), st.bytes, "{st:?}");
         assert_eq!(st.addrs.len() as u64, st.count, "{st:?}");
@@ -60,7 +60,7 @@ fn older_hides_young_blocks() {
     let out = m.finish();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let last = parse_reports(&out.stdout).pop().expect("a report");
-    assert_eq!(last.summary(), s(&[("do_malloc", 111, 1)]), "{}", out.stdout.join("\n"));
+    assert_eq!(last.summary(), expected(&[("do_malloc", 111, 1)]), "{}", out.stdout.join("\n"));
 }
 
 /// -z and -Z keep sizes in [min, max], both ends included, whichever the entry point.
@@ -70,13 +70,13 @@ fn size_filters_keep_min_to_max() {
         &["-z", "100", "-Z", "5000"],
         &["malloc 99 1", "malloc 100 2", "malloc 5000 1", "malloc 5001 1", "calloc 10 10 1", "calloc 1 99 1"],
     );
-    assert_eq!(r.summary(), s(&[("do_calloc", 100, 1), ("do_malloc", 5200, 3)]));
+    assert_eq!(r.summary(), expected(&[("do_calloc", 100, 1), ("do_malloc", 5200, 3)]));
     let (r, _) = report_under_p(&["-z", "64", "-Z", "64"], &["malloc 63 1", "malloc 64 3", "valloc 65 1"]);
-    assert_eq!(r.summary(), s(&[("do_malloc", 192, 3)]));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 192, 3)]));
     // realloc moves a block across the bounds: the old record ends, the new one counts only
     // when inside them.
     let (r, _) = report_under_p(&["-z", "50"], &["realloc 100 10", "realloc 10 100", "realloc 60 70 40"]);
-    assert_eq!(r.summary(), s(&[("do_realloc", 100, 1)]));
+    assert_eq!(r.summary(), expected(&[("do_realloc", 100, 1)]));
 }
 
 /// -T shows only the N largest stacks (largest last); --sort count orders by count.
@@ -94,9 +94,9 @@ fn top_and_sort() {
     let (r, _) = report_under_p(&["--sort", "count"], &cmds);
     assert_eq!(order(&r), ["do_malloc", "do_valloc", "do_calloc"]);
     let (r, _) = report_under_p(&["--sort", "count", "-T", "1"], &cmds);
-    assert_eq!(r.summary(), s(&[("do_calloc", 500, 50)]));
+    assert_eq!(r.summary(), expected(&[("do_calloc", 500, 50)]));
     let (r, _) = report_under_p(&["--sort", "size", "-T", "1"], &cmds);
-    assert_eq!(r.summary(), s(&[("do_malloc", 1000, 1)]));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 1000, 1)]));
 }
 
 /// --combined-only keeps per-stack totals in BPF: the same numbers, frees subtracted.
@@ -104,10 +104,10 @@ fn top_and_sort() {
 fn combined_only_gives_the_same_totals() {
     let cmds = ["malloc 16 5", "calloc 3 8 2", "freed 64 20", "mmap 4096 2", "free_all", "malloc 24 3", "valloc 10 1"];
     let (r, _) = report_under_p(&["--combined-only"], &cmds);
-    assert_eq!(r.summary(), s(&[("do_malloc", 72, 3), ("do_valloc", 10, 1)]));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 72, 3), ("do_valloc", 10, 1)]));
     // And under -c, to its final report.
     let out = run_under_c(&["--combined-only"], &["malloc 100 2", "freed 16 10", "realloc 10 100 1000"]);
-    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_malloc", 200, 2), ("do_realloc", 1000, 1)]));
+    assert_eq!(final_report(&out.stdout).summary(), expected(&[("do_malloc", 200, 2), ("do_realloc", 1000, 1)]));
 }
 
 /// -s N records about one allocation in N. 20000 allocations at -s 10: the count is
@@ -133,20 +133,20 @@ fn trace_prints_each_call() {
     let b = fixture_addrs(&f.command("calloc 3 8 1"))[0].0;
     f.command("free_all");
     let is_trace = |l: &str| l.starts_with("alloc exited, ") || l.starts_with("free entered, ");
-    let expected = [
+    let lines = [
         format!("alloc exited, size = 48, result = {a:x}"),
         format!("alloc exited, size = 24, result = {b:x}"),
         format!("free entered, address = {a:x}, size = 48"),
         format!("free entered, address = {b:x}, size = 24"),
     ];
-    for e in &expected {
+    for e in &lines {
         m.expect(e, |l| l == e);
     }
     m.signal(libc::SIGINT);
     let out = m.finish();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let traced: Vec<&String> = out.stdout.iter().filter(|l| is_trace(l)).collect();
-    assert_eq!(traced, expected.iter().collect::<Vec<_>>(), "{}", out.stdout.join("\n"));
+    assert_eq!(traced, lines.iter().collect::<Vec<_>>(), "{}", out.stdout.join("\n"));
 }
 
 /// "interval count": that many reports, then memleak exits by itself.
@@ -158,7 +158,7 @@ fn interval_and_count() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert_eq!(parse_reports(&out.stdout).len(), 2, "{}", out.stdout.join("\n"));
     for r in parse_reports(&out.stdout) {
-        assert_eq!(r.summary(), s(&[]), "allocated before attach: {r:?}");
+        assert_eq!(r.summary(), expected(&[]), "allocated before attach: {r:?}");
     }
 }
 
@@ -169,11 +169,11 @@ fn obj_and_symbols_prefix() {
     let exe = fixture("allocs");
     let obj = exe.to_str().expect("utf-8");
     let (r, _) = report_under_p(&["-O", obj, "-S", "pool_"], &["malloc 10 2", "pool 48 3 5", "calloc 1 8 1"]);
-    assert_eq!(r.summary(), s(&[("do_pool_malloc", 144, 3)]));
+    assert_eq!(r.summary(), expected(&[("do_pool_malloc", 144, 3)]));
     assert_symbolized(&r.stacks[0], &exe);
 
     let out = run_under_c(&["-O", obj, "--symbols-prefix", "pool_"], &["pool 16 1 2", "malloc 10 1"]);
-    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_pool_malloc", 16, 1)]));
+    assert_eq!(final_report(&out.stdout).summary(), expected(&[("do_pool_malloc", 16, 1)]));
     let note = out.stderr.lines().find(|l| l.contains("note:")).unwrap_or_else(|| panic!("{}", out.stderr));
     assert!(note.contains(&format!("{obj} has no pool_calloc, pool_realloc")), "{note}");
     assert!(note.ends_with(": not traced"), "{note}");
@@ -188,7 +188,7 @@ fn sigterm_prints_a_last_report() {
     m.signal(libc::SIGTERM);
     let out = m.finish();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
-    assert_eq!(parse_reports(&out.stdout).pop().expect("a report").summary(), s(&[("do_malloc", 36, 3)]));
+    assert_eq!(parse_reports(&out.stdout).pop().expect("a report").summary(), expected(&[("do_malloc", 36, 3)]));
     f.command("malloc 1 1");
 }
 

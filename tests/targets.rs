@@ -100,7 +100,7 @@ fn p_ignores_blocks_allocated_before_attach() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let reports = parse_reports(&out.stdout);
     assert_eq!(reports.len(), 1, "{}", out.stdout.join("\n"));
-    assert_eq!(reports[0].summary(), s(&[("do_malloc", 176, 2)]));
+    assert_eq!(reports[0].summary(), expected(&[("do_malloc", 176, 2)]));
 }
 
 /// The command's exit status is memleak's, and is printed; a death by signal N is 128+N.
@@ -122,7 +122,7 @@ fn exit_status_is_passed_through() {
 fn final_report_after_exit_is_symbolized_under_c() {
     let out = run_under_c(&[], &["malloc 40 2", "calloc 4 10 1"]);
     let r = final_report(&out.stdout);
-    assert_eq!(r.summary(), s(&[("do_calloc", 40, 1), ("do_malloc", 80, 2)]));
+    assert_eq!(r.summary(), expected(&[("do_calloc", 40, 1), ("do_malloc", 80, 2)]));
     for st in &r.stacks {
         assert_symbolized(st, &fixture("allocs"));
     }
@@ -142,7 +142,7 @@ fn final_report_after_exit_is_symbolized_under_p() {
     let exit = out.stdout.iter().find(|l| is_exit_line(l)).expect("exit line");
     assert!(exit.ends_with(&format!("] Process {pid} exited.")), "{exit}");
     let r = final_report(&out.stdout);
-    assert_eq!(r.summary(), s(&[("do_malloc", 80, 2)]), "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 80, 2)]), "{}", out.stdout.join("\n"));
     assert_symbolized(&r.stacks[0], &fixture("allocs"));
 }
 
@@ -166,9 +166,9 @@ fn two_traced_processes_at_once() {
     let (out_a, out_b) = (ma.finish(), mb.finish());
     let ra = parse_reports(&out_a.stdout);
     let rb = parse_reports(&out_b.stdout);
-    assert_eq!(ra.last().expect("a report").summary(), s(&[("do_malloc", 222, 2)]));
-    assert_eq!(rb.last().expect("a report").summary(), s(&[("do_calloc", 666, 3), ("do_malloc", 444, 1)]));
-    assert_eq!(final_report(&out_c.stdout).summary(), s(&[("do_valloc", 6000, 2)]));
+    assert_eq!(ra.last().expect("a report").summary(), expected(&[("do_malloc", 222, 2)]));
+    assert_eq!(rb.last().expect("a report").summary(), expected(&[("do_calloc", 666, 3), ("do_malloc", 444, 1)]));
+    assert_eq!(final_report(&out_c.stdout).summary(), expected(&[("do_valloc", 6000, 2)]));
 }
 
 /// -c: nothing memleak does between fork and exec counts as the program's (here a program
@@ -200,7 +200,7 @@ fn c_under_sudo_runs_as_the_invoking_user() {
     assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout.join("\n"), out.stderr);
     assert!(out.stdout.iter().any(|l| l == "uid 65534 gid 65533"), "{}", out.stdout.join("\n"));
     // The fixture leaks getuid() bytes.
-    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_malloc", 65534, 1)]));
+    assert_eq!(final_report(&out.stdout).summary(), expected(&[("do_malloc", 65534, 1)]));
 }
 
 /// A static executable has its allocator inside: found there, under -p and -c.
@@ -208,7 +208,7 @@ fn c_under_sudo_runs_as_the_invoking_user() {
 fn static_executable_is_its_own_allocator() {
     let exe = static_fixture("allocs");
     let cmds = ["malloc 100 2", "calloc 2 10 1", "mmap 4096 1", "freed 64 3", "realloc 10 1000"];
-    let expected = s(&[("do_calloc", 20, 1), ("do_malloc", 200, 2), ("do_mmap", 4096, 1), ("do_realloc", 1000, 1)]);
+    let want = expected(&[("do_calloc", 20, 1), ("do_malloc", 200, 2), ("do_mmap", 4096, 1), ("do_realloc", 1000, 1)]);
 
     let mut f = start_allocs(&exe, &[]);
     let m = memleak_attached(&["-o", "0", "-p", &f.pid().to_string(), "60"]);
@@ -219,7 +219,7 @@ fn static_executable_is_its_own_allocator() {
     let out = m.finish();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let r = parse_reports(&out.stdout).pop().expect("a report");
-    assert_eq!(r.summary(), expected, "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), want, "{}", out.stdout.join("\n"));
     for st in &r.stacks {
         assert_symbolized(st, &exe);
     }
@@ -235,7 +235,7 @@ fn static_executable_is_its_own_allocator() {
         out.stdout.join("\n")
     );
     r.stacks = mine;
-    assert_eq!(r.summary(), expected, "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), want, "{}", out.stdout.join("\n"));
 }
 
 /// exec replaces the process's memory: the blocks of the old image are gone with it.
@@ -254,7 +254,7 @@ fn exec_discards_the_old_images_blocks() {
     m.command("malloc 50 1");
     m.send("exit 0");
     let out = m.finish();
-    assert_eq!(final_report(&out.stdout).summary(), s(&[("do_malloc", 50, 1)]), "{}", out.stdout.join("\n"));
+    assert_eq!(final_report(&out.stdout).summary(), expected(&[("do_malloc", 50, 1)]), "{}", out.stdout.join("\n"));
 
     let mut f = allocs_fixture(&[]);
     let pid = f.pid();
@@ -266,5 +266,5 @@ fn exec_discards_the_old_images_blocks() {
     m.signal(libc::SIGINT);
     let out = m.finish();
     let r = parse_reports(&out.stdout).pop().expect("a report");
-    assert_eq!(r.summary(), s(&[("do_malloc", 50, 1)]), "{}", out.stdout.join("\n"));
+    assert_eq!(r.summary(), expected(&[("do_malloc", 50, 1)]), "{}", out.stdout.join("\n"));
 }

@@ -419,7 +419,8 @@ pub fn assert_symbolized(stack: &Stack, module: &Path) {
     assert!(stack.frames.iter().any(|f| f.starts_with("main+0x")), "no main frame: {stack:?}");
 }
 
-pub fn s(v: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
+/// An expected report in the form of [`Report::summary`]: (first function, bytes, count).
+pub fn expected(v: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
     let mut v: Vec<_> = v.iter().map(|(f, b, c)| (f.to_string(), *b, *c)).collect();
     v.sort();
     v
