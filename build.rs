@@ -17,6 +17,7 @@ fn skeleton(name: &str) {
 
 fn main() {
     skeleton("memleak");
+    skeleton("kmem");
     println!("cargo:rerun-if-changed=src/bpf/memleak.h");
     println!("cargo:rerun-if-changed=src/bpf/kernel_types.h");
 }

@@ -100,6 +100,16 @@ pub struct Args {
     #[arg(short = 'i', long = "interval", value_name = "SECONDS")]
     pub interval_flag: Option<u64>,
 
+    /// Most allocations tracked at once; more are counted as untracked (kernel memory: 96 bytes
+    /// per outstanding allocation, plus 16 bytes per slot of this size rounded to a power of two)
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    pub max_allocs: u32,
+
+    /// How to attach: one uprobe_multi session link (Linux 6.13+), or classic uprobes and
+    /// uretprobes; auto picks the first the kernel has
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub attach: AttachChoice,
+
     /// Say what was attached where (entry points and their file offsets), on stderr
     #[arg(short, long)]
     pub verbose: bool,
@@ -117,6 +127,13 @@ pub struct Args {
 pub enum SortKey {
     Size,
     Count,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachChoice {
+    Auto,
+    Session,
+    Classic,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +163,8 @@ pub struct Config {
     pub symbols_prefix: String,
     pub interval: Duration,
     pub count: Option<u64>,
+    pub max_allocs: u32,
+    pub attach: AttachChoice,
     pub verbose: bool,
 }
 
@@ -167,6 +186,12 @@ impl Args {
         if self.percpu && target != Target::Kernel {
             bail!("--percpu traces the kernel's percpu allocator: it does not go with -p or -c");
         }
+        if target == Target::Kernel && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
+            bail!("-O and -S choose a process's allocator: they need -p or -c");
+        }
+        if target == Target::Kernel && self.attach != AttachChoice::Auto {
+            bail!("--attach chooses how uprobes attach: it needs -p or -c (kernel mode uses tracepoints)");
+        }
         let min_size = self.min_size.unwrap_or(0);
         let max_size = self.max_size.unwrap_or(u64::MAX);
         if min_size > max_size {
@@ -185,6 +210,9 @@ impl Args {
         };
         if interval == 0 {
             bail!("interval must be at least 1 second");
+        }
+        if self.max_allocs == 0 {
+            bail!("--max-allocs must be at least 1");
         }
         if self.count == Some(0) {
             bail!("count must be at least 1");
@@ -206,6 +234,8 @@ impl Args {
             symbols_prefix: self.symbols_prefix,
             interval: Duration::from_secs(interval),
             count: self.count,
+            max_allocs: self.max_allocs,
+            attach: self.attach,
             verbose: self.verbose,
         })
     }
@@ -345,11 +375,15 @@ mod tests {
             (&["-c", ""][..], "needs a command"),
             (&["-c", "'unterminated"][..], "unbalanced quotes"),
             (&["-p", "1", "--percpu"][..], "--percpu"),
+            (&["--attach", "classic"][..], "--attach"),
+            (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
+            (&["-S", "je_"][..], "need -p or -c"),
             (&["-p", "1", "1", "0"][..], "count"),
             (&["-p", "1", "-i", "2", "3"][..], "either with -i or as a positional"),
             (&["-p", "1", "-T", "0"][..], "-T/--top must be at least 1"),
             (&["-p", "1", "-z", "-5"][..], "unexpected argument '-5'"),
             (&["-p", "1", "-s", "x"][..], "invalid value 'x'"),
+            (&["-p", "1", "--max-allocs", "0"][..], "--max-allocs"),
         ] {
             let m = err(args);
             assert!(m.contains(needle), "{args:?}: {m:?} lacks {needle:?}");

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::skel::MemleakSkel;
+use libbpf_rs::MapCore;
+
+use crate::batch;
 use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
 
 /// One stack's outstanding allocations.
@@ -27,6 +29,11 @@ pub struct Losses {
     pub trace_events_lost: u64,
     pub combined_map_full: u64,
     pub truncated_stacks: u64,
+    /// Kernel mode: records that could not be deleted (map busy): they show as leaks.
+    pub frees_failed: u64,
+    /// Kernel mode: program runs the kernel skipped (BPF recursion protection), by kind.
+    pub allocs_missed: u64,
+    pub frees_missed: u64,
 }
 
 pub struct Snapshot {
@@ -50,49 +57,54 @@ impl Collector {
     }
 
     /// Reads the stacks stored since the last call; returns the ids that are new.
-    pub fn refresh_stacks(&mut self, skel: &MemleakSkel) -> Result<Vec<u64>> {
+    pub fn refresh_stacks(&mut self, stacks_map: &impl MapCore) -> Result<Vec<u64>> {
         let mut new = Vec::new();
-        let iter = crate::batch::read_all(&skel.maps.stacks).context("reading the stack map")?;
-        for (k, v) in iter {
-            let id = u64::from_ne_bytes(k[..8].try_into().expect("8-byte key"));
-            if self.stacks.contains_key(&id) {
-                continue;
+        let stacks = &mut self.stacks;
+        batch::for_each(stacks_map, |k, v| {
+            let id: u64 = read_pod(k);
+            if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
+                let st: stack = read_pod(v);
+                let depth = (st.depth as usize).min(st.ips.len());
+                e.insert(st.ips[..depth].to_vec());
+                new.push(id);
             }
-            let st: stack = read_pod(&v);
-            let depth = (st.depth as usize).min(st.ips.len());
-            self.stacks.insert(id, st.ips[..depth].to_vec());
-            new.push(id);
-        }
+        })
+        .context("reading the stack map")?;
         Ok(new)
     }
 
-    /// Outstanding allocations of `pid` by stack. `min_age`: hide younger ones (not in
+    /// Outstanding allocations of `pid` (all: kernel mode) by stack. `min_age`: hide younger ones (not in
     /// combined mode, which keeps no per-allocation times in its totals).
     pub fn collect(
         &self,
-        skel: &MemleakSkel,
+        maps: &RecordMaps<impl MapCore>,
         pid: Option<u32>,
         min_age: Duration,
         blocks: bool,
         combined: bool,
     ) -> Result<Snapshot> {
-        let stacks = if combined { Self::read_combined(skel)? } else { Self::read_allocs(skel, pid, min_age, blocks)? };
-        Ok(Snapshot { stacks, losses: read_losses(skel) })
+        let stacks = if combined {
+            Self::read_combined(maps.combined)?
+        } else {
+            Self::read_allocs(maps.allocs, pid, min_age, blocks)?
+        };
+        Ok(Snapshot { stacks, losses: read_losses(maps.counters) })
     }
 
-    fn read_allocs(skel: &MemleakSkel, pid: Option<u32>, min_age: Duration, blocks: bool) -> Result<Vec<StackTotal>> {
+    fn read_allocs(
+        allocs: &impl MapCore,
+        pid: Option<u32>,
+        min_age: Duration,
+        blocks: bool,
+    ) -> Result<Vec<StackTotal>> {
         let now = monotonic_ns();
         let min_age = min_age.as_nanos() as u64;
         let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
-        let iter = crate::batch::read_all(&skel.maps.allocs).context("reading the allocation map")?;
-        for (k, v) in iter {
-            let key: alloc_key = read_pod(&k);
-            let info: alloc_info = read_pod(&v);
-            if pid.is_some_and(|p| p != key.pid) {
-                continue;
-            }
-            if now.saturating_sub(info.timestamp_ns) < min_age {
-                continue;
+        batch::for_each(allocs, |k, v| {
+            let key: alloc_key = read_pod(k);
+            let info: alloc_info = read_pod(v);
+            if pid.is_some_and(|p| p != key.pid) || now.saturating_sub(info.timestamp_ns) < min_age {
+                return;
             }
             let t = by_stack
                 .entry(info.stack_id)
@@ -102,32 +114,36 @@ impl Collector {
             if blocks {
                 t.blocks.push((key.addr, info.size));
             }
-        }
+        })
+        .context("reading the allocation map")?;
         Ok(by_stack.into_values().collect())
     }
 
-    fn read_combined(skel: &MemleakSkel) -> Result<Vec<StackTotal>> {
-        let iter = crate::batch::read_all(&skel.maps.combined).context("reading the combined map")?;
-        Ok(iter
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let c: combined_info = read_pod(&v);
-                (c.count > 0).then(|| StackTotal {
-                    stack_id: u64::from_ne_bytes(k[..8].try_into().expect("8-byte key")),
-                    bytes: c.total_size,
-                    count: c.count,
-                    blocks: Vec::new(),
-                })
-            })
-            .collect())
+    fn read_combined(combined: &impl MapCore) -> Result<Vec<StackTotal>> {
+        let mut out = Vec::new();
+        batch::for_each(combined, |k, v| {
+            let c: combined_info = read_pod(v);
+            if c.count > 0 {
+                out.push(StackTotal { stack_id: read_pod(k), bytes: c.total_size, count: c.count, blocks: Vec::new() });
+            }
+        })
+        .context("reading the combined map")?;
+        Ok(out)
     }
 }
 
-fn read_losses(skel: &MemleakSkel) -> Losses {
-    let Some(bss) = skel.maps.bss_data.as_deref() else { return Losses::default() };
+/// The maps of either BPF object (user mode's or kernel mode's) that a snapshot reads.
+pub struct RecordMaps<'a, M: MapCore> {
+    pub allocs: &'a M,
+    pub combined: &'a M,
+    /// The object's `counters` array (enum counter) in its mmapped .bss.
+    pub counters: &'a [u64],
+}
+
+fn read_losses(counters: &[u64]) -> Losses {
     // SAFETY: the counters live in the mmapped .bss; the kernel updates them atomically and an
-    // aligned u64 read is never torn.
-    let get = |c: counter| unsafe { std::ptr::read_volatile(&bss.counters[c.0 as usize]) };
+    // aligned u64 read is never torn. Out-of-range slots read as 0.
+    let get = |c: counter| counters.get(c.0 as usize).map_or(0, |v| unsafe { std::ptr::read_volatile(v) });
     Losses {
         allocs_map_full: get(counter::CNT_ALLOCS_FULL),
         stacks_map_full: get(counter::CNT_STACKS_FULL),
@@ -135,6 +151,8 @@ fn read_losses(skel: &MemleakSkel) -> Losses {
         trace_events_lost: get(counter::CNT_EVENTS_LOST),
         combined_map_full: get(counter::CNT_COMBINED_FULL),
         truncated_stacks: get(counter::CNT_TRUNCATED),
+        frees_failed: get(counter::CNT_FREE_FAILED),
+        ..Default::default()
     }
 }
 

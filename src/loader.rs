@@ -5,12 +5,11 @@ use anyhow::{Context, Result};
 use libbpf_rs::OpenObject;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
-use crate::cli::Config;
+use crate::cli::{AttachChoice, Config};
 use crate::probes::AttachMode;
 use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 
 /// Map sizes. docs/design.md explains the numbers.
-pub const MAX_ALLOCS: u32 = 1_000_000;
 pub const MAX_STACKS: u32 = 32_768;
 pub const MAX_COMBINED: u32 = 32_768;
 const TRACE_RINGBUF: u32 = 4 << 20;
@@ -27,7 +26,12 @@ pub fn load<'obj>(
     target_tgid: u32,
     held_until_exec: bool,
 ) -> Result<Loaded<'obj>> {
-    let mode = if session_supported() { AttachMode::Session } else { AttachMode::Classic };
+    let mode = match cfg.attach {
+        AttachChoice::Session => AttachMode::Session,
+        AttachChoice::Classic => AttachMode::Classic,
+        AttachChoice::Auto if session_supported() => AttachMode::Session,
+        AttachChoice::Auto => AttachMode::Classic,
+    };
     let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
     let skel = open.load().context("cannot load the BPF programs")?;
     Ok(Loaded { skel, mode })
@@ -52,7 +56,7 @@ fn open<'obj>(
     rodata.need_exec = held_until_exec;
     rodata.target_tgid = target_tgid;
 
-    open.maps.allocs.set_max_entries(MAX_ALLOCS)?;
+    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
     open.maps.stacks.set_max_entries(MAX_STACKS)?;
     open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
     // A ring buffer's size is a power-of-two number of pages; the smallest when -t is off.

@@ -1,11 +1,14 @@
 //! memleak: trace outstanding memory allocations with eBPF.
 //!
 //! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
+//! (or, without a process, `kernel`: tracepoints of the kernel's allocators)
 //! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
 mod batch;
 mod cli;
 mod collector;
+mod kernel;
 mod loader;
+mod placement;
 mod probes;
 mod procmaps;
 mod report;
@@ -15,6 +18,11 @@ mod target;
 
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/memleak.skel.rs"));
+}
+
+/// Kernel mode's object: tracepoints of the kernel's allocators.
+mod kmem_skel {
+    include!(concat!(env!("OUT_DIR"), "/kmem.skel.rs"));
 }
 
 /// Frames a stack holds at most: `struct stack` of memleak.h is a u64 header then the frames.

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use libbpf_rs::{Link, UprobeMultiOpts, UprobeOpts};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
+use crate::placement::{Placement, place};
 use crate::skel::types::fn_kind;
 
 /// The functions traced, with the kind the BPF program is told through the cookie.
@@ -31,8 +32,11 @@ pub struct EntryPoint {
     /// The names found at this offset, e.g. "memalign/aligned_alloc".
     pub names: String,
     pub kind: fn_kind,
-    /// Offset of the first instruction in the file: what uprobes attach to.
+    /// File offset of the function's first instruction.
+    pub entry_offset: u64,
+    /// File offset of the probed instruction: where the uprobe attaches.
     pub file_offset: u64,
+    pub placement: Placement,
 }
 
 impl EntryPoint {
@@ -51,7 +55,7 @@ pub fn resolve(path: &Path, prefix: &str) -> Result<(Vec<EntryPoint>, Vec<String
     let mut missing = Vec::new();
     for &(name, kind) in ENTRY_POINTS {
         let full = format!("{prefix}{name}");
-        let Some(vaddr) = symbol_address(&file, &full) else {
+        let Some((vaddr, size)) = symbol_address(&file, &full) else {
             missing.push(full);
             continue;
         };
@@ -59,18 +63,24 @@ pub fn resolve(path: &Path, prefix: &str) -> Result<(Vec<EntryPoint>, Vec<String
             missing.push(full);
             continue;
         };
-        by_offset.entry(off).and_modify(|e| e.names.push_str(&format!("/{full}"))).or_insert(EntryPoint {
-            names: full,
-            kind,
-            file_offset: off,
-        });
+        if let Some(e) = by_offset.get_mut(&off) {
+            e.names.push_str(&format!("/{full}"));
+            continue;
+        }
+        // The function's code, at most 64 bytes of it, decides where its probe goes.
+        let len = if size > 0 { size.min(64) } else { 64 } as usize;
+        let code = data.get(off as usize..).map(|c| &c[..c.len().min(len)]).unwrap_or_default();
+        let placement = place(code);
+        let file_offset = off + placement.delta;
+        by_offset.insert(off, EntryPoint { names: full, kind, entry_offset: off, file_offset, placement });
     }
     Ok((by_offset.into_values().collect(), missing))
 }
 
-fn symbol_address(file: &object::File, name: &str) -> Option<u64> {
+/// The address and size of the function `name`.
+fn symbol_address(file: &object::File, name: &str) -> Option<(u64, u64)> {
     let defined = |s: &object::Symbol| s.name() == Ok(name) && s.is_definition() && s.kind() == SymbolKind::Text;
-    file.dynamic_symbols().find(defined).or_else(|| file.symbols().find(defined)).map(|s| s.address())
+    file.dynamic_symbols().find(defined).or_else(|| file.symbols().find(defined)).map(|s| (s.address(), s.size()))
 }
 
 fn vaddr_to_offset(file: &object::File, vaddr: u64) -> Option<u64> {
@@ -183,7 +193,12 @@ mod tests {
         offsets.dedup();
         assert_eq!(offsets.len(), entries.len());
         assert!(entries.iter().all(|e| e.file_offset > 0));
-        assert!(!entries.iter().find(|e| e.names == "free").expect("free").needs_return());
+        let free = entries.iter().find(|e| e.names == "free").expect("free");
+        assert!(!free.needs_return());
+        // Debian 12's free starts `test %rdi,%rdi; je`: the probe goes on the je.
+        assert_eq!(free.file_offset - free.entry_offset, 3, "{free:?}");
+        let malloc = entries.iter().find(|e| e.names == "malloc").expect("malloc");
+        assert_eq!(malloc.file_offset, malloc.entry_offset, "malloc starts with an emulated push: {malloc:?}");
     }
 
     #[test]

@@ -3,7 +3,7 @@ use std::fmt::Write;
 
 use crate::cli::SortKey;
 use crate::collector::{Losses, StackTotal};
-use crate::loader::{MAX_ALLOCS, MAX_COMBINED, MAX_STACKS};
+use crate::loader::{MAX_COMBINED, MAX_STACKS};
 
 /// A stack ready to print: its totals and frames.
 pub struct StackReport<'a> {
@@ -24,11 +24,11 @@ pub fn select(mut stacks: Vec<StackTotal>, sort: SortKey, top: usize) -> Vec<Sta
 }
 
 /// The lines saying what went untracked, one per cause; none when nothing was lost.
-pub fn loss_lines(l: &Losses) -> Vec<String> {
+pub fn loss_lines(l: &Losses, max_allocs: u32) -> Vec<String> {
     let mut out = Vec::new();
     if l.allocs_map_full > 0 {
         out.push(format!(
-            "{} allocations untracked: the allocation map is full ({MAX_ALLOCS} entries)",
+            "{} allocations untracked: the allocation map is full ({max_allocs} entries, see --max-allocs)",
             l.allocs_map_full
         ));
     }
@@ -47,6 +47,18 @@ pub fn loss_lines(l: &Losses) -> Vec<String> {
             l.stacks_map_full
         ));
     }
+    if l.frees_missed > 0 || l.allocs_missed > 0 {
+        out.push(format!(
+            "{} frees and {} allocations missed: BPF recursion protection skipped them (another program was running on that CPU, e.g. interrupted); a missed free shows as a false leak",
+            l.frees_missed, l.allocs_missed
+        ));
+    }
+    if l.frees_failed > 0 {
+        out.push(format!(
+            "{} frees untracked: the allocation map was busy; their blocks show as leaks",
+            l.frees_failed
+        ));
+    }
     if l.truncated_stacks > 0 {
         out.push(format!("{} stacks truncated at {} frames", l.truncated_stacks, crate::MAX_STACK_DEPTH));
     }
@@ -56,15 +68,21 @@ pub fn loss_lines(l: &Losses) -> Vec<String> {
     out
 }
 
+pub struct Options {
+    pub top: usize,
+    pub show_allocs: bool,
+    pub max_allocs: u32,
+}
+
 /// Formats one snapshot.
-pub fn format(time: &str, top: usize, stacks: &[StackReport], losses: &Losses, show_allocs: bool) -> String {
+pub fn format(time: &str, opts: &Options, stacks: &[StackReport], losses: &Losses) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "[{time}] Top {top} stacks with outstanding allocations:");
-    for line in loss_lines(losses) {
+    let _ = writeln!(out, "[{time}] Top {} stacks with outstanding allocations:", opts.top);
+    for line in loss_lines(losses, opts.max_allocs) {
         let _ = writeln!(out, "\tWARNING: {line}");
     }
     for s in stacks {
-        if show_allocs {
+        if opts.show_allocs {
             let mut blocks = s.total.blocks.clone();
             blocks.sort();
             for (addr, size) in blocks {
@@ -120,7 +138,8 @@ mod tests {
             "__libc_start_main+0xf0 [/usr/lib64/libc-2.21.so] (7fd460ac2790)".to_string(),
         ];
         let stacks = [StackReport { total: &t, frames }];
-        let text = format("12:34:56", 10, &stacks, &Losses::default(), false);
+        let opts = Options { top: 10, show_allocs: false, max_allocs: 1 << 20 };
+        let text = format("12:34:56", &opts, &stacks, &Losses::default());
         assert_eq!(
             text,
             "[12:34:56] Top 10 stacks with outstanding allocations:\n\
@@ -128,7 +147,7 @@ mod tests {
              \t\tmain+0x6d [/home/vagrant/allocs] (400862)\n\
              \t\t__libc_start_main+0xf0 [/usr/lib64/libc-2.21.so] (7fd460ac2790)\n"
         );
-        let with_allocs = format("12:34:56", 10, &stacks, &Losses::default(), true);
+        let with_allocs = format("12:34:56", &Options { show_allocs: true, ..opts }, &stacks, &Losses::default());
         assert!(with_allocs.contains("\taddr = 10 size = 16\n\taddr = 20 size = 16\n\t80 bytes"), "{with_allocs}");
     }
 
@@ -140,7 +159,8 @@ mod tests {
             StackReport { total: &a, frames: vec!["f+0x1 [/x] (1)".into()] },
             StackReport { total: &b, frames: vec![] },
         ];
-        let text = format("01:02:03", 3, &stacks, &Losses::default(), true);
+        let opts = Options { top: 3, show_allocs: true, max_allocs: 1 << 20 };
+        let text = format("01:02:03", &opts, &stacks, &Losses::default());
         assert_eq!(
             text,
             "[01:02:03] Top 3 stacks with outstanding allocations:\n\
@@ -157,13 +177,18 @@ mod tests {
     #[test]
     fn losses_are_never_silent() {
         let l = Losses { allocs_map_full: 3, stacks_map_full: 2, trace_events_lost: 1, ..Default::default() };
-        let text = format("00:00:00", 10, &[], &l, false);
-        assert!(text.contains("WARNING: 3 allocations untracked: the allocation map is full"), "{text}");
+        let opts = Options { top: 10, show_allocs: false, max_allocs: 1000 };
+        let text = format("00:00:00", &opts, &[], &l);
+        assert!(text.contains("WARNING: 3 allocations untracked: the allocation map is full (1000 entries"), "{text}");
         assert!(text.contains("WARNING: 2 allocations without a stack"), "{text}");
         assert!(text.contains("WARNING: 1 -t lines lost"), "{text}");
-        assert_eq!(loss_lines(&Losses::default()).len(), 0);
+        assert_eq!(loss_lines(&Losses::default(), 1).len(), 0);
+        let k = Losses { frees_missed: 4, allocs_missed: 1, frees_failed: 2, ..Default::default() };
+        let text = format("00:00:00", &opts, &[], &k);
+        assert!(text.contains("\tWARNING: 4 frees and 1 allocations missed: BPF recursion protection"), "{text}");
+        assert!(text.contains("\tWARNING: 2 frees untracked"), "{text}");
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
-        let text = format("00:00:00", 10, &[StackReport { total: &lost, frames: vec![] }], &l, false);
+        let text = format("00:00:00", &opts, &[StackReport { total: &lost, frames: vec![] }], &l);
         assert!(text.contains("\t8 bytes in 1 allocations from stack\n\t\t[stack not stored"), "{text}");
     }
 }

@@ -6,11 +6,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use libbpf_rs::RingBufferBuilder;
+use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
-use crate::collector::{Collector, read_pod};
-use crate::skel::MemleakSkel;
+use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
 use crate::{loader, probes, report, target};
@@ -67,7 +66,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 }
 
 /// What ended the loop.
-enum End {
+pub enum End {
     /// The traced command exited with this code (128+N if killed by signal N).
     CommandExited(i32),
     /// The -p process exited.
@@ -76,19 +75,24 @@ enum End {
     Stopped,
 }
 
-struct Tracer<'a, 'obj> {
-    cfg: &'a Config,
-    skel: &'a MemleakSkel<'obj>,
-    pid: i32,
-    collector: Collector,
-    symbolizer: Symbolizer,
+/// The report side of a run, for either BPF object: user mode's or kernel mode's.
+pub struct Tracer<'a, 'obj> {
+    pub cfg: &'a Config,
+    pub maps: RecordMaps<'a, MapMut<'obj>>,
+    pub stacks: &'a MapMut<'obj>,
+    /// The traced process; None in kernel mode.
+    pub pid: Option<i32>,
+    pub collector: Collector,
+    pub symbolizer: Symbolizer,
+    /// Kernel mode: the attached programs, whose runs the kernel skipped are reported.
+    pub kernel: Option<crate::kernel::Programs<'a>>,
 }
 
 impl Tracer<'_, '_> {
     /// Reads the stacks stored since last time and, while the process lives, records where
     /// their addresses live, so that they stay symbolizable after it exits.
     fn prepare_symbols(&mut self) -> Result<()> {
-        let new = self.collector.refresh_stacks(self.skel)?;
+        let new = self.collector.refresh_stacks(self.stacks)?;
         let addrs: Vec<u64> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
         self.symbolizer.normalize(addrs);
         Ok(())
@@ -100,33 +104,60 @@ impl Tracer<'_, '_> {
         self.prepare_symbols()?;
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
-        let snap = self.collector.collect(
-            self.skel,
-            Some(self.pid as u32),
+        let started = Instant::now();
+        let mut snap = self.collector.collect(
+            &self.maps,
+            self.pid.map(|p| p as u32),
             min_age,
             self.cfg.show_allocs,
             self.cfg.combined_only,
         )?;
+        let read = started.elapsed();
+        let (allocs, nstacks) = (snap.stacks.iter().map(|s| s.count).sum::<u64>(), snap.stacks.len());
         let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
+        if let Some(k) = &self.kernel {
+            k.add_losses(&mut snap.losses);
+        }
         let stacks: Vec<report::StackReport> = selected
             .iter()
             .map(|t| report::StackReport {
                 total: t,
                 frames: self
-                    .collector
-                    .frames(t.stack_id)
-                    .unwrap_or_default()
+                    .symbolizer
+                    .stack(self.collector.frames(t.stack_id).unwrap_or_default())
                     .iter()
-                    .map(|&a| self.symbolizer.frame(a).to_string())
+                    .map(ToString::to_string)
                     .collect(),
             })
             .collect();
-        let text = report::format(&report::now_hms(), self.cfg.top, &stacks, &snap.losses, self.cfg.show_allocs);
-        write_out(&text)
+        let opts =
+            report::Options { top: self.cfg.top, show_allocs: self.cfg.show_allocs, max_allocs: self.cfg.max_allocs };
+        let text = report::format(&report::now_hms(), &opts, &stacks, &snap.losses);
+        write_out(&text)?;
+        if self.cfg.verbose {
+            eprintln!(
+                "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, printed in {:.1} ms",
+                read.as_secs_f64() * 1e3,
+                (started.elapsed() - read).as_secs_f64() * 1e3
+            );
+            eprintln!(
+                "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
+                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
+                map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
+            );
+        }
+        Ok(())
     }
 }
 
-fn write_out(text: &str) -> Result<()> {
+/// The kernel memory a BPF map uses, as the kernel reports it in the map fd's fdinfo.
+fn map_memory(map: &impl libbpf_rs::MapCore) -> Option<u64> {
+    let fd = map.as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+}
+
+pub fn write_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
         Ok(()) => Ok(()),
@@ -149,10 +180,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
     let sigfd = signal_fd()?;
     let (pid, obj, held) = match &cfg.target {
-        Target::Kernel => {
-            let what = if cfg.percpu { "the percpu allocator" } else { "the kernel's allocators" };
-            bail!("tracing {what} is not available yet: give -p PID or -c COMMAND")
-        }
+        Target::Kernel => return crate::kernel::run(cfg, &sigfd),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
             (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
@@ -200,7 +228,16 @@ pub fn run(cfg: &Config) -> Result<i32> {
     if cfg.verbose {
         eprintln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
         for e in &entries {
-            eprintln!("memleak:   {:<28} file offset {:#x}", e.names, e.file_offset);
+            let p = &e.placement;
+            eprintln!(
+                "memleak:   {:<28} entry {:#x} probe {:#x} (+{}: {}){}",
+                e.names,
+                e.entry_offset,
+                e.file_offset,
+                p.delta,
+                p.insn,
+                p.note.as_deref().map(|n| format!(", single-stepped: {n}")).unwrap_or_default()
+            );
         }
     }
     let mut symbolizer = Symbolizer::new(Some(pid));
@@ -214,10 +251,35 @@ pub fn run(cfg: &Config) -> Result<i32> {
         held.release()?;
     }
 
-    let mut tracer = Tracer { cfg, skel, pid, collector: Collector::new(), symbolizer };
-    let ring = if cfg.trace {
+    let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
+    let tracer = Tracer {
+        cfg,
+        maps: RecordMaps { allocs: &skel.maps.allocs, combined: &skel.maps.combined, counters: &bss.counters },
+        stacks: &skel.maps.stacks,
+        pid: Some(pid),
+        collector: Collector::new(),
+        symbolizer,
+        kernel: None,
+    };
+    let pidfd = if is_command { None } else { pidfd_open(pid) };
+    match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
+        End::CommandExited(code) => Ok(code),
+        End::ProcessExited | End::Stopped => Ok(0),
+    }
+}
+
+/// Reports until the end of the run (and, when the process exited, a final report); prints
+/// the -t lines from `events` as they come.
+pub fn follow(
+    mut tracer: Tracer,
+    sigfd: &OwnedFd,
+    events: &MapMut,
+    pidfd: Option<&OwnedFd>,
+    is_command: bool,
+) -> Result<End> {
+    let ring = if tracer.cfg.trace {
         let mut b = RingBufferBuilder::new();
-        b.add(&skel.maps.events, |data: &[u8]| {
+        b.add(events, |data: &[u8]| {
             let e: trace_event = read_pod(data);
             let _ = write_out(&format!("{}\n", trace_line(&e)));
             0
@@ -226,25 +288,29 @@ pub fn run(cfg: &Config) -> Result<i32> {
     } else {
         None
     };
-    let pidfd = if is_command { None } else { pidfd_open(pid) };
 
-    let end = event_loop(&mut tracer, &sigfd, pidfd.as_ref(), ring.as_ref(), is_command)?;
+    let end = event_loop(&mut tracer, sigfd, pidfd, ring.as_ref(), is_command)?;
     if let Some(r) = &ring {
         let _ = r.consume();
     }
+    let pid = tracer.pid.unwrap_or(0);
     match end {
         End::CommandExited(code) => {
             write_out(&format!("[{}] Process {pid} exited with status {code}.\n", report::now_hms()))?;
             tracer.print_report(true)?;
-            Ok(code)
         }
         End::ProcessExited => {
             write_out(&format!("[{}] Process {pid} exited.\n", report::now_hms()))?;
             tracer.print_report(true)?;
-            Ok(0)
         }
-        End::Stopped => Ok(0),
+        End::Stopped => {}
     }
+    if tracer.cfg.verbose {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
+        eprintln!("memleak: peak memory (VmHWM) {peak}");
+    }
+    Ok(end)
 }
 
 fn event_loop(
@@ -297,7 +363,8 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
-        if now >= next_tick {
+        // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
+        if now >= next_tick && t.pid.is_some() {
             t.prepare_symbols()?;
             next_tick = now + TICK;
         }
@@ -332,10 +399,11 @@ fn read_signals(sigfd: &OwnedFd) -> Vec<i32> {
 
 /// Handles the command's state changes; returns its exit code once it has exited.
 fn reap(t: &mut Tracer) -> Result<Option<i32>> {
+    let Some(pid) = t.pid else { return Ok(None) };
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our own child, writing to a local.
-        let r = unsafe { libc::waitpid(t.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
         if r <= 0 {
             return Ok(None);
         }
@@ -353,11 +421,11 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
                     // Its memory map still exists: the last chance to normalize.
                     t.symbolizer.reread_maps();
                     t.prepare_symbols()?;
-                    libc::ptrace(libc::PTRACE_DETACH, t.pid, 0, 0);
+                    libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
                 } else if event == libc::PTRACE_EVENT_STOP {
-                    libc::ptrace(libc::PTRACE_LISTEN, t.pid, 0, 0);
+                    libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
                 } else {
-                    libc::ptrace(libc::PTRACE_CONT, t.pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
                 }
             }
         }

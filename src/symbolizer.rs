@@ -3,11 +3,14 @@
 //! An address is normalized to (file, file offset) while the process lives, from its
 //! /proc/PID/maps; symbols then come from the file with blazesym. So a report printed after
 //! the process has exited is symbolized as well as the ones before.
+//!
+//! Kernel mode: addresses are kernel text, symbolized from /proc/kallsyms.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use blazesym::symbolize::source::{Elf, Source};
+use blazesym::MaybeDefault;
+use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blaze};
 
 use crate::procmaps::ProcMaps;
@@ -50,6 +53,8 @@ impl std::fmt::Display for Frame {
 
 pub struct Symbolizer {
     pid: Option<i32>,
+    /// Kernel mode: every address is symbolized from /proc/kallsyms.
+    kernel: bool,
     maps: ProcMaps,
     locations: HashMap<u64, Location>,
     frames: HashMap<u64, Frame>,
@@ -60,11 +65,17 @@ impl Symbolizer {
     pub fn new(pid: Option<i32>) -> Self {
         Symbolizer {
             pid,
+            kernel: false,
             maps: ProcMaps::default(),
             locations: HashMap::new(),
             frames: HashMap::new(),
             blaze: Blaze::new(),
         }
+    }
+
+    /// Kernel mode: frames print as `func+0xoff [kernel] (addr)`.
+    pub fn kernel() -> Self {
+        Symbolizer { kernel: true, ..Symbolizer::new(None) }
     }
 
     /// Records where each address lives, while the process is alive. Reads /proc/PID/maps again
@@ -112,6 +123,11 @@ impl Symbolizer {
         if let Some(f) = self.frames.get(&addr) {
             return f.clone();
         }
+        if self.kernel {
+            let frame = Frame { addr, symbol: self.kernel_symbol(addr), module: Some("kernel".into()) };
+            self.frames.insert(addr, frame.clone());
+            return frame;
+        }
         let frame = match self.locations.get(&addr).cloned() {
             Some(Location::File { path, offset }) => Frame {
                 addr,
@@ -127,6 +143,34 @@ impl Symbolizer {
         };
         self.frames.insert(addr, frame.clone());
         frame
+    }
+
+    /// The frames of a stack, innermost first. A kernel stack starts inside the tracing
+    /// machinery (the BPF program, the tracepoint's runner): those frames are left out.
+    pub fn stack(&mut self, addrs: &[u64]) -> Vec<Frame> {
+        let mut frames: Vec<Frame> = addrs.iter().map(|&a| self.frame(a)).collect();
+        if self.kernel {
+            let skip = frames
+                .iter()
+                .take_while(|f| f.symbol.as_ref().is_some_and(|(name, _)| is_tracing_machinery(name)))
+                .count();
+            frames.drain(..skip);
+        }
+        frames
+    }
+
+    fn kernel_symbol(&self, addr: u64) -> Option<(String, u64)> {
+        let src = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Default,
+            // No vmlinux search: kallsyms has every function symbol the report prints.
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Default::default()
+        });
+        match self.blaze.symbolize_single(&src, Input::AbsAddr(addr)) {
+            Ok(Symbolized::Sym(sym)) => Some((sym.name.into_owned(), sym.offset as u64)),
+            _ => None,
+        }
     }
 
     fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<(String, u64)> {
@@ -149,6 +193,11 @@ impl Symbolizer {
     }
 }
 
+/// Kernel functions a tracepoint program runs under, above the tracepoint's call site.
+fn is_tracing_machinery(name: &str) -> bool {
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"].iter().any(|p| name.starts_with(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +211,28 @@ mod tests {
         assert_eq!(f.to_string(), "[unknown] [[anon:jit]] (7f00dead)");
         let f = Frame { addr: 0x10, symbol: None, module: None };
         assert_eq!(f.to_string(), "[unknown] [unknown] (10)");
+    }
+
+    #[test]
+    fn symbolizes_kernel_text_from_kallsyms() {
+        // A function's own address from kallsyms (root sees real addresses; others see 0s).
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").expect("/proc/kallsyms");
+        let addr = kallsyms
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (a, t, name) = (f.next()?, f.next()?, f.next()?);
+                (name == "kfree" && t.eq_ignore_ascii_case("t")).then(|| u64::from_str_radix(a, 16).ok())?
+            })
+            .expect("kfree in kallsyms");
+        if addr == 0 {
+            eprintln!("skipped: kallsyms addresses are hidden (not root)");
+            return;
+        }
+        let mut s = Symbolizer::kernel();
+        let f = s.frame(addr + 4);
+        assert_eq!(f.symbol, Some(("kfree".to_string(), 4)));
+        assert_eq!(f.to_string(), format!("kfree+0x4 [kernel] ({:x})", addr + 4));
     }
 
     #[inline(never)]

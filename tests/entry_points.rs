@@ -181,11 +181,11 @@ fn malloc_served_by_mmap_counts_once() {
 #[test]
 fn memalign_and_aligned_alloc_are_one_function() {
     let out = run_under_c(&["-v"], &["memalign 64 100 1", "aligned_alloc 64 128 2"]);
-    // "memleak:   aligned_alloc/memalign       file offset 0x99610"
+    // "memleak:   aligned_alloc/memalign       entry 0x99610 ...": one line per probe.
     let entries: Vec<Vec<&str>> = out
         .stderr
         .lines()
-        .filter(|l| l.contains(" file offset 0x"))
+        .filter(|l| l.starts_with("memleak:   "))
         .map(|l| l.split_whitespace().nth(1).unwrap_or("").split('/').collect())
         .collect();
     let with = |name: &str| entries.iter().filter(|e| e.contains(&name)).cloned().collect::<Vec<_>>();

@@ -72,4 +72,17 @@ struct task_struct {
 
 struct linux_binprm;
 
+/* Kernel mode (kmem.bpf.c). */
+struct kmem_cache {
+	unsigned int size; /* the slot size of each object: what kmalloc's bytes_alloc reports */
+} __attribute__((preserve_access_index));
+
+/* Only its size is used (bpf_core_type_size): the stride of the vmemmap array. */
+struct page {
+	unsigned long flags;
+} __attribute__((preserve_access_index));
+
+#define PAGE_SHIFT 12
+#define ___GFP_MOVABLE 0x08u
+
 #endif

@@ -19,9 +19,18 @@ enum fn_kind {
 	FN_MMAP = 10,
 	FN_MUNMAP = 11,
 	FN_MREMAP = 12,
+	/* Kernel mode: the tracepoint that fired. */
+	FN_KMALLOC = 13,
+	FN_KFREE = 14,
+	FN_KMEM_CACHE_ALLOC = 15,
+	FN_KMEM_CACHE_FREE = 16,
+	FN_PAGE_ALLOC = 17,
+	FN_PAGE_FREE = 18,
+	FN_PERCPU_ALLOC = 19,
+	FN_PERCPU_FREE = 20,
 };
 
-/* Allocation records are keyed by process and address. */
+/* Allocation records are keyed by process and address (kernel mode: pid 0; pages by PFN). */
 struct alloc_key {
 	__u32 pid;
 	__u32 pad;
@@ -40,7 +49,7 @@ struct combined_info {
 	__u64 count;
 };
 
-/* A user stack: return addresses, innermost first. Keyed by a 64-bit hash of its frames. */
+/* A stack (user, or kernel in kernel mode): return addresses, innermost first. Keyed by a 64-bit hash of its frames. */
 struct stack {
 	__u32 depth;
 	__u32 truncated; /* 1 if the walk stopped at MAX_STACK_DEPTH */
@@ -55,7 +64,8 @@ enum counter {
 	CNT_EVENTS_LOST = 3,   /* trace ring buffer full: a -t line was not printed */
 	CNT_COMBINED_FULL = 4, /* combined map full: an allocation missing from the totals */
 	CNT_TRUNCATED = 5,     /* stacks cut at MAX_STACK_DEPTH */
-	NR_COUNTERS = 6,
+	CNT_FREE_FAILED = 6,   /* kernel mode: a record could not be deleted (map busy) */
+	NR_COUNTERS = 7,
 };
 
 enum event_kind {

@@ -1,0 +1,79 @@
+/*
+ * Benchmark workload.
+ *   churn pairs N [THREADS [LEAK_EVERY]]
+ *                             N malloc(16 + (i & 255)) per thread, each freed 64 later; prints
+ *                             "ns_per_pair X", timed inside the process (start-up excluded).
+ *                             With LEAK_EVERY > 0, every LEAK_EVERY-th iteration also leaks a
+ *                             1000-byte block from leak_one().
+ *   churn hold N [SECONDS]    allocates N blocks of 32 bytes from one stack, keeps them, prints
+ *                             "holding N", then sleeps
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static long pairs;
+static long leak_every;
+static void *volatile leaked;
+
+__attribute__((noinline)) static void leak_one(void)
+{
+	leaked = malloc(1000);
+}
+
+static double now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static void *churn(void *arg)
+{
+	void *ring[64] = { 0 };
+
+	(void)arg;
+	for (long i = 0; i < pairs; i++) {
+		free(ring[i & 63]);
+		ring[i & 63] = malloc(16 + (i & 255));
+		if (leak_every > 0 && i % leak_every == 0)
+			leak_one();
+	}
+	for (int i = 0; i < 64; i++)
+		free(ring[i]);
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 3 && !strcmp(argv[1], "pairs")) {
+		int threads = argc > 3 ? atoi(argv[3]) : 1;
+		pthread_t tid[64];
+		pairs = atol(argv[2]);
+		leak_every = argc > 4 ? atol(argv[4]) : 0;
+		double t0 = now_ns();
+		for (int i = 0; i < threads && i < 64; i++)
+			pthread_create(&tid[i], NULL, churn, NULL);
+		for (int i = 0; i < threads && i < 64; i++)
+			pthread_join(tid[i], NULL);
+		double t = now_ns() - t0;
+		printf("ns_per_pair %.1f\n", t / ((double)pairs * threads));
+		return 0;
+	}
+	if (argc >= 3 && !strcmp(argv[1], "hold")) {
+		long n = atol(argv[2]);
+		int secs = argc > 3 ? atoi(argv[3]) : 5;
+		void **keep = malloc(sizeof(void *) * n);
+		for (long i = 0; i < n; i++)
+			keep[i] = malloc(32);
+		printf("holding %ld\n", n);
+		fflush(stdout);
+		sleep(secs);
+		return keep[0] == NULL;
+	}
+	fprintf(stderr, "usage: churn pairs N [THREADS [LEAK_EVERY]] | churn hold N [SECONDS]\n");
+	return 2;
+}
