@@ -91,8 +91,8 @@ fn command_that_cannot_be_executed_as_the_user() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let prog = dir.join("true");
     std::fs::copy("/bin/true", &prog).expect("copy /bin/true");
-    let mut cmd = Command::new(memleak_bin());
-    cmd.args(["-c", prog.to_str().expect("utf-8")]).env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+    let mut cmd = memleak_command(&["-c", prog.to_str().expect("utf-8")]);
+    cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
     let out = Proc::spawn("memleak", cmd).finish();
     let err = out.stderr.trim_end();
     assert_eq!(out.code(), Some(1), "{err}");

@@ -197,8 +197,7 @@ fn sigterm_prints_a_last_report() {
 fn closed_stdout_ends_quietly() {
     use std::io::BufRead;
     let f = allocs_fixture(&[]);
-    let mut child = std::process::Command::new(memleak_bin())
-        .args(["-p", &f.pid().to_string(), "1"])
+    let mut child = memleak_command(&["-p", &f.pid().to_string(), "1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -177,8 +177,7 @@ fn two_traced_processes_at_once() {
 fn nothing_between_fork_and_exec_is_reported() {
     let exe = fixture("allocs");
     for sudo in [false, true] {
-        let mut cmd = Command::new(memleak_bin());
-        cmd.args(["-c", &format!("{} 'exit 0'", exe.display())]);
+        let mut cmd = memleak_command(&["-c", &format!("{} 'exit 0'", exe.display())]);
         if sudo {
             cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534").env("SUDO_USER", "nobody");
         }
@@ -193,9 +192,8 @@ fn nothing_between_fork_and_exec_is_reported() {
 #[test]
 fn c_under_sudo_runs_as_the_invoking_user() {
     let exe = fixture("allocs");
-    let mut cmd = Command::new(memleak_bin());
-    cmd.args(["-c", &format!("{} uid 'exit 0'", exe.display())]);
-    cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65533").env_remove("SUDO_USER");
+    let mut cmd = memleak_command(&["-c", &format!("{} uid 'exit 0'", exe.display())]);
+    cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65533");
     let out = Proc::spawn("memleak", cmd).finish();
     assert_eq!(out.code(), Some(0), "{}\n{}", out.stdout.join("\n"), out.stderr);
     assert!(out.stdout.iter().any(|l| l == "uid 65534 gid 65533"), "{}", out.stdout.join("\n"));

@@ -232,11 +232,17 @@ impl Drop for Proc {
     }
 }
 
+/// A memleak command line. The SUDO_* variables are removed (the test script may run under
+/// sudo, and with them -c would run commands as that user); tests of that set their own.
+pub fn memleak_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(memleak_bin());
+    cmd.args(args).env_remove("SUDO_UID").env_remove("SUDO_GID").env_remove("SUDO_USER");
+    cmd
+}
+
 /// Starts memleak with `args`; its stdin is a pipe (a -c command inherits it).
 pub fn memleak(args: &[&str]) -> Proc {
-    let mut cmd = Command::new(memleak_bin());
-    cmd.args(args);
-    Proc::spawn("memleak", cmd)
+    Proc::spawn("memleak", memleak_command(args))
 }
 
 /// Starts memleak and waits until its probes are attached.
