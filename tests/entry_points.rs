@@ -279,3 +279,67 @@ fn deep_stacks_are_truncated_with_a_warning() {
     assert_eq!((shallow.bytes, shallow.count, shallow.func(1)), (8, 1, "do_recurse"));
     assert_symbolized(shallow, &fixture("allocs"));
 }
+
+/// Classic uprobes and uretprobes (--attach classic), where return probes replace return
+/// addresses on the stack: the same exact numbers, nesting included (malloc served by mmap,
+/// realloc by mremap, reallocarray's tail call into realloc).
+#[test]
+fn classic_uprobes_count_the_same() {
+    let out = run_under_c(
+        &["--attach", "classic", "-v", "-T", "50"],
+        &[
+            "malloc 100 3",
+            "calloc 3 40 2",
+            "realloc 10 100 1000",
+            "reallocarray 2 8 4",
+            "posix_memalign 64 200 2",
+            "aligned_alloc 64 256 1",
+            "memalign 128 320 1",
+            "valloc 500 1",
+            "pvalloc 600 1",
+            "mmap 8192 2",
+            "mremap 4096 12288",
+            "malloc 1048576 1",
+            "realloc 100 200000 400000",
+            "freed 64 10",
+            "realloc0 100",
+            "fail_malloc",
+            "fail_posix_memalign",
+            "fail_mmap",
+        ],
+    );
+    assert!(out.stderr.contains("(Classic mode)"), "{}", out.stderr);
+    assert_eq!(
+        final_report(&out.stdout).summary(),
+        expected(&[
+            ("do_malloc", 1048876, 4),
+            ("do_calloc", 240, 2),
+            ("do_realloc", 401000, 2),
+            ("do_reallocarray", 32, 1),
+            ("do_posix_memalign", 400, 2),
+            ("do_aligned_alloc", 256, 1),
+            ("do_memalign", 320, 1),
+            ("do_valloc", 500, 1),
+            ("do_pvalloc", 600, 1),
+            ("do_mmap", 16384, 2),
+            ("do_mremap", 12288, 1),
+        ]),
+        "{}",
+        out.stdout.join("\n")
+    );
+}
+
+/// --max-allocs bounds the allocations tracked at once: the ones past it are counted and
+/// said, and a freed slot is used again.
+#[test]
+fn max_allocs_limit_is_said() {
+    let out = run_under_c(&["--max-allocs", "100"], &["quiet", "malloc 16 150", "free_all", "calloc 1 8 20"]);
+    let r = final_report(&out.stdout);
+    assert_eq!(r.summary(), expected(&[("do_calloc", 160, 20)]));
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(
+        r.warnings[0].starts_with("50 allocations untracked: the allocation map is full (100 entries"),
+        "{:?}",
+        r.warnings
+    );
+}
