@@ -356,6 +356,11 @@ mod tests {
         assert_eq!(c.symbols_prefix, "je_");
         assert_eq!((c.interval, c.count), (Duration::from_secs(2), Some(4)));
         assert_eq!(ok(&["-S", "tc_", "-p", "1"]).symbols_prefix, "tc_");
+        // One bound alone leaves the other open; equal bounds are allowed.
+        let c = ok(&["-p", "1", "-z", "64"]);
+        assert_eq!((c.min_size, c.max_size), (64, u64::MAX));
+        let c = ok(&["-p", "1", "-Z", "64", "-z", "64"]);
+        assert_eq!((c.min_size, c.max_size), (64, 64));
         assert_eq!(ok(&[]).target, Target::Kernel);
         assert!(ok(&["--percpu"]).percpu);
         assert!(ok(&["-p", "1", "--frame-pointers"]).frame_pointers);
@@ -382,6 +387,10 @@ mod tests {
             (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
             (&["-S", "je_"][..], "need -p or -c"),
             (&["-p", "1", "1", "0"][..], "count"),
+            (&["-p", "1", "-i", "2", "3"][..], "either with -i or as a positional"),
+            (&["-p", "1", "-T", "0"][..], "-T/--top must be at least 1"),
+            (&["-p", "1", "-z", "-5"][..], "unexpected argument '-5'"),
+            (&["-p", "1", "-s", "x"][..], "invalid value 'x'"),
             (&["-p", "1", "--max-allocs", "0"][..], "--max-allocs"),
         ] {
             let m = err(args);

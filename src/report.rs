@@ -183,6 +183,29 @@ mod tests {
     }
 
     #[test]
+    fn addresses_precede_their_own_stack() {
+        let a = StackTotal { stack_id: 1, bytes: 16, count: 1, blocks: vec![(0xa0, 16)] };
+        let b = StackTotal { stack_id: 2, bytes: 64, count: 2, blocks: vec![(0xc0, 32), (0xb0, 32)] };
+        let stacks = [
+            StackReport { total: &a, frames: vec!["f+0x1 [/x] (1)".into()] },
+            StackReport { total: &b, frames: vec![] },
+        ];
+        let opts = Options { top: 3, show_allocs: true, max_allocs: 1 << 20 };
+        let text = format("01:02:03", &opts, &stacks, &Losses::default());
+        assert_eq!(
+            text,
+            "[01:02:03] Top 3 stacks with outstanding allocations:\n\
+             \taddr = a0 size = 16\n\
+             \t16 bytes in 1 allocations from stack\n\
+             \t\tf+0x1 [/x] (1)\n\
+             \taddr = b0 size = 32\n\
+             \taddr = c0 size = 32\n\
+             \t64 bytes in 2 allocations from stack\n\
+             \t\t[no frames]\n"
+        );
+    }
+
+    #[test]
     fn losses_are_never_silent() {
         let l = Losses { allocs_map_full: 3, stacks_map_full: 2, trace_events_lost: 1, ..Default::default() };
         let opts = Options { top: 10, show_allocs: false, max_allocs: 1000 };

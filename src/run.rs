@@ -104,9 +104,9 @@ impl Tracer<'_, '_> {
     }
 
     fn print_report(&mut self, after_exit: bool) -> Result<()> {
-        if !after_exit {
-            self.prepare_symbols()?;
-        }
+        // After an exit too: stacks stored since the last tick are still in the map, and their
+        // addresses resolve against the last maps read (a -p process is gone by now).
+        self.prepare_symbols()?;
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
         let started = Instant::now();
@@ -263,6 +263,12 @@ pub fn run(cfg: &Config) -> Result<i32> {
             );
         }
     }
+    let mut symbolizer = Symbolizer::new(Some(pid));
+    if !is_command {
+        // The maps of the running process, read before it can exit (the line below tells
+        // scripts the probes are in place), kept in case it exits before its stacks are read.
+        symbolizer.reread_maps();
+    }
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
     if let Some(held) = held {
         held.release()?;
@@ -275,7 +281,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         stacks: &skel.maps.stacks,
         pid: Some(pid),
         collector: Collector::new(),
-        symbolizer: Symbolizer::new(Some(pid)),
+        symbolizer,
         kernel: None,
         unwind,
     };

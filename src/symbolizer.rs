@@ -117,7 +117,10 @@ impl Symbolizer {
                 continue;
             }
             if self.maps.find(addr).is_none() && !reread {
-                if let Ok(m) = ProcMaps::read(pid) {
+                // An exited process has no maps left: keep the last ones seen.
+                if let Ok(m) = ProcMaps::read(pid)
+                    && !m.mappings.is_empty()
+                {
                     self.maps = m;
                 }
                 reread = true;
@@ -138,6 +141,7 @@ impl Symbolizer {
     pub fn reread_maps(&mut self) {
         if let Some(pid) = self.pid
             && let Ok(m) = ProcMaps::read(pid)
+            && !m.mappings.is_empty()
         {
             self.maps = m;
         }
@@ -203,15 +207,28 @@ impl Symbolizer {
     /// The symbol, line and inlined functions of the call before the return address at
     /// `offset`.
     fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<Frame> {
-        let src = Source::Elf(Elf::new(path));
         let call = offset.checked_sub(1)?;
-        let Ok(Symbolized::Sym(sym)) = self.blaze.symbolize_single(&src, Input::FileOffset(call)) else {
-            return None;
+        let lookup = |debug_syms: bool| {
+            let mut elf = Elf::new(path);
+            elf.debug_syms = debug_syms;
+            match self.blaze.symbolize_single(&Source::Elf(elf), Input::FileOffset(call)) {
+                Ok(Symbolized::Sym(sym)) => Some(sym),
+                _ => None,
+            }
         };
+        let sym = lookup(true)?;
+        // Debug info (e.g. libc6-dbg) can give a function without its address (addr 0,
+        // offset = the whole file offset; seen inside glibc's pthread_create): the ELF
+        // symbol tables then know the name and offset better; the lines still come from DWARF.
+        let (name, off) =
+            match (sym.addr == 0 || sym.size.is_some_and(|size| sym.offset >= size)).then(|| lookup(false)).flatten() {
+                Some(elf) => (elf.name.to_string(), elf.offset),
+                None => (sym.name.to_string(), sym.offset),
+            };
         let line = |c: &CodeInfo| c.line.map(|l| format!("{}:{l}", c.to_path().display()));
         Some(Frame {
             addr: 0,
-            symbol: Some((sym.name.to_string(), sym.offset as u64 + 1)),
+            symbol: Some((name, off as u64 + 1)),
             module: None,
             line: sym.code_info.as_deref().and_then(line),
             inlined: sym

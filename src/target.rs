@@ -32,6 +32,14 @@ pub fn check_pid(pid: i32) -> Result<()> {
     if flags & PF_KTHREAD != 0 {
         bail!("pid {pid} is a kernel thread: run memleak without -p to trace the kernel's allocators");
     }
+    // /proc/TID exists for every thread too; the probes and records go by process.
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let tgid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<i32>().ok());
+    if let Some(tgid) = tgid
+        && tgid != pid
+    {
+        bail!("{pid} is a thread of process {tgid}: give -p {tgid}");
+    }
     Ok(())
 }
 
