@@ -48,9 +48,9 @@ pub struct Args {
     #[arg(short = 'a', long)]
     pub show_allocs: bool,
 
-    /// Hide allocations younger than this age, in milliseconds
-    #[arg(short, long, value_name = "MS", default_value_t = 500)]
-    pub older: u64,
+    /// Hide allocations younger than this age, in milliseconds [default: 500]
+    #[arg(short, long, value_name = "MS")]
+    pub older: Option<u64>,
 
     /// Run this command (split as a shell splits words) and trace it from its first instruction
     #[arg(short, long, value_name = "COMMAND")]
@@ -197,6 +197,9 @@ impl Args {
         if target == Target::Kernel && self.attach != AttachChoice::Auto {
             bail!("--attach chooses how uprobes attach: it needs -p or -c (kernel mode uses tracepoints)");
         }
+        if self.combined_only && (self.show_allocs || self.older.is_some()) {
+            bail!("--combined-only keeps per-stack totals only: -a and -o need per-allocation records");
+        }
         let min_size = self.min_size.unwrap_or(0);
         let max_size = self.max_size.unwrap_or(u64::MAX);
         if min_size > max_size {
@@ -226,7 +229,7 @@ impl Args {
             target,
             trace: self.trace,
             show_allocs: self.show_allocs,
-            min_age: Duration::from_millis(self.older),
+            min_age: Duration::from_millis(self.older.unwrap_or(500)),
             combined_only: self.combined_only,
             wa_missing_free: self.wa_missing_free,
             sample_rate: self.sample_rate,
@@ -330,7 +333,6 @@ mod tests {
             "-a",
             "-o",
             "60000",
-            "--combined-only",
             "-s",
             "5",
             "-T",
@@ -348,7 +350,8 @@ mod tests {
             "2",
             "4",
         ]);
-        assert!(c.trace && c.show_allocs && c.combined_only);
+        assert!(c.trace && c.show_allocs && !c.combined_only);
+        assert!(ok(&["-p", "1", "--combined-only", "-t"]).combined_only);
         assert_eq!(c.min_age, Duration::from_secs(60));
         assert_eq!((c.sample_rate, c.top, c.min_size, c.max_size), (5, 3, 16, 4096));
         assert_eq!(c.obj, Some(PathBuf::from("/lib/libjemalloc.so")));
@@ -384,6 +387,8 @@ mod tests {
             (&["-c", "'unterminated"][..], "unbalanced quotes"),
             (&["-p", "1", "--percpu"][..], "--percpu"),
             (&["--attach", "classic"][..], "--attach"),
+            (&["-p", "1", "--combined-only", "-a"][..], "--combined-only"),
+            (&["-p", "1", "--combined-only", "-o", "100"][..], "--combined-only"),
             (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
             (&["-S", "je_"][..], "need -p or -c"),
             (&["-p", "1", "1", "0"][..], "count"),

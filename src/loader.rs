@@ -66,7 +66,6 @@ fn open<'obj>(
     open.progs.memleak_session.set_autoload(mode == AttachMode::Session);
     open.progs.memleak_entry.set_autoload(mode == AttachMode::Classic);
     open.progs.memleak_return.set_autoload(mode == AttachMode::Classic);
-    open.progs.memleak_exec.set_autoload(held_until_exec);
     Ok(open)
 }
 

@@ -31,6 +31,13 @@ pub const MAX_STACK_DEPTH: usize = std::mem::size_of::<skel::types::stack>() / 8
 
 use std::io::Write;
 
+/// libbpf's own messages go to stderr only with -v: errors reach the user as one line each.
+fn libbpf_log(level: libbpf_rs::PrintLevel, msg: String) {
+    if level != libbpf_rs::PrintLevel::Debug {
+        eprint!("libbpf: {msg}");
+    }
+}
+
 fn main() {
     let cfg = match cli::parse(std::env::args_os()) {
         Ok(cfg) => cfg,
@@ -43,6 +50,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    libbpf_rs::set_print(cfg.verbose.then_some((libbpf_rs::PrintLevel::Info, libbpf_log as libbpf_rs::PrintCallback)));
     let code = match run::run(&cfg) {
         Ok(code) => code,
         Err(e) => {

@@ -243,11 +243,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         Some(u)
     };
     let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
-    let _exec_link = if is_command {
-        Some(skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?)
-    } else {
-        None
-    };
+    let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     if cfg.verbose {
         eprintln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
         for e in &entries {
@@ -426,6 +422,9 @@ fn event_loop(
             t.print_report(false)?;
             reports += 1;
             if t.cfg.count.is_some_and(|c| reports >= c) {
+                if is_command && let Some(pid) = t.pid {
+                    eprintln!("memleak: {reports} reports printed; the command (pid {pid}) goes on running, untraced");
+                }
                 return Ok(End::Stopped);
             }
             next_report += t.cfg.interval;

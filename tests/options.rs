@@ -9,7 +9,8 @@ fn report_under_p(args: &[&str], cmds: &[&str]) -> (Report, Vec<String>) {
     let pid = f.pid().to_string();
     let mut all = args.to_vec();
     all.extend(["-p", &pid, "60"]);
-    if !args.contains(&"-o") {
+    // Every block counts, whatever its age (combined mode keeps no ages: -o does not go with it).
+    if !args.contains(&"-o") && !args.contains(&"--combined-only") {
         all.extend(["-o", "0"]);
     }
     let m = memleak_attached(&all);

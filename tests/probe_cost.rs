@@ -1,11 +1,13 @@
 //! Issue 3: probes placed past the entry miss no call, the one-link and classic attach modes
 //! agree, and under load from 4 threads every allocation and free is seen (exact counts).
 //! Runs as root against real processes with real BPF.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const MEMLEAK: &str = env!("CARGO_BIN_EXE_memleak");
+use common::{Finished, final_report, memleak_bin, memleak_output};
 
 fn build_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe_cost");
@@ -52,32 +54,18 @@ fn churn() -> &'static PathBuf {
     })
 }
 
-struct Run {
-    stdout: String,
-    stderr: String,
-}
-
-fn memleak(args: &[&str]) -> Run {
-    let out = Command::new(MEMLEAK).args(args).output().expect("run memleak");
-    let run = Run {
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
-    assert!(out.status.success(), "memleak {args:?} failed:\n{}\n{}", run.stdout, run.stderr);
+fn memleak(args: &[&str]) -> Finished {
+    let run = memleak_output(args);
+    assert!(run.status.success(), "memleak {args:?} failed:\n{}\n{}", run.stdout.join("\n"), run.stderr);
     run
 }
 
-/// (bytes, count) of the stacks of the final report (after "exited") whose first frame is in
-/// `function`.
-fn final_stack(stdout: &str, function: &str) -> Option<(u64, u64)> {
-    let report = &stdout[stdout.find(" exited with status").expect("a final report")..];
-    let lines: Vec<&str> = report.lines().collect();
-    lines.windows(2).find_map(|w| {
-        let (head, frame) = (w[0].trim(), w[1].trim());
-        let rest = head.strip_suffix(" allocations from stack")?;
-        let (bytes, count) = rest.split_once(" bytes in ")?;
-        frame.starts_with(&format!("{function}+0x")).then(|| (bytes.parse().unwrap(), count.parse().unwrap()))
-    })
+/// (bytes, count) of the final report's stack whose first frame is in `function`, if any.
+fn final_stack(run: &Finished, function: &str) -> Option<(u64, u64)> {
+    let report = final_report(&run.stdout);
+    let stacks = report.stacks_in(function);
+    assert!(stacks.len() <= 1, "several {function} stacks:\n{}", run.stdout.join("\n"));
+    stacks.first().map(|s| (s.bytes, s.count))
 }
 
 /// The probe delta memleak -v chose for `name`.
@@ -106,9 +94,9 @@ fn check_prologues(attach: &str) {
     for (via, size) in
         [("via_malloc", 24), ("via_calloc", 40), ("via_realloc", 56), ("via_valloc", 72), ("via_pvalloc", 88)]
     {
-        assert_eq!(final_stack(&run.stdout, via), Some((n * size, n)), "{via} ({attach}):\n{}", run.stdout);
+        assert_eq!(final_stack(&run, via), Some((n * size, n)), "{via} ({attach}):\n{}", run.stdout.join("\n"));
     }
-    assert_eq!(final_stack(&run.stdout, "freed"), None, "freed blocks reported:\n{}", run.stdout);
+    assert_eq!(final_stack(&run, "freed"), None, "freed blocks reported:\n{}", run.stdout.join("\n"));
 }
 
 #[test]
@@ -134,16 +122,20 @@ fn glibc_probe_offsets_follow_the_rule() {
 fn four_threads_of_churn_lose_nothing() {
     // 4 threads x 1,000,000 malloc/free pairs; every 1000th iteration leaks 1000 bytes.
     let run = memleak(&["-c", &format!("{} pairs 1000000 4 1000", churn().display())]);
-    assert_eq!(final_stack(&run.stdout, "leak_one"), Some((4_000_000, 4_000)), "{}", run.stdout);
+    let text = run.stdout.join("\n");
+    assert_eq!(final_stack(&run, "leak_one"), Some((4_000_000, 4_000)), "{text}");
     // A missed free would leave a churn block behind: the churn loop's own stack must be empty.
-    assert_eq!(final_stack(&run.stdout, "churn"), None, "{}", run.stdout);
-    assert!(!run.stdout.contains("WARNING"), "losses under load:\n{}", run.stdout);
+    assert_eq!(final_stack(&run, "churn"), None, "{text}");
+    assert!(final_report(&run.stdout).warnings.is_empty(), "losses under load:\n{text}");
 }
 
 #[test]
 fn the_benchmark_runs_at_a_small_n() {
-    let out =
-        Command::new(src("bench/overhead")).arg("20000").env("MEMLEAK", MEMLEAK).output().expect("run bench/overhead");
+    let out = Command::new(src("bench/overhead"))
+        .arg("20000")
+        .env("MEMLEAK", memleak_bin())
+        .output()
+        .expect("run bench/overhead");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     for label in

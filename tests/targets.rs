@@ -237,11 +237,7 @@ fn static_executable_is_its_own_allocator() {
 }
 
 /// exec replaces the process's memory: the blocks of the old image are gone with it.
-/// Fails today: they stay in the allocation map and are reported as leaks with [unknown]
-/// frames (the old image's stacks cannot be symbolized). The fix belongs in the BPF exec hook
-/// or the collector (drop the process's records at each exec after the first).
 #[test]
-#[ignore = "known bug: blocks of an image replaced by exec are still reported"]
 fn exec_discards_the_old_images_blocks() {
     let exe = fixture("allocs");
     let mut m = memleak_attached(&["-c", exe.to_str().expect("utf-8")]);

@@ -414,12 +414,36 @@ int memleak_return(struct pt_regs *ctx)
 	return on_return(ctx);
 }
 
-/* -c: the probes are attached before exec; only the command's own image counts. */
+/* Ends a record of the process that exec'd (ctx: its pid): its old image's memory is gone. */
+static long drop_record(void *map, struct alloc_key *key, struct alloc_info *info, __u32 *pid)
+{
+	if (key->pid != *pid)
+		return 0;
+	if (combined_only) {
+		struct combined_info *c = bpf_map_lookup_elem(&combined, &info->stack_id);
+		if (c) {
+			__sync_fetch_and_add(&c->total_size, -info->size);
+			__sync_fetch_and_add(&c->count, -1);
+		}
+	}
+	bpf_map_delete_elem(map, key);
+	return 0;
+}
+
+/*
+ * exec of the target: -c opens tracing here (the probes were attached before exec and only the
+ * command's own image counts); any later exec replaces the image, so the blocks it held are
+ * gone and their records end.
+ */
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_binprm *bprm)
 {
-	if ((bpf_get_current_pid_tgid() >> 32) == target_tgid)
-		armed = true;
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+
+	if (pid != target_tgid)
+		return 0;
+	armed = true;
+	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
 	return 0;
 }
 
