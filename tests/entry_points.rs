@@ -343,3 +343,20 @@ fn max_allocs_limit_is_said() {
         r.warnings
     );
 }
+
+/// A free reached by a tail jump must not hide the allocations that follow it (a call whose
+/// state outlived it once made every later malloc from the same caller look nested).
+#[test]
+fn a_tail_called_free_hides_nothing() {
+    let exe = optimized_fixture("tailfree");
+    let out = memleak_output(&["-t", "-c", &format!("{} 1000", exe.display())]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let allocs = out.stdout.iter().filter(|l| l.starts_with("alloc exited, size = ")).count();
+    let frees = out.stdout.iter().filter(|l| l.starts_with("free entered, address = ")).count();
+    // The loader and libc allocate a few blocks of their own before main.
+    assert!((1000..1010).contains(&allocs), "{allocs} allocations traced:\n{}", out.stdout.join("\n"));
+    assert!((999..1009).contains(&frees), "{frees} frees traced");
+    let r = final_report(&out.stdout);
+    let pair: Vec<(u64, u64)> = r.stacks_in("pair").iter().map(|s| (s.bytes, s.count)).collect();
+    assert_eq!(pair, [(23, 1)], "{}", out.stdout.join("\n"));
+}

@@ -67,14 +67,12 @@ struct {
  * scratch map: uprobe_multi programs run with preemption enabled.
  */
 struct task_state {
-	__u64 outer_sp;  /* rsp at entry of the call in flight (0: none) */
-	__u64 outer_ret; /* its return address, to tell a nested call from a stale record */
+	__u64 outer_sp;  /* rsp at entry of the allocation call in flight (0: none) */
 	__u64 size;
 	__u64 arg;       /* realloc/mremap: the old block; posix_memalign: memptr */
 	__u64 stack_id;
 	__u32 kind;
-	__u16 record;    /* the new block passes the size filters and sampling */
-	__u16 has_return; /* the return probe will run and end the call */
+	__u32 record;    /* the new block passes the size filters and sampling */
 	struct stack stack;
 	struct unwind_scratch unwind;
 };
@@ -256,8 +254,7 @@ static __always_inline bool sampled_in(__u64 size)
  */
 static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 {
-	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0, ret_addr;
-	bool needs_return = false;
+	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0;
 
 	if (need_exec && !armed)
 		return 1;
@@ -284,24 +281,30 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 	case FN_POSIX_MEMALIGN:
 		arg = PT_REGS_PARM1(ctx);
 		size = PT_REGS_PARM3(ctx);
-		needs_return = true;
 		break;
 	case FN_REALLOC:
 		arg = PT_REGS_PARM1(ctx);
 		size = PT_REGS_PARM2(ctx);
-		needs_return = arg != 0;
 		break;
 	case FN_REALLOCARRAY:
 		arg = PT_REGS_PARM1(ctx);
 		size = PT_REGS_PARM2(ctx) * PT_REGS_PARM3(ctx);
-		needs_return = arg != 0;
 		break;
 	case FN_MREMAP:
 		arg = PT_REGS_PARM1(ctx);
 		size = PT_REGS_PARM3(ctx);
-		needs_return = true;
 		break;
 	default:
+		return 1;
+	}
+
+	/*
+	 * free and munmap end a record and need no per-thread state: one made from inside another
+	 * allocator call (realloc(p, 0)'s free, free's munmap of a mapped chunk) only ends what the
+	 * outer call would end anyway, or finds nothing.
+	 */
+	if (kind == FN_FREE || kind == FN_MUNMAP) {
+		record_free(bpf_get_current_pid_tgid() >> 32, arg, kind);
 		return 1;
 	}
 
@@ -312,41 +315,22 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 		return 1;
 	}
 	/*
-	 * A call made from inside another allocator call (malloc's mmap, realloc's malloc, free's
-	 * munmap) is part of that call: count it once. The outer call is still in flight when this
-	 * one is deeper on the stack and either its return probe is pending (it clears outer_sp;
-	 * the kernel has replaced the return address with its trampoline) or, without a return
-	 * probe, its return address is still in its slot.
+	 * An allocation made from inside another allocator call (malloc's mmap, realloc's malloc,
+	 * reallocarray's tail jump to realloc) is part of that call: count it once. The outer call
+	 * is in flight until its return probe clears outer_sp, and this one is at the same depth
+	 * (a tail call) or deeper on the stack.
 	 */
-	if (ts->outer_sp && sp <= ts->outer_sp) {
-		__u64 slot = 0;
-		/* Equal depth: a tail call (glibc's reallocarray jumps to realloc). */
-		if (ts->has_return)
-			return 1;
-		bpf_probe_read_user(&slot, sizeof(slot), (void *)ts->outer_sp);
-		if (sp < ts->outer_sp && slot == ts->outer_ret)
-			return 1;
-	}
-	if (bpf_probe_read_user(&ret_addr, sizeof(ret_addr), (void *)sp))
-		ret_addr = 0;
-	ts->outer_sp = sp;
-	ts->outer_ret = ret_addr;
-	ts->kind = kind;
-
-	ts->has_return = 0;
-	if (kind == FN_FREE || kind == FN_MUNMAP) {
-		record_free(bpf_get_current_pid_tgid() >> 32, arg, kind);
+	if (ts->outer_sp && sp <= ts->outer_sp)
 		return 1;
-	}
+	ts->outer_sp = sp;
+	ts->kind = kind;
 	ts->size = size;
 	ts->arg = arg;
 	ts->record = sampled_in(size);
-	if (ts->record) {
+	if (ts->record)
 		ts->stack_id = capture_stack(ctx, ts);
-		needs_return = true;
-	}
-	ts->has_return = needs_return;
-	return needs_return ? 0 : 1;
+	/* Always: the return probe is what ends the call, even one not recorded. */
+	return 0;
 }
 
 static __always_inline int on_return(struct pt_regs *ctx)

@@ -29,6 +29,11 @@ pub fn fixture(name: &str) -> PathBuf {
     build_fixture(name, name, &[])
 }
 
+/// A fixture built with -O2 (tail calls, no frame set-up where none is needed).
+pub fn optimized_fixture(name: &str) -> PathBuf {
+    build_fixture(name, &format!("{name}-O2"), &["-O2"])
+}
+
 /// A fixture linked statically: its allocator is in the executable itself.
 pub fn static_fixture(name: &str) -> PathBuf {
     build_fixture(name, &format!("{name}-static"), &["-static"])
