@@ -25,17 +25,12 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+#define RECORD_MAP_FLAGS 0
+#include "records.bpf.h"
+
 /* Set by the loader before load. */
-const volatile __u64 min_size = 0;
-const volatile __u64 max_size = (__u64)-1;
-const volatile __u32 sample_rate = 1;
-const volatile bool trace_all = false;
-const volatile bool combined_only = false;
-const volatile bool wa_missing_free = false;
 const volatile bool cache_alloc_has_cache = true;  /* kmem_cache_alloc passes s (6.1+) */
 const volatile bool percpu_has_call_site = true;   /* percpu_alloc_percpu starts with call_site (6.2+) */
-
-__u64 counters[NR_COUNTERS];
 
 /*
  * Page frame numbers: pfn = (page - vmemmap_base) / sizeof(struct page). vmemmap_base is not a
@@ -48,29 +43,6 @@ __u64 vmemmap_base = 0;
 __u32 calib_tid = 0;
 __u64 calib_page = 0;
 __u64 page_struct_size = 0;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1000000);
-	__type(key, struct alloc_key);
-	__type(value, struct alloc_info);
-} allocs SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 10240);
-	__type(key, __u64);
-	__type(value, struct combined_info);
-} combined SEC(".maps");
-
-/* Stacks as in user mode: keyed by a 64-bit hash of their frames, so the collector reads both
- * the same way and two stacks share a slot only if their hashes collide. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 32768);
-	__type(key, __u64);
-	__type(value, struct stack);
-} stacks SEC(".maps");
 
 /*
  * Where a stack is captured before it is hashed: one slot per allocating program and CPU. A
@@ -86,55 +58,11 @@ struct {
 	__type(value, struct stack);
 } scratch SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
-} events SEC(".maps");
-
-static __always_inline void count(enum counter c)
-{
-	if (c < NR_COUNTERS)
-		__sync_fetch_and_add(&counters[c], 1);
-}
-
-static __always_inline void emit(__u32 kind, __u32 fn, __u64 size, __u64 addr)
-{
-	struct trace_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u64 id = bpf_get_current_pid_tgid();
-
-	if (!e) {
-		count(CNT_EVENTS_LOST);
-		return;
-	}
-	e->kind = kind;
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->fn = fn;
-	e->size = size;
-	e->addr = addr;
-	bpf_ringbuf_submit(e, 0);
-}
-
-static __always_inline __u64 stack_hash(const struct stack *st)
-{
-	__u64 h = 0xcbf29ce484222325ULL ^ st->depth;
-
-	for (int i = 0; i < MAX_STACK_DEPTH; i++) {
-		if (i >= st->depth)
-			break;
-		h = (h ^ st->ips[i]) * 0x100000001b3ULL;
-		h ^= h >> 29;
-	}
-	h ^= h >> 32;
-	return h ? h : 1;
-}
-
 /* The kernel stack of this tracepoint hit, stored; returns its id, 0 if it could not be. */
 static __always_inline __u64 capture_stack(void *ctx, __u32 slot)
 {
 	struct stack *st = bpf_map_lookup_elem(&scratch, &slot);
-	long n, err;
-	__u64 id;
+	long n;
 
 	if (!st)
 		return 0;
@@ -145,79 +73,23 @@ static __always_inline __u64 capture_stack(void *ctx, __u32 slot)
 	}
 	st->depth = n / sizeof(__u64);
 	st->truncated = st->depth >= MAX_STACK_DEPTH;
-	if (st->truncated)
-		count(CNT_TRUNCATED);
-	id = stack_hash(st);
-	if (bpf_map_lookup_elem(&stacks, &id))
-		return id;
-	err = bpf_map_update_elem(&stacks, &id, st, BPF_NOEXIST);
-	if (err && err != -17 /* EEXIST: stored meanwhile on another CPU */) {
-		count(CNT_STACKS_FULL);
-		return 0;
-	}
-	return id;
+	return store_stack(st);
 }
 
-static __always_inline void combined_add(__u64 stack_id, __s64 size, __s64 n)
+/* Kernel records are those of pid 0. */
+static __always_inline void kfree_record(__u64 addr, __u32 fn)
 {
-	struct combined_info *c = bpf_map_lookup_elem(&combined, &stack_id);
-
-	if (!c && n > 0) {
-		struct combined_info init = { .total_size = size, .count = 1 };
-		if (!bpf_map_update_elem(&combined, &stack_id, &init, BPF_NOEXIST))
-			return;
-		c = bpf_map_lookup_elem(&combined, &stack_id);
-	}
-	if (c) {
-		__sync_fetch_and_add(&c->total_size, size);
-		__sync_fetch_and_add(&c->count, n);
-	} else if (n > 0) {
-		count(CNT_COMBINED_FULL);
-	}
-}
-
-static __always_inline void record_free(__u64 addr, __u32 fn)
-{
-	struct alloc_key key = { .pid = 0, .addr = addr };
-	long err;
-
-	if (combined_only || trace_all) {
-		struct alloc_info *info = bpf_map_lookup_elem(&allocs, &key);
-		if (!info)
-			return;
-		if (combined_only)
-			combined_add(info->stack_id, -(__s64)info->size, -1);
-		if (trace_all)
-			emit(EV_FREE, fn, info->size, addr);
-	}
-	err = bpf_map_delete_elem(&allocs, &key);
-	if (err && err != -2 /* ENOENT: not tracked */)
-		count(CNT_FREE_FAILED);
+	record_free(0, addr, fn);
 }
 
 static __always_inline void record_alloc(void *ctx, __u64 addr, __u64 size, __u32 fn, __u32 slot)
 {
-	struct alloc_key key = { .pid = 0, .addr = addr };
-	struct alloc_info info = { .size = size };
-
 	if (!addr)
 		return;
-	if (wa_missing_free)
-		record_free(addr, fn);
-	if (size < min_size || size > max_size)
+	end_missed_free(0, addr, fn);
+	if (!sampled_in(size))
 		return;
-	if (sample_rate > 1 && bpf_get_prandom_u32() % sample_rate)
-		return;
-	info.stack_id = capture_stack(ctx, slot);
-	info.timestamp_ns = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&allocs, &key, &info, BPF_ANY)) {
-		count(CNT_ALLOCS_FULL);
-		return;
-	}
-	if (combined_only)
-		combined_add(info.stack_id, size, 1);
-	if (trace_all)
-		emit(EV_ALLOC, fn, size, addr);
+	record_insert(0, addr, size, capture_stack(ctx, slot), fn);
 }
 
 SEC("tp_btf/kmalloc")
@@ -233,7 +105,7 @@ SEC("tp_btf/kfree")
 int memleak_kfree(__u64 *ctx)
 {
 	if (ctx[1])
-		record_free(ctx[1], FN_KFREE);
+		kfree_record(ctx[1], FN_KFREE);
 	return 0;
 }
 
@@ -254,7 +126,7 @@ SEC("tp_btf/kmem_cache_free")
 int memleak_kmem_cache_free(__u64 *ctx)
 {
 	if (ctx[1])
-		record_free(ctx[1], FN_KMEM_CACHE_FREE);
+		kfree_record(ctx[1], FN_KMEM_CACHE_FREE);
 	return 0;
 }
 
@@ -302,7 +174,7 @@ int memleak_page_free(__u64 *ctx)
 		return 0;
 	page = page_arg(ctx);
 	if (page)
-		record_free(page_to_pfn(page), FN_PAGE_FREE);
+		kfree_record(page_to_pfn(page), FN_PAGE_FREE);
 	return 0;
 }
 
@@ -320,12 +192,6 @@ SEC("tp_btf/percpu_free_percpu")
 int memleak_percpu_free(__u64 *ctx)
 {
 	if (ctx[2])
-		record_free(ctx[2], FN_PERCPU_FREE);
+		kfree_record(ctx[2], FN_PERCPU_FREE);
 	return 0;
 }
-
-/* Never used: they put the shared types into BTF for the generated skeleton. */
-enum fn_kind kmem_btf_fn_kind __attribute__((unused));
-enum counter kmem_btf_counter __attribute__((unused));
-enum event_kind kmem_btf_event_kind __attribute__((unused));
-struct trace_event kmem_btf_trace_event __attribute__((unused));

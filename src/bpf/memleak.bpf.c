@@ -16,49 +16,15 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-/* Set by the loader before load: the verifier drops code for features that are off. */
-const volatile __u64 min_size = 0;
-const volatile __u64 max_size = (__u64)-1;
-const volatile __u32 sample_rate = 1;
-const volatile bool trace_all = false;
-const volatile bool combined_only = false;
-const volatile bool wa_missing_free = false;
+#define RECORD_MAP_FLAGS BPF_F_NO_PREALLOC
+#include "records.bpf.h"
+
+/* Set by the loader before load. */
 const volatile bool need_exec = false; /* -c: ignore calls until the command has exec'd */
 const volatile __u32 target_tgid = 0;
 
 /* Set by sched_process_exec for target_tgid (or by the loader when need_exec is off). */
 bool armed = false;
-
-__u64 counters[NR_COUNTERS];
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 1000000);
-	__type(key, struct alloc_key);
-	__type(value, struct alloc_info);
-} allocs SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 10240);
-	__type(key, __u64);
-	__type(value, struct combined_info);
-} combined SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 32768);
-	__type(key, __u64);
-	__type(value, struct stack);
-} stacks SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
-} events SEC(".maps");
 
 #include "unwind.bpf.h"
 
@@ -83,30 +49,6 @@ struct {
 	__type(key, int);
 	__type(value, struct task_state);
 } task_states SEC(".maps");
-
-static __always_inline void count(enum counter c)
-{
-	if (c < NR_COUNTERS)
-		__sync_fetch_and_add(&counters[c], 1);
-}
-
-static __always_inline void emit(__u32 kind, __u32 fn, __u64 size, __u64 addr)
-{
-	struct trace_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u64 id = bpf_get_current_pid_tgid();
-
-	if (!e) {
-		count(CNT_EVENTS_LOST);
-		return;
-	}
-	e->kind = kind;
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->fn = fn;
-	e->size = size;
-	e->addr = addr;
-	bpf_ringbuf_submit(e, 0);
-}
 
 /* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
 
@@ -141,112 +83,13 @@ static __always_inline __u32 unwind_frame_pointers(struct pt_regs *ctx, struct s
 	return depth;
 }
 
-static __always_inline __u64 stack_hash(const struct stack *st)
-{
-	__u64 h = 0xcbf29ce484222325ULL ^ st->depth;
-
-	for (int i = 0; i < MAX_STACK_DEPTH; i++) {
-		if (i >= st->depth)
-			break;
-		h = (h ^ st->ips[i]) * 0x100000001b3ULL;
-		h ^= h >> 29;
-	}
-	h ^= h >> 32;
-	return h ? h : 1;
-}
-
 static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_state *ts)
 {
-	__u64 id;
-	long err;
-
 	if (frame_pointers_only)
 		ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
 	else
 		ts->stack.depth = unwind_tables(ctx, &ts->unwind, &ts->stack);
-	if (ts->stack.truncated)
-		count(CNT_TRUNCATED);
-	id = stack_hash(&ts->stack);
-	if (bpf_map_lookup_elem(&stacks, &id))
-		return id;
-	err = bpf_map_update_elem(&stacks, &id, &ts->stack, BPF_NOEXIST);
-	if (err && err != -17 /* EEXIST: another thread stored it */) {
-		count(CNT_STACKS_FULL);
-		return 0;
-	}
-	return id;
-}
-
-/* ---- Records */
-
-static __always_inline void record_free(__u32 pid, __u64 addr, __u32 fn)
-{
-	struct alloc_key key = { .pid = pid, .addr = addr };
-
-	if (!combined_only && !trace_all) {
-		bpf_map_delete_elem(&allocs, &key);
-		return;
-	}
-	struct alloc_info *info = bpf_map_lookup_elem(&allocs, &key);
-	if (!info)
-		return;
-	if (combined_only) {
-		struct combined_info *c = bpf_map_lookup_elem(&combined, &info->stack_id);
-		if (c) {
-			__sync_fetch_and_add(&c->total_size, -info->size);
-			__sync_fetch_and_add(&c->count, -1);
-		}
-	}
-	if (trace_all)
-		emit(EV_FREE, fn, info->size, addr);
-	bpf_map_delete_elem(&allocs, &key);
-}
-
-static __always_inline void record_alloc(__u32 pid, __u64 addr, struct task_state *ts)
-{
-	struct alloc_key key = { .pid = pid, .addr = addr };
-	struct alloc_info info = {
-		.size = ts->size,
-		.timestamp_ns = bpf_ktime_get_ns(),
-		.stack_id = ts->stack_id,
-	};
-
-	/* An address already tracked had a free we missed: end that record first. */
-	if (wa_missing_free)
-		record_free(pid, addr, FN_FREE);
-	if (bpf_map_update_elem(&allocs, &key, &info, BPF_ANY)) {
-		count(CNT_ALLOCS_FULL);
-		return;
-	}
-	if (combined_only) {
-		struct combined_info *c = bpf_map_lookup_elem(&combined, &info.stack_id);
-		if (c) {
-			__sync_fetch_and_add(&c->total_size, info.size);
-			__sync_fetch_and_add(&c->count, 1);
-		} else {
-			struct combined_info init = { .total_size = info.size, .count = 1 };
-			if (bpf_map_update_elem(&combined, &info.stack_id, &init, BPF_NOEXIST)) {
-				c = bpf_map_lookup_elem(&combined, &info.stack_id);
-				if (c) {
-					__sync_fetch_and_add(&c->total_size, info.size);
-					__sync_fetch_and_add(&c->count, 1);
-				} else {
-					count(CNT_COMBINED_FULL);
-				}
-			}
-		}
-	}
-	if (trace_all)
-		emit(EV_ALLOC, ts->kind, info.size, addr);
-}
-
-static __always_inline bool sampled_in(__u64 size)
-{
-	if (size < min_size || size > max_size)
-		return false;
-	if (sample_rate > 1 && bpf_get_prandom_u32() % sample_rate)
-		return false;
-	return true;
+	return store_stack(&ts->stack);
 }
 
 /*
@@ -370,8 +213,11 @@ static __always_inline int on_return(struct pt_regs *ctx)
 	default:
 		break;
 	}
-	if (addr && ts->record)
-		record_alloc(pid, addr, ts);
+	if (!addr)
+		return 0;
+	end_missed_free(pid, addr, ts->kind);
+	if (ts->record)
+		record_insert(pid, addr, ts->size, ts->stack_id, ts->kind);
 	return 0;
 }
 
@@ -403,13 +249,8 @@ static long drop_record(void *map, struct alloc_key *key, struct alloc_info *inf
 {
 	if (key->pid != *pid)
 		return 0;
-	if (combined_only) {
-		struct combined_info *c = bpf_map_lookup_elem(&combined, &info->stack_id);
-		if (c) {
-			__sync_fetch_and_add(&c->total_size, -info->size);
-			__sync_fetch_and_add(&c->count, -1);
-		}
-	}
+	if (combined_only)
+		combined_add(info->stack_id, -(__s64)info->size, -1);
 	bpf_map_delete_elem(map, key);
 	return 0;
 }
@@ -430,10 +271,3 @@ int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_bi
 	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
 	return 0;
 }
-
-/* Never used by the programs: they put the shared enums and event type into BTF, so the Rust
- * side gets them from the generated skeleton instead of redefining them. */
-enum fn_kind btf_fn_kind __attribute__((unused));
-enum counter btf_counter __attribute__((unused));
-enum event_kind btf_event_kind __attribute__((unused));
-struct trace_event btf_trace_event __attribute__((unused));

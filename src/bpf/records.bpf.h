@@ -1,0 +1,197 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * What both BPF objects (user mode's memleak.bpf.c, kernel mode's kmem.bpf.c) share: the
+ * configuration set by the loader, the loss counters, the record maps, and the code that stores
+ * stacks and starts and ends allocation records. Included once by each object, after
+ * memleak.h; the object defines RECORD_MAP_FLAGS first (kernel mode preallocates its maps:
+ * its programs run inside the kernel's allocators).
+ */
+#ifndef MEMLEAK_RECORDS_BPF_H
+#define MEMLEAK_RECORDS_BPF_H
+
+/* Set by the loader before load: the verifier drops code for features that are off. */
+const volatile __u64 min_size = 0;
+const volatile __u64 max_size = (__u64)-1;
+const volatile __u32 sample_rate = 1;
+const volatile bool trace_all = false;
+const volatile bool combined_only = false;
+const volatile bool wa_missing_free = false;
+
+/* Why something went untracked, by enum counter: every snapshot prints the non-zero ones. */
+__u64 counters[NR_COUNTERS];
+
+/* Sizes are set by the loader; these are placeholders. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, RECORD_MAP_FLAGS);
+	__uint(max_entries, 1000000);
+	__type(key, struct alloc_key);
+	__type(value, struct alloc_info);
+} allocs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, RECORD_MAP_FLAGS);
+	__uint(max_entries, 10240);
+	__type(key, __u64);
+	__type(value, struct combined_info);
+} combined SEC(".maps");
+
+/* Stacks keyed by a 64-bit hash of their frames: two share a slot only if their hashes collide. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, RECORD_MAP_FLAGS);
+	__uint(max_entries, 32768);
+	__type(key, __u64);
+	__type(value, struct stack);
+} stacks SEC(".maps");
+
+/* -t lines. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+#define EEXIST_ 17
+#define ENOENT_ 2
+
+static __always_inline void count(enum counter c)
+{
+	if (c < NR_COUNTERS)
+		__sync_fetch_and_add(&counters[c], 1);
+}
+
+static __always_inline void emit(__u32 kind, __u32 fn, __u64 size, __u64 addr)
+{
+	struct trace_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (!e) {
+		count(CNT_EVENTS_LOST);
+		return;
+	}
+	e->kind = kind;
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->fn = fn;
+	e->size = size;
+	e->addr = addr;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* The -z/-Z bounds and -s sampling, decided before any stack walk or map update. */
+static __always_inline bool sampled_in(__u64 size)
+{
+	if (size < min_size || size > max_size)
+		return false;
+	if (sample_rate > 1 && bpf_get_prandom_u32() % sample_rate)
+		return false;
+	return true;
+}
+
+static __always_inline __u64 stack_hash(const struct stack *st)
+{
+	__u64 h = 0xcbf29ce484222325ULL ^ st->depth;
+
+	for (int i = 0; i < MAX_STACK_DEPTH; i++) {
+		if (i >= st->depth)
+			break;
+		h = (h ^ st->ips[i]) * 0x100000001b3ULL;
+		h ^= h >> 29;
+	}
+	h ^= h >> 32;
+	return h ? h : 1;
+}
+
+/* Stores a captured stack; returns its id, 0 if the stack map is full. */
+static __always_inline __u64 store_stack(struct stack *st)
+{
+	__u64 id;
+	long err;
+
+	if (st->truncated)
+		count(CNT_TRUNCATED);
+	id = stack_hash(st);
+	if (bpf_map_lookup_elem(&stacks, &id))
+		return id;
+	err = bpf_map_update_elem(&stacks, &id, st, BPF_NOEXIST);
+	if (err && err != -EEXIST_ /* stored meanwhile by another thread or CPU */) {
+		count(CNT_STACKS_FULL);
+		return 0;
+	}
+	return id;
+}
+
+/* Adds n blocks of size bytes in total (both negative to subtract) to a stack's totals. */
+static __always_inline void combined_add(__u64 stack_id, __s64 size, __s64 n)
+{
+	struct combined_info *c = bpf_map_lookup_elem(&combined, &stack_id);
+
+	if (!c && n > 0) {
+		struct combined_info init = { .total_size = size, .count = n };
+		if (!bpf_map_update_elem(&combined, &stack_id, &init, BPF_NOEXIST))
+			return;
+		c = bpf_map_lookup_elem(&combined, &stack_id);
+	}
+	if (c) {
+		__sync_fetch_and_add(&c->total_size, size);
+		__sync_fetch_and_add(&c->count, n);
+	} else if (n > 0) {
+		count(CNT_COMBINED_FULL);
+	}
+}
+
+/* Ends the record of a block, if it is tracked. */
+static __always_inline void record_free(__u32 pid, __u64 addr, __u32 fn)
+{
+	struct alloc_key key = { .pid = pid, .addr = addr };
+	long err;
+
+	if (combined_only || trace_all) {
+		struct alloc_info *info = bpf_map_lookup_elem(&allocs, &key);
+		if (!info)
+			return;
+		if (combined_only)
+			combined_add(info->stack_id, -(__s64)info->size, -1);
+		if (trace_all)
+			emit(EV_FREE, fn, info->size, addr);
+	}
+	err = bpf_map_delete_elem(&allocs, &key);
+	if (err && err != -ENOENT_ /* not tracked */)
+		count(CNT_FREE_FAILED);
+}
+
+/*
+ * --wa-missing-free: a new block at an address still tracked means its free was missed: end
+ * that record first. Called for every allocation, recorded or not.
+ */
+static __always_inline void end_missed_free(__u32 pid, __u64 addr, __u32 fn)
+{
+	if (wa_missing_free)
+		record_free(pid, addr, fn);
+}
+
+/* Starts the record of a block. */
+static __always_inline void record_insert(__u32 pid, __u64 addr, __u64 size, __u64 stack_id, __u32 fn)
+{
+	struct alloc_key key = { .pid = pid, .addr = addr };
+	struct alloc_info info = { .size = size, .timestamp_ns = bpf_ktime_get_ns(), .stack_id = stack_id };
+
+	if (bpf_map_update_elem(&allocs, &key, &info, BPF_ANY)) {
+		count(CNT_ALLOCS_FULL);
+		return;
+	}
+	if (combined_only)
+		combined_add(stack_id, size, 1);
+	if (trace_all)
+		emit(EV_ALLOC, fn, size, addr);
+}
+
+/* Never used by the programs: they put the shared enums and event type into BTF, so the Rust
+ * side gets them from the generated skeleton instead of redefining them. */
+enum fn_kind btf_fn_kind __attribute__((unused));
+enum counter btf_counter __attribute__((unused));
+enum event_kind btf_event_kind __attribute__((unused));
+struct trace_event btf_trace_event __attribute__((unused));
+
+#endif
