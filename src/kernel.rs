@@ -13,11 +13,9 @@ use crate::cli::Config;
 use crate::collector::{Collector, Losses, RecordMaps};
 use crate::kmem_skel::types::bss;
 use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
-use crate::loader::{MAX_COMBINED, MAX_STACKS, page_size};
+use crate::loader::{configure_records, page_size};
 use crate::run::{Tracer, follow, write_out};
 use crate::symbolizer::Symbolizer;
-
-const TRACE_RINGBUF: u32 = 4 << 20;
 
 /// The tracepoint argument layouts of the running kernel (see kmem.bpf.c).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,19 +160,10 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
 /// Opens the object configured for this run: constants, map sizes, the programs of the mode.
 fn open<'obj>(storage: &'obj mut MaybeUninit<OpenObject>, cfg: &Config, layout: Layout) -> Result<OpenKmemSkel<'obj>> {
     let mut open = KmemSkelBuilder::default().open(storage).context("cannot open the BPF object")?;
+    configure_records!(open, cfg);
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
-    rodata.min_size = cfg.min_size;
-    rodata.max_size = cfg.max_size;
-    rodata.sample_rate = cfg.sample_rate;
-    rodata.trace_all = cfg.trace;
-    rodata.combined_only = cfg.combined_only;
-    rodata.wa_missing_free = cfg.wa_missing_free;
     rodata.cache_alloc_has_cache = layout.cache_alloc_has_cache;
     rodata.percpu_has_call_site = layout.percpu_has_call_site;
-    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
-    open.maps.stacks.set_max_entries(MAX_STACKS)?;
-    open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
-    open.maps.events.set_max_entries(if cfg.trace { TRACE_RINGBUF } else { page_size() })?;
     let p = &mut open.progs;
     for prog in [
         &mut p.memleak_kmalloc,

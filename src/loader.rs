@@ -12,7 +12,7 @@ use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 /// Map sizes. docs/design.md explains the numbers.
 pub const MAX_STACKS: u32 = 32_768;
 pub const MAX_COMBINED: u32 = 32_768;
-const TRACE_RINGBUF: u32 = 4 << 20;
+pub const TRACE_RINGBUF: u32 = 4 << 20;
 
 pub struct Loaded<'obj> {
     pub skel: MemleakSkel<'obj>,
@@ -37,6 +37,27 @@ pub fn load<'obj>(
     Ok(Loaded { skel, mode })
 }
 
+/// Sets what records.bpf.h shares in either object (user mode's or kernel mode's skeleton, whose
+/// generated types differ): the filters and options in .rodata and the record maps' sizes.
+macro_rules! configure_records {
+    ($open:expr, $cfg:expr) => {{
+        let rodata = $open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
+        rodata.min_size = $cfg.min_size;
+        rodata.max_size = $cfg.max_size;
+        rodata.sample_rate = $cfg.sample_rate;
+        rodata.trace_all = $cfg.trace;
+        rodata.combined_only = $cfg.combined_only;
+        rodata.wa_missing_free = $cfg.wa_missing_free;
+        $open.maps.allocs.set_max_entries($cfg.max_allocs)?;
+        $open.maps.stacks.set_max_entries($crate::loader::MAX_STACKS)?;
+        $open.maps.combined.set_max_entries(if $cfg.combined_only { $crate::loader::MAX_COMBINED } else { 1 })?;
+        // A ring buffer's size is a power-of-two number of pages; the smallest when -t is off.
+        let events = if $cfg.trace { $crate::loader::TRACE_RINGBUF } else { $crate::loader::page_size() };
+        $open.maps.events.set_max_entries(events)?;
+    }};
+}
+pub(crate) use configure_records;
+
 fn open<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
@@ -46,22 +67,11 @@ fn open<'obj>(
 ) -> Result<OpenMemleakSkel<'obj>> {
     let builder = MemleakSkelBuilder::default();
     let mut open = builder.open(storage).context("cannot open the BPF object")?;
+    configure_records!(open, cfg);
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
-    rodata.min_size = cfg.min_size;
-    rodata.max_size = cfg.max_size;
-    rodata.sample_rate = cfg.sample_rate;
-    rodata.trace_all = cfg.trace;
-    rodata.combined_only = cfg.combined_only;
-    rodata.wa_missing_free = cfg.wa_missing_free;
     rodata.need_exec = held_until_exec;
     rodata.target_tgid = target_tgid;
     rodata.frame_pointers_only = cfg.frame_pointers;
-
-    open.maps.allocs.set_max_entries(cfg.max_allocs)?;
-    open.maps.stacks.set_max_entries(MAX_STACKS)?;
-    open.maps.combined.set_max_entries(if cfg.combined_only { MAX_COMBINED } else { 1 })?;
-    // A ring buffer's size is a power-of-two number of pages; the smallest when -t is off.
-    open.maps.events.set_max_entries(if cfg.trace { TRACE_RINGBUF } else { page_size() })?;
 
     open.progs.memleak_session.set_autoload(mode == AttachMode::Session);
     open.progs.memleak_entry.set_autoload(mode == AttachMode::Classic);
