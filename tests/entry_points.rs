@@ -2,44 +2,41 @@
 mod common;
 use common::*;
 
+/// One call of each entry point (the allocs fixture's commands), and what it leaves outstanding:
+/// one stack per entry point, each from its own call site in the fixture.
+const EVERY_ENTRY_POINT: &[&str] = &[
+    "malloc 100 3",
+    "calloc 3 40 2",
+    "realloc 10 100 1000",
+    "reallocarray 2 8 4",
+    "posix_memalign 64 200 2",
+    "aligned_alloc 64 256 1",
+    "memalign 128 320 1",
+    "valloc 500 1",
+    "pvalloc 600 1",
+    "mmap 8192 2",
+    "mremap 4096 12288",
+];
+const EVERY_ENTRY_POINT_REPORT: &[(&str, u64, u64)] = &[
+    ("do_malloc", 300, 3),
+    ("do_calloc", 240, 2),
+    ("do_realloc", 1000, 1),
+    ("do_reallocarray", 32, 1),
+    ("do_posix_memalign", 400, 2),
+    ("do_aligned_alloc", 256, 1),
+    ("do_memalign", 320, 1),
+    ("do_valloc", 500, 1),
+    ("do_pvalloc", 600, 1),
+    ("do_mmap", 16384, 2),
+    ("do_mremap", 12288, 1),
+];
+
 /// One stack per entry point, each from its own call site in the fixture.
 #[test]
 fn each_entry_point_is_reported_to_the_byte() {
-    let out = run_under_c(
-        &["-T", "50"],
-        &[
-            "malloc 100 3",
-            "calloc 3 40 2",
-            "realloc 10 100 1000",
-            "reallocarray 2 8 4",
-            "posix_memalign 64 200 2",
-            "aligned_alloc 64 256 1",
-            "memalign 128 320 1",
-            "valloc 500 1",
-            "pvalloc 600 1",
-            "mmap 8192 2",
-            "mremap 4096 12288",
-        ],
-    );
+    let out = run_under_c(&["-T", "50"], EVERY_ENTRY_POINT);
     let r = final_report(&out.stdout);
-    assert_eq!(
-        r.summary(),
-        expected(&[
-            ("do_malloc", 300, 3),
-            ("do_calloc", 240, 2),
-            ("do_realloc", 1000, 1),
-            ("do_reallocarray", 32, 1),
-            ("do_posix_memalign", 400, 2),
-            ("do_aligned_alloc", 256, 1),
-            ("do_memalign", 320, 1),
-            ("do_valloc", 500, 1),
-            ("do_pvalloc", 600, 1),
-            ("do_mmap", 16384, 2),
-            ("do_mremap", 12288, 1),
-        ]),
-        "{}",
-        out.stdout.join("\n")
-    );
+    assert_eq!(r.summary(), expected(EVERY_ENTRY_POINT_REPORT), "{}", out.stdout.join("\n"));
     let exe = fixture("allocs");
     for st in &r.stacks {
         assert_symbolized(st, &exe);
@@ -59,19 +56,7 @@ fn each_entry_point_under_p() {
     let mut f = allocs_fixture(&[]);
     let pid = f.pid().to_string();
     let m = memleak_attached(&["-o", "0", "-T", "50", "-p", &pid, "60"]);
-    for c in [
-        "malloc 100 3",
-        "calloc 3 40 2",
-        "realloc 10 100 1000",
-        "reallocarray 2 8 4",
-        "posix_memalign 64 200 2",
-        "aligned_alloc 64 256 1",
-        "memalign 128 320 1",
-        "valloc 500 1",
-        "pvalloc 600 1",
-        "mmap 8192 2",
-        "mremap 4096 12288",
-    ] {
+    for c in EVERY_ENTRY_POINT {
         f.command(c);
     }
     m.signal(libc::SIGINT);
@@ -79,24 +64,7 @@ fn each_entry_point_under_p() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let reports = parse_reports(&out.stdout);
     assert_eq!(reports.len(), 1, "{}", out.stdout.join("\n"));
-    assert_eq!(
-        reports[0].summary(),
-        expected(&[
-            ("do_malloc", 300, 3),
-            ("do_calloc", 240, 2),
-            ("do_realloc", 1000, 1),
-            ("do_reallocarray", 32, 1),
-            ("do_posix_memalign", 400, 2),
-            ("do_aligned_alloc", 256, 1),
-            ("do_memalign", 320, 1),
-            ("do_valloc", 500, 1),
-            ("do_pvalloc", 600, 1),
-            ("do_mmap", 16384, 2),
-            ("do_mremap", 12288, 1),
-        ]),
-        "{}",
-        out.stdout.join("\n")
-    );
+    assert_eq!(reports[0].summary(), expected(EVERY_ENTRY_POINT_REPORT), "{}", out.stdout.join("\n"));
     for st in &reports[0].stacks {
         assert_symbolized(st, &fixture("allocs"));
     }
