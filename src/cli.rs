@@ -26,7 +26,14 @@ memleak -p $(pidof allocs) -o 60000
 memleak -p $(pidof allocs) -s 5
         Trace roughly every 5th allocation, to reduce overhead
 memleak -p $(pidof allocs) --sort count 1 10
-        Print a report every second, ten times, stacks ordered by allocation count";
+        Print a report every second, ten times, stacks ordered by allocation count
+memleak
+        Trace the kernel's allocators (kmalloc, kmem_cache, pages) and display a
+        summary of outstanding allocations every 5 seconds
+memleak -o 60000
+        Kernel mode: only allocations at least one minute old
+memleak --percpu 10
+        Trace the kernel's percpu allocator, a report every 10 seconds";
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -56,7 +63,7 @@ pub struct Args {
     #[arg(short, long, value_name = "COMMAND")]
     pub command: Option<String>,
 
-    /// Keep only per-stack totals, in BPF (faster reports; -o and -a do not apply)
+    /// Keep only per-stack totals, in BPF (faster reports; -o and -a do not go with it)
     #[arg(long)]
     pub combined_only: bool,
 
