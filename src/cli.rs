@@ -116,8 +116,9 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_allocs: u32,
 
-    /// How to attach: one uprobe_multi session link (Linux 6.13+), or classic uprobes and
-    /// uretprobes; auto picks the first the kernel has
+    /// How to attach: one uprobe_multi session link (Linux 6.13+), an entry and a return
+    /// uprobe_multi link (6.6+), or classic uprobes and uretprobes; auto picks the first the
+    /// kernel has
     #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
     pub attach: AttachChoice,
 
@@ -144,6 +145,7 @@ pub enum SortKey {
 pub enum AttachChoice {
     Auto,
     Session,
+    Multi,
     Classic,
 }
 

@@ -28,8 +28,10 @@ pub fn load<'obj>(
 ) -> Result<Loaded<'obj>> {
     let mode = match cfg.attach {
         AttachChoice::Session => AttachMode::Session,
+        AttachChoice::Multi => AttachMode::Multi,
         AttachChoice::Classic => AttachMode::Classic,
-        AttachChoice::Auto if session_supported() => AttachMode::Session,
+        AttachChoice::Auto if kernel_at_least(6, 13) => AttachMode::Session,
+        AttachChoice::Auto if kernel_at_least(6, 6) => AttachMode::Multi,
         AttachChoice::Auto => AttachMode::Classic,
     };
     let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
@@ -74,16 +76,15 @@ fn open<'obj>(
     rodata.frame_pointers_only = cfg.frame_pointers;
 
     open.progs.memleak_session.set_autoload(mode == AttachMode::Session);
+    open.progs.memleak_multi_entry.set_autoload(mode == AttachMode::Multi);
+    open.progs.memleak_multi_return.set_autoload(mode == AttachMode::Multi);
     open.progs.memleak_entry.set_autoload(mode == AttachMode::Classic);
     open.progs.memleak_return.set_autoload(mode == AttachMode::Classic);
     Ok(open)
 }
 
-/// Whether this kernel has uprobe sessions (BPF_TRACE_UPROBE_SESSION): Linux 6.13 and later.
-fn session_supported() -> bool {
-    kernel_at_least(6, 13)
-}
-
+/// Whether the running kernel is at least `major.minor`: uprobe sessions came in 6.13,
+/// uprobe_multi links in 6.6.
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());

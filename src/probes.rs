@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use libbpf_rs::{Link, UprobeMultiOpts, UprobeOpts};
+use libbpf_rs::{Link, ProgramMut, UprobeMultiOpts, UprobeOpts};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use crate::placement::{Placement, place};
@@ -113,8 +113,31 @@ pub fn interpreter(path: &Path) -> Result<Option<PathBuf>> {
 pub enum AttachMode {
     /// One uprobe_multi session link for every entry point (Linux 6.13+).
     Session,
+    /// One uprobe_multi link for the entries and one uretprobe_multi link for the returns of
+    /// the allocating functions (Linux 6.6+).
+    Multi,
     /// One classic uprobe per entry point and one uretprobe per allocating function.
     Classic,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Multi {
+    Session,
+    Entry,
+    Return,
+}
+
+/// One uprobe_multi link of `prog` on `entries`, each with its kind as the cookie.
+fn attach_multi(prog: &ProgramMut, pid: i32, path: &Path, entries: &[EntryPoint], how: Multi) -> Result<Link> {
+    let opts = UprobeMultiOpts {
+        offsets: entries.iter().map(|e| e.file_offset as usize).collect(),
+        cookies: entries.iter().map(|e| e.kind.0 as u64).collect(),
+        session: how == Multi::Session,
+        retprobe: how == Multi::Return,
+        ..Default::default()
+    };
+    prog.attach_uprobe_multi_with_opts(pid, path, "", opts)
+        .with_context(|| format!("cannot attach uprobe_multi probes to {}", path.display()))
 }
 
 /// Attaches the loaded programs to every entry point of `path` in process `pid`.
@@ -129,18 +152,13 @@ pub fn attach(
         bail!("{} defines none of the allocator functions", path.display());
     }
     match mode {
-        AttachMode::Session => {
-            let opts = UprobeMultiOpts {
-                offsets: entries.iter().map(|e| e.file_offset as usize).collect(),
-                cookies: entries.iter().map(|e| e.kind.0 as u64).collect(),
-                session: true,
-                ..Default::default()
-            };
-            let link = progs
-                .memleak_session
-                .attach_uprobe_multi_with_opts(pid, path, "", opts)
-                .with_context(|| format!("cannot attach uprobes to {}", path.display()))?;
-            Ok(vec![link])
+        AttachMode::Session => Ok(vec![attach_multi(&progs.memleak_session, pid, path, entries, Multi::Session)?]),
+        AttachMode::Multi => {
+            let returns: Vec<EntryPoint> = entries.iter().filter(|e| e.needs_return()).cloned().collect();
+            Ok(vec![
+                attach_multi(&progs.memleak_multi_entry, pid, path, entries, Multi::Entry)?,
+                attach_multi(&progs.memleak_multi_return, pid, path, &returns, Multi::Return)?,
+            ])
         }
         AttachMode::Classic => {
             let mut links = Vec::new();

@@ -248,53 +248,44 @@ fn deep_stacks_are_truncated_with_a_warning() {
     assert_symbolized(shallow, &fixture("allocs"));
 }
 
-/// Classic uprobes and uretprobes (--attach classic), where return probes replace return
-/// addresses on the stack: the same exact numbers, nesting included (malloc served by mmap,
-/// realloc by mremap, reallocarray's tail call into realloc).
+/// Every attach mode gives the same exact numbers, nesting included (malloc served by mmap,
+/// realloc by mremap, reallocarray's tail call into realloc): one session link (6.13+), an
+/// entry and a return uprobe_multi link (6.6+), and classic uprobes and uretprobes, where every
+/// return probe fires and return probes replace return addresses on the stack.
 #[test]
-fn classic_uprobes_count_the_same() {
-    let out = run_under_c(
-        &["--attach", "classic", "-v", "-T", "50"],
-        &[
-            "malloc 100 3",
-            "calloc 3 40 2",
-            "realloc 10 100 1000",
-            "reallocarray 2 8 4",
-            "posix_memalign 64 200 2",
-            "aligned_alloc 64 256 1",
-            "memalign 128 320 1",
-            "valloc 500 1",
-            "pvalloc 600 1",
-            "mmap 8192 2",
-            "mremap 4096 12288",
-            "malloc 1048576 1",
-            "realloc 100 200000 400000",
-            "freed 64 10",
-            "realloc0 100",
-            "fail_malloc",
-            "fail_posix_memalign",
-            "fail_mmap",
-        ],
-    );
-    assert!(out.stderr.contains("(Classic mode)"), "{}", out.stderr);
-    assert_eq!(
-        final_report(&out.stdout).summary(),
-        expected(&[
-            ("do_malloc", 1048876, 4),
-            ("do_calloc", 240, 2),
-            ("do_realloc", 401000, 2),
-            ("do_reallocarray", 32, 1),
-            ("do_posix_memalign", 400, 2),
-            ("do_aligned_alloc", 256, 1),
-            ("do_memalign", 320, 1),
-            ("do_valloc", 500, 1),
-            ("do_pvalloc", 600, 1),
-            ("do_mmap", 16384, 2),
-            ("do_mremap", 12288, 1),
-        ]),
-        "{}",
-        out.stdout.join("\n")
-    );
+fn every_attach_mode_counts_the_same() {
+    let mut cmds = EVERY_ENTRY_POINT.to_vec();
+    cmds.extend([
+        "malloc 1048576 1",
+        "realloc 100 200000 400000",
+        "freed 64 10",
+        "realloc0 100",
+        "fail_malloc",
+        "fail_posix_memalign",
+        "fail_mmap",
+    ]);
+    for (mode, shown) in [("session", "Session"), ("multi", "Multi"), ("classic", "Classic")] {
+        let out = run_under_c(&["--attach", mode, "-v", "-T", "50"], &cmds);
+        assert!(out.stderr.contains(&format!("({shown} mode)")), "{}", out.stderr);
+        assert_eq!(
+            final_report(&out.stdout).summary(),
+            expected(&[
+                ("do_malloc", 1048876, 4),
+                ("do_calloc", 240, 2),
+                ("do_realloc", 401000, 2),
+                ("do_reallocarray", 32, 1),
+                ("do_posix_memalign", 400, 2),
+                ("do_aligned_alloc", 256, 1),
+                ("do_memalign", 320, 1),
+                ("do_valloc", 500, 1),
+                ("do_pvalloc", 600, 1),
+                ("do_mmap", 16384, 2),
+                ("do_mremap", 12288, 1),
+            ]),
+            "--attach {mode}:\n{}",
+            out.stdout.join("\n")
+        );
+    }
 }
 
 /// --max-allocs bounds the allocations tracked at once: the ones past it are counted and

@@ -105,6 +105,11 @@ fn probes_past_the_entry_miss_no_call() {
 }
 
 #[test]
+fn uprobe_multi_links_place_and_count_the_same() {
+    check_prologues("multi");
+}
+
+#[test]
 fn classic_uprobes_place_and_count_the_same() {
     check_prologues("classic");
 }

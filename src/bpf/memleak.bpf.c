@@ -4,9 +4,10 @@
  * still allocated (keyed by process and address) with its size, time and call stack.
  *
  * One program serves every entry point; the BPF cookie says which function fired. On kernels
- * with uprobe sessions (6.13+) it runs as a session: the entry decides whether the return probe
- * is needed at all. Older kernels use the classic entry and return programs below, which share
- * the same code.
+ * with uprobe sessions (6.13+) it runs as a session through one uprobe_multi link: the entry
+ * decides whether the return probe runs (free and munmap need none). Linux 6.6 to 6.12 get an
+ * entry and a return uprobe_multi link, older kernels classic uprobes and uretprobes: the same
+ * code (on_entry, on_return) in the other program types below.
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
@@ -231,6 +232,21 @@ int memleak_session(struct pt_regs *ctx)
 	return on_entry(ctx, bpf_get_attach_cookie(ctx));
 }
 
+/* Linux 6.6 to 6.12: uprobe_multi without sessions, one link for the entries, one for the returns. */
+SEC("uprobe.multi")
+int memleak_multi_entry(struct pt_regs *ctx)
+{
+	on_entry(ctx, bpf_get_attach_cookie(ctx));
+	return 0;
+}
+
+SEC("uretprobe.multi")
+int memleak_multi_return(struct pt_regs *ctx)
+{
+	return on_return(ctx);
+}
+
+/* Older kernels: a classic uprobe per entry point and uretprobe per allocating function. */
 SEC("uprobe")
 int memleak_entry(struct pt_regs *ctx)
 {
