@@ -388,7 +388,10 @@ fn event_loop(
         if let Some(u) = t.unwind.as_mut()
             && u.wakeup.replace(false)
         {
+            // A new object is in use (dlopen, exec): load its table, and record where the new
+            // stacks' addresses live now, not at the next tick (it may be unloaded by then).
             u.sync();
+            t.prepare_symbols()?;
         }
         if fds[0].revents & libc::POLLIN != 0 {
             for sig in read_signals(sigfd) {
