@@ -192,12 +192,8 @@ mod tests {
     use super::*;
 
     fn libc() -> PathBuf {
-        crate::procmaps::ProcMaps::read(std::process::id() as i32)
-            .expect("own maps")
-            .paths()
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libc")))
-            .expect("the test binary maps libc")
-            .to_path_buf()
+        let me = std::process::id() as i32;
+        crate::target::allocator_object(me, None, "").expect("the test binary maps libc")
     }
 
     #[test]

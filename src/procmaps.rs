@@ -11,14 +11,32 @@ pub struct Mapping {
     pub end: u64,
     pub offset: u64,
     pub executable: bool,
-    /// The backing file, or a pseudo-name such as `[heap]`, `[vdso]`, or None for anonymous.
+    /// The backing file as the process sees it, or a pseudo-name such as `[heap]`, `[vdso]`,
+    /// or None for anonymous memory. A file deleted since it was mapped ends in " (deleted)".
     pub path: Option<Arc<Path>>,
+    /// The backing file's device (as stat's st_dev) and inode; 0 for anonymous memory.
+    pub dev: u64,
+    pub inode: u64,
 }
 
 impl Mapping {
-    /// A regular file (not `[heap]`, `[vdso]`, `[anon:...]`, nor a deleted file).
+    /// A file (not `[heap]`, `[vdso]`, `[anon:...]`), possibly deleted since it was mapped.
     pub fn is_file(&self) -> bool {
-        self.path.as_ref().is_some_and(|p| p.is_absolute() && !p.to_string_lossy().ends_with(" (deleted)"))
+        self.inode != 0 && self.path.as_ref().is_some_and(|p| p.is_absolute())
+    }
+
+    /// A path memleak can open the mapped file by: its own path when that names the very file
+    /// mapped (same device and inode) in memleak's mount namespace; otherwise (a process in a
+    /// container or chroot, a file deleted or replaced since) /proc/PID/map_files/START-END,
+    /// which exists only while the process lives.
+    pub fn openable(&self, pid: i32) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path.as_deref().filter(|_| self.is_file())?;
+        if fs::metadata(path).is_ok_and(|md| md.dev() == self.dev && md.ino() == self.inode) {
+            return Some(path.to_path_buf());
+        }
+        let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end));
+        via.exists().then_some(via)
     }
 }
 
@@ -46,20 +64,6 @@ impl ProcMaps {
         let m = self.mappings.get(i.checked_sub(1)?)?;
         (addr < m.end).then_some(m)
     }
-
-    /// The distinct files mapped, in address order.
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        let mut seen: Vec<&Path> = Vec::new();
-        self.mappings.iter().filter(|m| m.is_file()).filter_map(move |m| {
-            let p = m.path.as_deref()?;
-            if seen.contains(&p) {
-                None
-            } else {
-                seen.push(p);
-                Some(p)
-            }
-        })
-    }
 }
 
 fn parse_line(line: &str) -> Option<Mapping> {
@@ -68,8 +72,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let range = it.next()?;
     let perms = it.next()?;
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-    let _dev = it.next()?;
-    let _inode = it.next()?;
+    let (major, minor) = it.next()?.split_once(':')?;
+    let inode = it.next()?.parse().ok()?;
     let path = it.next().map(str::trim_start).filter(|p| !p.is_empty());
     let (start, end) = range.split_once('-')?;
     Some(Mapping {
@@ -78,6 +82,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
         offset,
         executable: perms.as_bytes().get(2) == Some(&b'x'),
         path: path.map(|p| Arc::from(PathBuf::from(p).as_path())),
+        dev: libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
+        inode,
     })
 }
 
@@ -105,12 +111,18 @@ mod tests {
         assert!(maps.find(0x1000).is_none());
         assert_eq!(maps.find(0x7f0b8a400010).map(|m| m.path.clone()), Some(None));
         assert!(!maps.find(0x55d0c1a2b010).expect("heap").is_file());
+        assert_eq!((m.dev, m.inode), (libc::makedev(0xfe, 0x01), 2214));
     }
 
     #[test]
-    fn lists_each_file_once() {
-        let maps = ProcMaps::parse(MAPS);
-        let paths: Vec<_> = maps.paths().collect();
-        assert_eq!(paths, [Path::new("/home/u/allocs"), Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6")]);
+    fn a_mapped_file_is_opened_by_its_path_or_through_proc() {
+        let me = std::process::id() as i32;
+        let maps = ProcMaps::read(me).expect("own maps");
+        let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+        let m = maps.mappings.iter().find(|m| m.path.as_deref() == Some(exe.as_path())).expect("own executable mapped");
+        assert_eq!(m.openable(me), Some(exe.clone()), "the same inode at its path: the path");
+        let other = Mapping { inode: m.inode + 1, ..m.clone() };
+        let via = other.openable(me).expect("map_files");
+        assert_eq!(via, PathBuf::from(format!("/proc/{me}/map_files/{:x}-{:x}", m.start, m.end)));
     }
 }

@@ -10,26 +10,27 @@
 //! address: it is looked up at address - 1, the call, and printed as it is.
 //! Kernel mode: addresses are kernel text, symbolized from /proc/kallsyms.
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blazesym::MaybeDefault;
 use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blaze};
 
-use crate::procmaps::ProcMaps;
+use crate::procmaps::{Mapping, ProcMaps};
 
 /// Where an address lives in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
     File {
+        /// As the process sees it (what reports print).
         path: Arc<Path>,
+        /// Where memleak reads it: `path`, or an open descriptor of the mapped file.
+        source: Arc<Path>,
         offset: u64,
     },
     /// Mapped, but not from a file we can read (anonymous memory, JIT code, [vdso]).
-    Other {
-        name: Option<Arc<Path>>,
-    },
+    Other { name: Option<Arc<Path>> },
     /// In no mapping we saw.
     Unmapped,
 }
@@ -88,6 +89,11 @@ pub struct Symbolizer {
     locations: HashMap<u64, Location>,
     frames: HashMap<u64, Frame>,
     blaze: Blaze,
+    /// Where each mapped file (by device and inode) is read from.
+    sources: HashMap<(u64, u64), Arc<Path>>,
+    /// Files that memleak cannot open by their path (another mount namespace, deleted), held
+    /// open so that they stay readable after the process exits.
+    held: Vec<std::fs::File>,
 }
 
 impl Symbolizer {
@@ -98,6 +104,8 @@ impl Symbolizer {
             maps: ProcMaps::default(),
             locations: HashMap::new(),
             frames: HashMap::new(),
+            sources: HashMap::new(),
+            held: Vec::new(),
             blaze: Blaze::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build(),
         }
     }
@@ -117,19 +125,18 @@ impl Symbolizer {
                 continue;
             }
             if self.maps.find(addr).is_none() && !reread {
-                // An exited process has no maps left: keep the last ones seen.
-                if let Ok(m) = ProcMaps::read(pid)
-                    && !m.mappings.is_empty()
-                {
-                    self.maps = m;
-                }
+                self.reread_maps();
                 reread = true;
             }
             let loc = match self.maps.find(addr) {
-                Some(m) if m.is_file() => Location::File {
-                    path: m.path.clone().expect("a file mapping has a path"),
-                    offset: addr - m.start + m.offset,
-                },
+                Some(m) if m.is_file() => {
+                    let m = m.clone();
+                    Location::File {
+                        source: self.source(pid, &m),
+                        path: m.path.clone().expect("a file mapping has a path"),
+                        offset: addr - m.start + m.offset,
+                    }
+                }
                 Some(m) => Location::Other { name: m.path.clone() },
                 None => Location::Unmapped,
             };
@@ -137,14 +144,42 @@ impl Symbolizer {
         }
     }
 
-    /// Rereads the process's maps (call while it lives, e.g. at its exit stop).
-    pub fn reread_maps(&mut self) {
-        if let Some(pid) = self.pid
-            && let Ok(m) = ProcMaps::read(pid)
-            && !m.mappings.is_empty()
-        {
-            self.maps = m;
+    /// Where to read a mapped file: its path when that names it; else the file opened through
+    /// /proc/PID/map_files while the process lives, and read as /proc/self/fd/N from then on.
+    fn source(&mut self, pid: i32, m: &Mapping) -> Arc<Path> {
+        let shown = m.path.clone().expect("a file mapping has a path");
+        if let Some(s) = self.sources.get(&(m.dev, m.inode)) {
+            return s.clone();
         }
+        let source = match m.openable(pid) {
+            Some(p) if p.as_path() == &*shown => shown,
+            Some(p) => match std::fs::File::open(&p) {
+                Ok(f) => {
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                    self.held.push(f);
+                    Arc::from(PathBuf::from(format!("/proc/self/fd/{fd}")).as_path())
+                }
+                Err(_) => shown,
+            },
+            None => shown,
+        };
+        self.sources.insert((m.dev, m.inode), source.clone());
+        source
+    }
+
+    /// Rereads the process's maps (call while it lives, e.g. at its exit stop), and opens what
+    /// their files need while they can be opened. An exited process has no maps left: the last
+    /// ones seen stay.
+    pub fn reread_maps(&mut self) {
+        let Some(pid) = self.pid else { return };
+        let Ok(m) = ProcMaps::read(pid) else { return };
+        if m.mappings.is_empty() {
+            return;
+        }
+        for mapping in m.mappings.iter().filter(|m| m.is_file()) {
+            self.source(pid, mapping);
+        }
+        self.maps = m;
     }
 
     /// The frame for `addr`; addresses never normalized print as unknown.
@@ -159,8 +194,8 @@ impl Symbolizer {
             return frame;
         }
         let frame = match self.locations.get(&addr).cloned() {
-            Some(Location::File { path, offset }) => {
-                let mut frame = self.symbol_in_file(&path, offset).unwrap_or_default();
+            Some(Location::File { path, source, offset }) => {
+                let mut frame = self.symbol_in_file(&source, offset).unwrap_or_default();
                 frame.addr = addr;
                 frame.module = Some(path.to_string_lossy().into_owned());
                 frame

@@ -11,7 +11,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::probes;
-use crate::procmaps::ProcMaps;
+use crate::procmaps::{Mapping, ProcMaps};
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -49,13 +49,22 @@ pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<Pa
     if let Some(obj) = obj {
         return check_obj(obj);
     }
+    // Opened by a path valid in memleak's mount namespace: the process may be in a container.
     let maps = ProcMaps::read(pid)?;
-    if let Some(libc) = maps.paths().find(|p| is_libc(p)) {
-        return Ok(libc.to_path_buf());
+    let openable = |m: &Mapping| {
+        let shown = m.path.as_deref().unwrap_or(Path::new("?")).display().to_string();
+        m.openable(pid).with_context(|| format!("cannot open {shown}, mapped by process {pid}"))
+    };
+    let files = || maps.mappings.iter().filter(|m| m.is_file());
+    if let Some(libc) = files().find(|m| m.path.as_deref().is_some_and(is_libc)) {
+        return openable(libc);
     }
     let exe = fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?;
-    if probes::defines(&exe, &format!("{prefix}malloc")) {
-        return Ok(exe);
+    if let Some(m) = files().find(|m| m.path.as_deref() == Some(exe.as_path())) {
+        let path = openable(m)?;
+        if probes::defines(&path, &format!("{prefix}malloc")) {
+            return Ok(path);
+        }
     }
     bail!(
         "process {pid} has no libc mapped and its executable defines no {prefix}malloc: name the allocator's object with -O"

@@ -262,3 +262,45 @@ fn exec_discards_the_old_images_blocks() {
     let r = parse_reports(&out.stdout).pop().expect("a report");
     assert_eq!(r.summary(), expected(&[("do_malloc", 50, 1)]), "{}", out.stdout.join("\n"));
 }
+
+/// A process in another mount namespace (as in a container) maps files whose paths name other
+/// files in memleak's namespace: probes and symbols must reach the files it really mapped
+/// (through /proc/PID/map_files), before and after it exits. Here a private namespace has a copy
+/// of libc mounted over libc's path, and the fixture mounted over an empty placeholder file.
+#[test]
+fn p_traces_a_process_in_another_mount_namespace() {
+    let exe = fixture("allocs");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mount-ns");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("directory");
+    let libc_path = std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").expect("Debian's libc");
+    let (libc_copy, exe_copy, shown) = (dir.join("libc-copy.so.6"), dir.join("allocs-copy"), dir.join("allocs"));
+    std::fs::copy(&libc_path, &libc_copy).expect("copy libc");
+    std::fs::copy(&exe, &exe_copy).expect("copy the fixture");
+    std::fs::write(&shown, b"").expect("the placeholder");
+    let script = format!(
+        "mount --bind {} {} && mount --bind {} {} && exec {}",
+        libc_copy.display(),
+        libc_path.display(),
+        exe_copy.display(),
+        shown.display(),
+        shown.display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+    let mut f = Proc::spawn("allocs-ns", cmd);
+    let pid = f.pid();
+    f.expect_line(&format!("ready {pid}"));
+    let m = memleak_attached(&["-o", "0", "-p", &pid.to_string(), "60"]);
+    f.command("malloc 100 3");
+    f.command("freed 64 10");
+    f.send("exit 0");
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let r = final_report(&out.stdout);
+    assert_eq!(r.summary(), expected(&[("do_malloc", 300, 3)]), "{}", out.stdout.join("\n"));
+    // Symbolized after the exit, from the files it mapped; printed by its own paths.
+    let st = &r.stacks[0];
+    assert_eq!(st.module(0), shown.to_str().expect("utf-8"), "{}", out.stdout.join("\n"));
+    assert!(st.frames.iter().any(|f| f.starts_with("main+0x")), "{}", out.stdout.join("\n"));
+}
