@@ -1,5 +1,6 @@
 //! Collector: reads the BPF maps and aggregates the outstanding allocations by stack.
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -31,9 +32,11 @@ pub struct Losses {
     pub truncated_stacks: u64,
     /// Kernel mode: records that could not be deleted (map busy): they show as leaks.
     pub frees_failed: u64,
-    /// Kernel mode: program runs the kernel skipped (BPF recursion protection), by kind.
+    /// Program runs the kernel skipped (BPF recursion protection): kernel mode's, by kind;
+    /// user mode's program records both, so its skipped runs are calls of either kind.
     pub allocs_missed: u64,
     pub frees_missed: u64,
+    pub calls_missed: u64,
     /// Stacks unwound from the tables, and how many of them stopped early, by reason.
     pub unwinds: u64,
     pub unwind_stops: UnwindStops,
@@ -162,6 +165,42 @@ impl Collector {
         .context("reading the combined map")?;
         Ok(out)
     }
+}
+
+/// What an attached program records: its skipped runs count as missed allocations, frees, or
+/// calls of either kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Alloc,
+    Free,
+    Both,
+}
+
+/// The attached programs, for the runs the kernel skipped (`recursion_misses`).
+pub struct Programs<'a> {
+    pub progs: Vec<(BorrowedFd<'a>, Role)>,
+}
+
+impl Programs<'_> {
+    /// Adds the skipped runs to `l`.
+    pub fn add_losses(&self, l: &mut Losses) {
+        for (fd, role) in &self.progs {
+            let n = recursion_misses(*fd);
+            match role {
+                Role::Alloc => l.allocs_missed += n,
+                Role::Free => l.frees_missed += n,
+                Role::Both => l.calls_missed += n,
+            }
+        }
+    }
+}
+
+fn recursion_misses(fd: BorrowedFd) -> u64 {
+    let mut info = libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of_val(&info) as u32;
+    // SAFETY: info is a bpf_prog_info of `len` bytes with no buffers requested.
+    let r = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    if r == 0 { info.recursion_misses } else { 0 }
 }
 
 /// The maps of either BPF object (user mode's or kernel mode's) that a snapshot reads.

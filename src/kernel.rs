@@ -2,7 +2,7 @@
 //! percpu allocator) through their tracepoints, attached by BTF (tp_btf: no tracefs needed).
 //! The records are read and reported by the same collector and report code as user mode's.
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
 use libbpf_rs::btf::{Btf, BtfKind, BtfType, types::FuncProto};
@@ -10,7 +10,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, OpenObject, ProgramMut};
 
 use crate::cli::Config;
-use crate::collector::{Collector, Losses, RecordMaps};
+use crate::collector::{Collector, Programs, RecordMaps, Role};
 use crate::kmem_skel::types::bss;
 use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
 use crate::loader::{configure_records, page_size};
@@ -57,39 +57,6 @@ fn params<'b>(btf: &'b Btf, name: &str) -> Result<Vec<BtfType<'b>>> {
         .iter()
         .map(|p| btf.type_by_id::<BtfType>(p.ty).with_context(|| format!("{typedef}: a parameter type is missing")))
         .collect()
-}
-
-/// Which program records what: its skipped runs count as missed allocations or frees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Alloc,
-    Free,
-}
-
-/// The attached programs, for the runs the kernel skipped (`recursion_misses`).
-pub struct Programs<'a> {
-    progs: Vec<(BorrowedFd<'a>, Role)>,
-}
-
-impl Programs<'_> {
-    /// Adds the skipped runs to `l`.
-    pub fn add_losses(&self, l: &mut Losses) {
-        for (fd, role) in &self.progs {
-            let n = recursion_misses(*fd);
-            match role {
-                Role::Alloc => l.allocs_missed += n,
-                Role::Free => l.frees_missed += n,
-            }
-        }
-    }
-}
-
-fn recursion_misses(fd: BorrowedFd) -> u64 {
-    let mut info = libbpf_sys::bpf_prog_info::default();
-    let mut len = std::mem::size_of_val(&info) as u32;
-    // SAFETY: info is a bpf_prog_info of `len` bytes with no buffers requested.
-    let r = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
-    if r == 0 { info.recursion_misses } else { 0 }
 }
 
 pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
@@ -149,7 +116,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
         pid: None,
         collector: Collector::new(),
         symbolizer: Symbolizer::kernel(),
-        kernel: Some(programs),
+        programs: Some(programs),
         unwind: None,
     };
     follow(tracer, sigfd, &skel.maps.events, None, false)?;

@@ -53,6 +53,12 @@ pub fn loss_lines(l: &Losses, max_allocs: u32) -> Vec<String> {
             l.frees_missed, l.allocs_missed
         ));
     }
+    if l.calls_missed > 0 {
+        out.push(format!(
+            "{} allocator calls missed: BPF recursion protection skipped them (another BPF program was running on that CPU); a missed free shows as a false leak",
+            l.calls_missed
+        ));
+    }
     if l.frees_failed > 0 {
         out.push(format!(
             "{} frees untracked: the allocation map was busy; their blocks show as leaks",
@@ -218,6 +224,8 @@ mod tests {
         let text = format("00:00:00", &opts, &[], &k);
         assert!(text.contains("\tWARNING: 4 frees and 1 allocations missed: BPF recursion protection"), "{text}");
         assert!(text.contains("\tWARNING: 2 frees untracked"), "{text}");
+        let text = format("00:00:00", &opts, &[], &Losses { calls_missed: 5, ..Default::default() });
+        assert!(text.contains("\tWARNING: 5 allocator calls missed: BPF recursion protection"), "{text}");
         let u = Losses {
             unwinds: 400,
             unwind_stops: crate::collector::UnwindStops { no_table: 3, unreadable: 1, ..Default::default() },

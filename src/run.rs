@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::io::Write;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -87,8 +87,8 @@ pub struct Tracer<'a, 'obj> {
     pub pid: Option<i32>,
     pub collector: Collector,
     pub symbolizer: Symbolizer,
-    /// Kernel mode: the attached programs, whose runs the kernel skipped are reported.
-    pub kernel: Option<crate::kernel::Programs<'a>>,
+    /// The attached programs, whose runs the kernel skipped are reported.
+    pub programs: Option<crate::collector::Programs<'a>>,
     /// User mode without --frame-pointers: the unwind tables.
     pub unwind: Option<Unwinder<'a, 'obj>>,
 }
@@ -120,7 +120,7 @@ impl Tracer<'_, '_> {
         let read = started.elapsed();
         let (allocs, nstacks) = (snap.stacks.iter().map(|s| s.count).sum::<u64>(), snap.stacks.len());
         let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
-        if let Some(k) = &self.kernel {
+        if let Some(k) = &self.programs {
             k.add_losses(&mut snap.losses);
         }
         let stacks: Vec<report::StackReport> = selected
@@ -160,6 +160,18 @@ fn map_memory(map: &impl libbpf_rs::MapCore) -> Option<u64> {
     let fd = map.as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
     info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// The uprobe programs of `mode`: each records allocations and frees alike.
+fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachMode) -> crate::collector::Programs<'a> {
+    use crate::collector::Role::Both;
+    use probes::AttachMode::*;
+    let attached = match mode {
+        Session => vec![&progs.memleak_session],
+        Multi => vec![&progs.memleak_multi_entry, &progs.memleak_multi_return],
+        Classic => vec![&progs.memleak_entry, &progs.memleak_return],
+    };
+    crate::collector::Programs { progs: attached.into_iter().map(|p| (p.as_fd(), Both)).collect() }
 }
 
 pub fn write_out(text: &str) -> Result<()> {
@@ -278,7 +290,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         pid: Some(pid),
         collector: Collector::new(),
         symbolizer,
-        kernel: None,
+        programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
     };
     let pidfd = if is_command { None } else { pidfd_open(pid) };

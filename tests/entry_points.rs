@@ -174,10 +174,18 @@ fn threads_allocating_at_once() {
     let out = run_under_c(&["-T", "50"], &["quiet", "threads 8 24 500"]);
     let r = final_report(&out.stdout);
     let mine = r.stacks_in("do_thread_malloc");
-    assert_eq!(mine.len(), 1, "{}", out.stdout.join("\n"));
-    assert_eq!((mine[0].bytes, mine[0].count), (8 * 500 * 24, 8 * 500));
-    assert_eq!(mine[0].func(1), "thread_main", "{:?}", mine[0]);
-    assert_eq!(mine[0].module(0), fixture("allocs").to_string_lossy());
+    // One stack; a second only when a walk ended early (threads mapping while others unwind),
+    // which the report must say.
+    assert!(
+        mine.len() == 1 || (mine.len() == 2 && r.warnings.iter().any(|w| w.contains(" end early: "))),
+        "{}",
+        out.stdout.join("\n")
+    );
+    let total = mine.iter().fold((0, 0), |(b, n), s| (b + s.bytes, n + s.count));
+    assert_eq!(total, (8 * 500 * 24, 8 * 500));
+    let full = mine.iter().max_by_key(|s| s.count).expect("a stack");
+    assert_eq!(full.func(1), "thread_main", "{full:?}");
+    assert_eq!(full.module(0), fixture("allocs").to_string_lossy());
     assert!(r.stacks_in("do_malloc_and_free").is_empty(), "{}", out.stdout.join("\n"));
     assert!(r.stacks.iter().all(|s| s.bytes != 48), "a freed 48-byte block shows: {}", out.stdout.join("\n"));
     // pthread_create's own allocations are symbolized to it (once as a function in libc6-dbg's
