@@ -8,6 +8,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod common;
+
+use common::{Stack, final_report, parse_reports};
+
 const MEMLEAK: &str = env!("CARGO_BIN_EXE_memleak");
 /// Generous: the machine is a loaded 2-core VM.
 const WAIT: Duration = Duration::from_secs(120);
@@ -29,47 +33,8 @@ fn build(compiler: &str, args: &[&str], src: &Path, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// One stack of a report: its totals and frame lines.
-#[derive(Debug, Clone)]
-struct Stack {
-    bytes: u64,
-    count: u64,
-    frames: Vec<String>,
-}
-
-impl Stack {
-    /// Function names, innermost first (inlined frames included).
-    fn names(&self) -> Vec<String> {
-        self.frames.iter().map(|f| frame_name(f)).collect()
-    }
-}
-
-/// `level4+0xc [/x] (55..) f.c:21` -> `level4`; `helper [/x] (..) f.c:3 (inlined)` -> `helper`.
-fn frame_name(line: &str) -> String {
-    let head = line.split(" [").next().unwrap_or(line);
-    match head.rfind("+0x") {
-        Some(i) => head[..i].to_string(),
-        None => head.to_string(),
-    }
-}
-
-/// The last report of memleak's output (the one printed after the command exited).
-fn last_report(out: &str) -> (Vec<Stack>, Vec<String>) {
-    let start = out.rfind("Top 10 stacks with outstanding allocations:").expect("a report");
-    let mut stacks: Vec<Stack> = Vec::new();
-    let mut warnings = Vec::new();
-    for line in out[start..].lines().skip(1) {
-        if let Some(w) = line.strip_prefix("\tWARNING: ") {
-            warnings.push(w.to_string());
-        } else if let Some(f) = line.strip_prefix("\t\t") {
-            stacks.last_mut().expect("a stack before its frames").frames.push(f.to_string());
-        } else if let Some(h) = line.strip_prefix('\t') {
-            let w: Vec<&str> = h.split_whitespace().collect();
-            assert_eq!(&w[1..3], ["bytes", "in"], "{line}");
-            stacks.push(Stack { bytes: w[0].parse().unwrap(), count: w[3].parse().unwrap(), frames: Vec::new() });
-        }
-    }
-    (stacks, warnings)
+fn lines(out: &str) -> Vec<String> {
+    out.lines().map(String::from).collect()
 }
 
 /// Runs `memleak -c cmd` to the command's exit; returns the final report.
@@ -77,7 +42,8 @@ fn trace(cmd: &str, extra: &[&str]) -> (Vec<Stack>, Vec<String>) {
     let out = Command::new(MEMLEAK).args(extra).args(["-c", cmd]).output().expect("memleak runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "memleak -c {cmd}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-    last_report(&stdout)
+    let r = final_report(&lines(&stdout));
+    (r.stacks, r.warnings)
 }
 
 /// Bytes and allocations by the stack's function names.
@@ -299,7 +265,7 @@ fn dlopened_library_gets_its_table() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let (stacks, _) = last_report(&stdout);
+    let stacks = final_report(&lines(&stdout)).stacks;
     let chain = [&["lib_inner", "lib_outer", "call_lib", "main"][..], &LIBC_START[..]].concat();
     assert_eq!(leaked_from(&stacks, &chain), (72, 1), "{stdout}");
 }
@@ -385,7 +351,8 @@ fn attaching_to_a_running_process_loads_its_tables() {
     stdin.write_all(b"end\n").unwrap();
     assert!(fixture.wait().unwrap().success());
     let _ = memleak.wait();
-    let (stacks, warnings) = last_report(&report);
+    let r = parse_reports(&lines(&report)).pop().expect("a report");
+    let (stacks, warnings) = (r.stacks, r.warnings);
     assert!(warnings.is_empty(), "{warnings:?}");
     let chain = [&["lib_inner", "lib_outer", "call_lib", "main"][..], &LIBC_START[..]].concat();
     assert_eq!(leaked_from(&stacks, &chain), (72, 1), "{report}");

@@ -301,15 +301,27 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// The function of frame `i`: "do_malloc" of "do_malloc+0x18 [/path] (55..)".
+    /// The function of frame `i` (see [`frame_function`]).
     pub fn func(&self, i: usize) -> &str {
-        self.frames.get(i).map(|f| f.split('+').next().unwrap_or(f)).unwrap_or("")
+        self.frames.get(i).map(|f| frame_function(f)).unwrap_or("")
+    }
+
+    /// The functions of every frame, innermost first, inlined ones included.
+    pub fn names(&self) -> Vec<String> {
+        self.frames.iter().map(|f| frame_function(f).to_string()).collect()
     }
 
     /// The module of frame `i`: the text in brackets.
     pub fn module(&self, i: usize) -> &str {
         self.frames.get(i).and_then(|f| f.split_once(" [")).and_then(|(_, r)| r.split_once("] (")).map_or("", |m| m.0)
     }
+}
+
+/// The function of a frame line: "do_malloc" of "do_malloc+0x18 [/path] (55..) f.c:3", and
+/// "helper" of an inlined frame, "helper [/path] (55..) f.c:3 (inlined)".
+pub fn frame_function(frame: &str) -> &str {
+    let head = frame.split(" [").next().unwrap_or(frame);
+    head.rfind("+0x").map_or(head, |i| &head[..i])
 }
 
 /// The offset of a symbolized frame: 0x18 of "do_malloc+0x18 [/path] (55..)".
