@@ -37,6 +37,18 @@ fn lines(out: &str) -> Vec<String> {
     out.lines().map(String::from).collect()
 }
 
+/// The dlopen fixture, -O2 without frame pointers: its library and the program that loads it.
+fn build_dlopen_fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let lib = build(
+        "gcc",
+        &["-O2", "-g", "-fomit-frame-pointer", "-shared", "-fPIC"],
+        &fixture("dl_lib.c"),
+        &dir.join("libdl_fixture.so"),
+    );
+    let main = build("gcc", &["-O2", "-g", "-fomit-frame-pointer"], &fixture("dl_main.c"), &dir.join("dl_main"));
+    (lib, main)
+}
+
 /// Runs `memleak -c cmd` to the command's exit; returns the final report.
 fn trace(cmd: &str, extra: &[&str]) -> (Vec<Stack>, Vec<String>) {
     let out = Command::new(MEMLEAK).args(extra).args(["-c", cmd]).output().expect("memleak runs");
@@ -235,13 +247,7 @@ fn rust_chain_is_the_same_with_and_without_frame_pointers() {
 #[test]
 fn dlopened_library_gets_its_table() {
     let dir = out_dir("dlopen");
-    let lib = build(
-        "gcc",
-        &["-O2", "-g", "-fomit-frame-pointer", "-shared", "-fPIC"],
-        &fixture("dl_lib.c"),
-        &dir.join("libdl_fixture.so"),
-    );
-    let main = build("gcc", &["-O2", "-g", "-fomit-frame-pointer"], &fixture("dl_main.c"), &dir.join("dl_main"));
+    let (lib, main) = build_dlopen_fixture(&dir);
     let mut child = Command::new(MEMLEAK)
         .args(["-v", "-c", &format!("{} {}", main.display(), lib.display())])
         .stdin(Stdio::piped())
@@ -296,13 +302,7 @@ fn code_without_cfi_falls_back_to_its_frame_pointer() {
 #[test]
 fn attaching_to_a_running_process_loads_its_tables() {
     let dir = out_dir("pid");
-    let lib = build(
-        "gcc",
-        &["-O2", "-g", "-fomit-frame-pointer", "-shared", "-fPIC"],
-        &fixture("dl_lib.c"),
-        &dir.join("libdl_fixture.so"),
-    );
-    let main = build("gcc", &["-O2", "-g", "-fomit-frame-pointer"], &fixture("dl_main.c"), &dir.join("dl_main"));
+    let (lib, main) = build_dlopen_fixture(&dir);
     // The fixture dlopens, says "loaded", leaks after one line on stdin and exits after another.
     let mut fixture = Command::new(&main)
         .arg(&lib)
