@@ -86,9 +86,9 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
         links.push(prog.attach().with_context(|| format!("cannot attach {name} to its tracepoint"))?);
     }
     if cfg.verbose {
-        eprintln!("memleak: tracepoint layouts: {layout:?}");
+        errln!("memleak: tracepoint layouts: {layout:?}");
         for (prog, _) in &progs {
-            eprintln!("memleak:   attached {}", prog.name().to_string_lossy());
+            errln!("memleak:   attached {}", prog.name().to_string_lossy());
         }
     }
     let programs = Programs { progs: progs.iter().map(|(prog, role)| (prog.as_fd(), *role)).collect() };
@@ -100,10 +100,10 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
                 // SAFETY: a u64 in the mmapped .bss, read by the programs.
                 unsafe { std::ptr::write_volatile(&mut bss.vmemmap_base, base) };
                 if cfg.verbose {
-                    eprintln!("memleak: vmemmap base {base:#x}");
+                    errln!("memleak: vmemmap base {base:#x}");
                 }
             }
-            Err(e) => eprintln!("memleak: note: page allocations are not traced: {e:#}"),
+            Err(e) => errln!("memleak: note: page allocations are not traced: {e:#}"),
         }
     }
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;

@@ -3,11 +3,21 @@
 //! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
 //! (or, without a process, `kernel`: tracepoints of the kernel's allocators)
 //! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
+/// Writes a line to stderr, as eprintln! does, but a closed or full stderr is not an error:
+/// memleak's messages are best effort, its exit status is not.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod batch;
 mod cli;
 mod collector;
 mod kernel;
 mod loader;
+mod objfile;
 mod placement;
 mod probes;
 mod procmaps;
@@ -34,7 +44,7 @@ use std::io::Write;
 /// libbpf's own messages go to stderr only with -v: errors reach the user as one line each.
 fn libbpf_log(level: libbpf_rs::PrintLevel, msg: String) {
     if level != libbpf_rs::PrintLevel::Debug {
-        eprint!("libbpf: {msg}");
+        let _ = write!(std::io::stderr(), "libbpf: {msg}");
     }
 }
 
@@ -42,11 +52,12 @@ fn main() {
     let cfg = match cli::parse(std::env::args_os()) {
         Ok(cfg) => cfg,
         Err(cli::ParseOutcome::Print(text)) => {
-            print!("{text}");
+            let _ = write!(std::io::stdout(), "{text}");
+            let _ = std::io::stdout().flush();
             return;
         }
         Err(cli::ParseOutcome::Error(msg)) => {
-            eprintln!("memleak: {msg}");
+            errln!("memleak: {msg}");
             std::process::exit(2);
         }
     };
@@ -56,7 +67,7 @@ fn main() {
         Err(e) => {
             let _ = std::io::stdout().flush();
             // One line: the causes joined, as anyhow's alternate form does.
-            eprintln!("memleak: {}", format!("{e:#}").replace('\n', " "));
+            errln!("memleak: {}", format!("{e:#}").replace('\n', " "));
             1
         }
     };

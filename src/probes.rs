@@ -1,6 +1,5 @@
 //! Probes: the allocator's entry points found in its ELF object, attached as uprobes.
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -49,7 +48,7 @@ impl EntryPoint {
 /// The entry points that `path` defines (with `prefix` before each name), one per distinct
 /// address, and the names it lacks.
 pub fn resolve(path: &Path, prefix: &str) -> Result<(Vec<EntryPoint>, Vec<String>)> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, data) = crate::objfile::read_elf(path)?;
     let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF object", path.display()))?;
     let mut by_offset: BTreeMap<u64, EntryPoint> = BTreeMap::new();
     let mut missing = Vec::new();
@@ -92,14 +91,14 @@ fn vaddr_to_offset(file: &object::File, vaddr: u64) -> Option<u64> {
 
 /// Whether the ELF file at `path` defines the function `name`.
 pub fn defines(path: &Path, name: &str) -> bool {
-    let Ok(data) = fs::read(path) else { return false };
+    let Ok((_, data)) = crate::objfile::read_elf(path) else { return false };
     let Ok(file) = object::File::parse(&*data) else { return false };
     symbol_address(&file, name).is_some()
 }
 
 /// The dynamic linker named by an executable's PT_INTERP, if it has one.
 pub fn interpreter(path: &Path) -> Result<Option<PathBuf>> {
-    let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, data) = crate::objfile::read_elf(path)?;
     let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF executable", path.display()))?;
     let Some(sec) = file.section_by_name(".interp") else { return Ok(None) };
     use object::ObjectSection;

@@ -140,12 +140,12 @@ impl Tracer<'_, '_> {
         let text = report::format(&report::now_hms(), &opts, &stacks, &snap.losses);
         write_out(&text)?;
         if self.cfg.verbose {
-            eprintln!(
+            errln!(
                 "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, printed in {:.1} ms",
                 read.as_secs_f64() * 1e3,
                 (started.elapsed() - read).as_secs_f64() * 1e3
             );
-            eprintln!(
+            errln!(
                 "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
                 map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
                 map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
@@ -218,7 +218,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         let exec = if cfg.frame_pointers { 0 } else { libc::PTRACE_O_TRACEEXEC };
         let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, (libc::PTRACE_O_TRACEEXIT | exec) as libc::c_ulong) };
         if r != 0 && cfg.verbose {
-            eprintln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
+            errln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
         }
     }
 
@@ -232,7 +232,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         );
     }
     if !missing.is_empty() {
-        eprintln!("memleak: note: {} has no {}: not traced", obj.display(), missing.join(", "));
+        errln!("memleak: note: {} has no {}: not traced", obj.display(), missing.join(", "));
     }
 
     let mut storage = MaybeUninit::uninit();
@@ -257,10 +257,10 @@ pub fn run(cfg: &Config) -> Result<i32> {
     let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     if cfg.verbose {
-        eprintln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
+        errln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
         for e in &entries {
             let p = &e.placement;
-            eprintln!(
+            errln!(
                 "memleak:   {:<28} entry {:#x} probe {:#x} (+{}: {}){}",
                 e.names,
                 e.entry_offset,
@@ -350,7 +350,7 @@ pub fn follow(
         && let Some(u) = &tracer.unwind
     {
         let l = Collector::losses(tracer.maps.counters);
-        eprintln!(
+        errln!(
             "memleak: unwind: {} objects, {} rows built in {:.3} s; {} stacks unwound, {} ended early",
             u.tables.built,
             u.tables.rows_total,
@@ -362,7 +362,7 @@ pub fn follow(
     if tracer.cfg.verbose {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
-        eprintln!("memleak: peak memory (VmHWM) {peak}");
+        errln!("memleak: peak memory (VmHWM) {peak}");
     }
     Ok(end)
 }
@@ -438,7 +438,7 @@ fn event_loop(
             reports += 1;
             if t.cfg.count.is_some_and(|c| reports >= c) {
                 if is_command && let Some(pid) = t.pid {
-                    eprintln!("memleak: {reports} reports printed; the command (pid {pid}) goes on running, untraced");
+                    errln!("memleak: {reports} reports printed; the command (pid {pid}) goes on running, untraced");
                 }
                 return Ok(End::Stopped);
             }

@@ -10,7 +10,7 @@
 //! address: it is looked up at address - 1, the call, and printed as it is.
 //! Kernel mode: addresses are kernel text, symbolized from /proc/kallsyms.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use blazesym::MaybeDefault;
@@ -155,9 +155,9 @@ impl Symbolizer {
             Some(p) if p.as_path() == &*shown => shown,
             Some(p) => match std::fs::File::open(&p) {
                 Ok(f) => {
-                    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                    let path = crate::objfile::fd_path(&f);
                     self.held.push(f);
-                    Arc::from(PathBuf::from(format!("/proc/self/fd/{fd}")).as_path())
+                    Arc::from(path.as_path())
                 }
                 Err(_) => shown,
             },
@@ -327,7 +327,7 @@ mod tests {
             })
             .expect("kfree in kallsyms");
         if addr == 0 {
-            eprintln!("skipped: kallsyms addresses are hidden (not root)");
+            errln!("skipped: kallsyms addresses are hidden (not root)");
             return;
         }
         let mut s = Symbolizer::kernel();

@@ -106,6 +106,7 @@ fn check_obj(obj: &Path) -> Result<PathBuf> {
     if !obj.exists() {
         bail!("-O {}: no such file", obj.display());
     }
+    crate::objfile::read_elf(obj).context("-O")?;
     Ok(obj.to_path_buf())
 }
 

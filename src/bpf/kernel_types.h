@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The few kernel types and constants the BPF programs use, so that building needs no kernel
  * headers and no vmlinux.h. Structs carry preserve_access_index: CO-RE relocates every field

@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Kernel mode: the kernel's allocators through their tracepoints, attached by BTF (tp_btf), so
  * nothing needs tracefs. Records are keyed like user mode's, with pid 0: kmalloc and

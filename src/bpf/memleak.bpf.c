@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * User-space allocation tracing: probes on the allocator's entry points record every block
  * still allocated (keyed by process and address) with its size, time and call stack.

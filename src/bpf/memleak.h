@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Types shared by the BPF programs and the Rust collector: the one definition of each. */
 #ifndef MEMLEAK_H
 #define MEMLEAK_H

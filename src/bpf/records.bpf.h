@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * What both BPF objects (user mode's memleak.bpf.c, kernel mode's kmem.bpf.c) share: the
  * configuration set by the loader, the loss counters, the record maps, and the code that stores

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The table unwinder: walks a user stack from the rows built out of each object's .eh_frame
  * (src/unwind/ builds them; docs/unwinding.md describes the format). Included by memleak.bpf.c

@@ -155,9 +155,10 @@ impl UnwindTables {
         let _ = skel.maps.unwind_generation.update(&0u32.to_ne_bytes(), &self.generation.to_ne_bytes(), MapFlags::ANY);
         // Said once it is in use (the tests wait for this line).
         if self.verbose {
-            eprintln!(
+            errln!(
                 "memleak: unwind table for {name}: {} rows, {} bytes of code outside the model",
-                p.rows, p.unsupported_bytes
+                p.rows,
+                p.unsupported_bytes
             );
         }
         true

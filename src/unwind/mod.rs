@@ -45,7 +45,7 @@ impl Unwinder<'_, '_> {
     /// Objects that got no table, said once each.
     pub fn report_failures(&mut self) {
         for f in self.tables.failures.drain(..) {
-            eprintln!("memleak: {f}; its frames fall back to frame pointers");
+            errln!("memleak: {f}; its frames fall back to frame pointers");
         }
     }
 }
