@@ -9,6 +9,7 @@ use libbpf_rs::MapCore;
 
 use crate::batch;
 use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
+use crate::symbolizer::RawFrame;
 
 /// One stack's outstanding allocations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,7 +74,7 @@ pub struct Snapshot {
 
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
-    stacks: HashMap<u64, Vec<u64>>,
+    stacks: HashMap<u64, Vec<RawFrame>>,
 }
 
 impl Collector {
@@ -82,7 +83,7 @@ impl Collector {
     }
 
     /// The frames of a stack read by [`Collector::refresh_stacks`].
-    pub fn frames(&self, stack_id: u64) -> Option<&[u64]> {
+    pub fn frames(&self, stack_id: u64) -> Option<&[RawFrame]> {
         self.stacks.get(&stack_id).map(Vec::as_slice)
     }
 
@@ -95,7 +96,7 @@ impl Collector {
             if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
                 let st: stack = read_pod(v);
                 let depth = (st.depth as usize).min(st.ips.len());
-                e.insert(st.ips[..depth].to_vec());
+                e.insert(st.ips[..depth].iter().zip(&st.locs).map(|(&ip, &loc)| RawFrame { ip, loc }).collect());
                 new.push(id);
             }
         })

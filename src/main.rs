@@ -15,8 +15,11 @@ macro_rules! errln {
 mod batch;
 mod cli;
 mod collector;
+mod debuginfo;
+mod demangle;
 mod kernel;
 mod loader;
+mod objects;
 mod objfile;
 mod placement;
 mod probes;

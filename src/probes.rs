@@ -190,9 +190,14 @@ pub fn attach(
 mod tests {
     use super::*;
 
+    /// The test binary's libc, opened as memleak opens a -p process's (kept open).
     fn libc() -> PathBuf {
         let me = std::process::id() as i32;
-        crate::target::allocator_object(me, None, "").expect("the test binary maps libc")
+        let o = crate::target::allocator_object(me, None, "").expect("the test binary maps libc");
+        assert!(o.shown.to_string_lossy().contains("libc.so"), "{}", o.shown.display());
+        let path = o.path.clone();
+        std::mem::forget(o);
+        path
     }
 
     #[test]

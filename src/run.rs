@@ -1,6 +1,6 @@
 //! The run: set the target up, attach, then report every interval until the target exits,
 //! the count is reached, or Ctrl-C/SIGTERM.
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -98,8 +98,8 @@ impl Tracer<'_, '_> {
     /// their addresses live, so that they stay symbolizable after it exits.
     fn prepare_symbols(&mut self) -> Result<()> {
         let new = self.collector.refresh_stacks(self.stacks)?;
-        let addrs: Vec<u64> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
-        self.symbolizer.normalize(addrs);
+        let frames: Vec<_> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
+        self.symbolizer.normalize(frames);
         Ok(())
     }
 
@@ -204,7 +204,11 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
         Target::Command(argv) => {
             let prog = target::resolve_program(&argv[0])?;
-            let obj = target::allocator_object_for_command(&prog, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            let obj = target::AllocatorObject::named(target::allocator_object_for_command(
+                &prog,
+                cfg.obj.as_deref(),
+                &cfg.symbols_prefix,
+            )?);
             let held = target::HeldChild::spawn(&prog, argv)?;
             (held.pid, obj, Some(held))
         }
@@ -222,22 +226,23 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
     }
 
-    let (entries, missing) = probes::resolve(&obj, &cfg.symbols_prefix)?;
+    let (entries, missing) = probes::resolve(&obj.path, &cfg.symbols_prefix)?;
     if entries.is_empty() {
         bail!(
             "{} defines none of the allocator functions ({}malloc, {}free, ...)",
-            obj.display(),
+            obj.shown.display(),
             cfg.symbols_prefix,
             cfg.symbols_prefix
         );
     }
     if !missing.is_empty() {
-        errln!("memleak: note: {} has no {}: not traced", obj.display(), missing.join(", "));
+        errln!("memleak: note: {} has no {}: not traced", obj.shown.display(), missing.join(", "));
     }
 
     let mut storage = MaybeUninit::uninit();
     let loaded = loader::load(&mut storage, cfg, pid as u32, is_command)?;
     let skel = &loaded.skel;
+    let mut symbolizer = Symbolizer::new(Some(pid));
     let unwind = if cfg.frame_pointers {
         None
     } else {
@@ -245,19 +250,19 @@ pub fn run(cfg: &Config) -> Result<i32> {
         if let Target::Command(argv) = &cfg.target {
             // Before it runs: the tables of what it maps at start are there for its first call.
             for p in unwind::startup_objects(&target::resolve_program(&argv[0])?) {
-                tables.preload(skel, &p);
+                unwind::preload_path(&mut tables, skel, &mut symbolizer.objects, &p);
             }
         } else {
-            tables.sync_process(skel, pid);
+            tables.sync_process(skel, &mut symbolizer.objects, pid);
         }
-        let mut u = Unwinder { skel, tables, wakeup: Rc::new(Cell::new(false)), pid };
+        let mut u = Unwinder { skel, tables, met: Rc::new(RefCell::new(Vec::new())), pid };
         u.report_failures();
         Some(u)
     };
-    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
+    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj.path, &entries)?;
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     if cfg.verbose {
-        errln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
+        errln!("memleak: attached to {} ({:?} mode):", obj.shown.display(), loaded.mode);
         for e in &entries {
             let p = &e.placement;
             errln!(
@@ -271,7 +276,6 @@ pub fn run(cfg: &Config) -> Result<i32> {
             );
         }
     }
-    let mut symbolizer = Symbolizer::new(Some(pid));
     if !is_command {
         // The maps of the running process, read before it can exit (the line below tells
         // scripts the probes are in place), kept in case it exits before its stacks are read.
@@ -319,9 +323,9 @@ pub fn follow(
             })?;
         }
         if let Some(u) = &tracer.unwind {
-            let wakeup = u.wakeup.clone();
-            b.add(&u.skel.maps.unwind_wakeup, move |_: &[u8]| {
-                wakeup.set(true);
+            let met = u.met.clone();
+            b.add(&u.skel.maps.unwind_wakeup, move |data: &[u8]| {
+                met.borrow_mut().push(read_pod(data));
                 0
             })?;
         }
@@ -398,11 +402,11 @@ fn event_loop(
             r.consume().context("reading trace events")?;
         }
         if let Some(u) = t.unwind.as_mut()
-            && u.wakeup.replace(false)
+            && u.woken()
         {
-            // A new object is in use (dlopen, exec): load its table, and record where the new
-            // stacks' addresses live now, not at the next tick (it may be unloaded by then).
-            u.sync();
+            // A file not opened yet is in use (dlopen, exec): open it now, while it is mapped
+            // (it may be unloaded by the next tick), and load its table.
+            u.sync(&mut t.symbolizer.objects);
             t.prepare_symbols()?;
         }
         if fds[0].revents & libc::POLLIN != 0 {
@@ -428,7 +432,7 @@ fn event_loop(
         // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
         if now >= next_tick && t.pid.is_some() {
             if let Some(u) = t.unwind.as_mut() {
-                u.sync();
+                u.tick(&mut t.symbolizer.objects);
             }
             t.prepare_symbols()?;
             next_tick = now + TICK;
@@ -493,7 +497,7 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
                 } else if event == libc::PTRACE_EVENT_EXEC {
                     // A new image (an exec'ing wrapper): its tables before it runs.
                     if let Some(u) = t.unwind.as_mut() {
-                        u.load_exec();
+                        u.load_exec(&mut t.symbolizer.objects);
                     }
                     libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
                 } else if event == libc::PTRACE_EVENT_STOP {

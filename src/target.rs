@@ -43,27 +43,47 @@ pub fn check_pid(pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// The object whose allocator functions to probe in a running process: -O if given, else the
-/// libc it has mapped, else its executable if that defines malloc (a static binary).
-pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
-    if let Some(obj) = obj {
-        return check_obj(obj);
+/// The object whose allocator functions are probed.
+pub struct AllocatorObject {
+    /// Where memleak reads it and the probes attach: for a -p process's own object, the
+    /// descriptor held (/proc/self/fd/N of the file opened through /proc/PID/map_files).
+    pub path: PathBuf,
+    /// Its name in messages: the path as the process sees it, or as given.
+    pub shown: PathBuf,
+    _file: Option<fs::File>,
+}
+
+impl AllocatorObject {
+    /// An object named by a path memleak may open (-O, or -c's resolved libc).
+    pub fn named(path: PathBuf) -> Self {
+        AllocatorObject { shown: path.clone(), path, _file: None }
     }
-    // Opened by a path valid in memleak's mount namespace: the process may be in a container.
+
+    fn mapped(pid: i32, m: &Mapping) -> Result<Self> {
+        let shown = m.path.as_deref().unwrap_or(Path::new("?")).to_path_buf();
+        let f = m.open(pid).with_context(|| format!("cannot open {}, mapped by process {pid}", shown.display()))?;
+        Ok(AllocatorObject { path: crate::objfile::fd_path(&f), shown, _file: Some(f) })
+    }
+}
+
+/// The object whose allocator functions to probe in a running process: -O if given, else the
+/// libc it has mapped, else its executable if that defines malloc (a static binary). The
+/// process's own objects are opened through /proc/PID/map_files, never by their paths, which
+/// it may have replaced (and which may name other files in memleak's mount namespace).
+pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<AllocatorObject> {
+    if let Some(obj) = obj {
+        return check_obj(obj).map(AllocatorObject::named);
+    }
     let maps = ProcMaps::read(pid)?;
-    let openable = |m: &Mapping| {
-        let shown = m.path.as_deref().unwrap_or(Path::new("?")).display().to_string();
-        m.openable(pid).with_context(|| format!("cannot open {shown}, mapped by process {pid}"))
-    };
     let files = || maps.mappings.iter().filter(|m| m.is_file());
     if let Some(libc) = files().find(|m| m.path.as_deref().is_some_and(is_libc)) {
-        return openable(libc);
+        return AllocatorObject::mapped(pid, libc);
     }
     let exe = fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?;
     if let Some(m) = files().find(|m| m.path.as_deref() == Some(exe.as_path())) {
-        let path = openable(m)?;
-        if probes::defines(&path, &format!("{prefix}malloc")) {
-            return Ok(path);
+        let o = AllocatorObject::mapped(pid, m)?;
+        if probes::defines(&o.path, &format!("{prefix}malloc")) {
+            return Ok(o);
         }
     }
     bail!(

@@ -3,7 +3,7 @@
 pub mod maps;
 pub mod table;
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
@@ -12,40 +12,70 @@ use object::Object;
 
 pub use maps::UnwindTables;
 
+use crate::objects::Objects;
 use crate::skel::MemleakSkel;
+use crate::skel::types::unwind_met;
 
 /// The unwind tables of a run and the BPF object they feed.
 pub struct Unwinder<'a, 'obj> {
     pub skel: &'a MemleakSkel<'obj>,
     pub tables: UnwindTables,
-    /// Set when the BPF side met code of an object without a table (its wake-up ring buffer).
-    pub wakeup: Rc<Cell<bool>>,
+    /// Files the BPF side met that memleak has not opened yet (its wake-up ring buffer).
+    pub met: Rc<RefCell<Vec<unwind_met>>>,
     pub pid: i32,
 }
 
 impl Unwinder<'_, '_> {
-    /// Loads the tables of objects mapped since the last call: every tick, and at once when
-    /// the BPF side met code of an object without a table (dlopen, exec of a -p process).
-    pub fn sync(&mut self) {
-        self.tables.sync_process(self.skel, self.pid);
+    /// Whether the BPF side has woken us since the last [`Unwinder::sync`].
+    pub fn woken(&self) -> bool {
+        !self.met.borrow().is_empty()
+    }
+
+    /// Opens and registers the files the BPF side met (at once: a dlopen'd library may be
+    /// unloaded soon), and the tables of objects mapped since the last call (every tick).
+    pub fn sync(&mut self, objects: &mut Objects) {
+        let met = std::mem::take(&mut *self.met.borrow_mut());
+        for ev in &met {
+            self.tables.met(self.skel, objects, self.pid, ev);
+        }
+        self.tables.sync_process(self.skel, objects, self.pid);
+        self.report_failures();
+    }
+
+    /// Every tick: also the files met whose wake-up was lost (its buffer was full).
+    pub fn tick(&mut self, objects: &mut Objects) {
+        self.sync(objects);
+        self.tables.catch_up(self.skel, objects, self.pid);
         self.report_failures();
     }
 
     /// At an exec stop (-c): the new executable's, its interpreter's and its libraries' tables,
     /// before it runs its first instruction.
-    pub fn load_exec(&mut self) {
+    pub fn load_exec(&mut self, objects: &mut Objects) {
         if let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) {
             for p in startup_objects(&exe) {
-                self.tables.preload(self.skel, &p);
+                preload_path(&mut self.tables, self.skel, objects, &p);
             }
         }
-        self.sync();
+        self.sync(objects);
     }
 
     /// Objects that got no table, said once each.
     pub fn report_failures(&mut self) {
         for f in self.tables.failures.drain(..) {
             errln!("memleak: {f}; its frames fall back to frame pointers");
+        }
+    }
+}
+
+/// Registers an object by its path (-c, before the command runs), opened as a regular file
+/// without blocking.
+pub fn preload_path(tables: &mut UnwindTables, skel: &MemleakSkel, objects: &mut Objects, path: &Path) -> bool {
+    match crate::objfile::open_regular(path) {
+        Ok(f) => tables.preload(skel, objects, f, path),
+        Err(e) => {
+            tables.failures.push(format!("{e:#}"));
+            false
         }
     }
 }
