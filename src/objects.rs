@@ -34,8 +34,10 @@ pub enum State {
 
 pub struct Object {
     pub key: Key,
-    /// The path as the process sees it; None when it was never seen mapped.
+    /// The path as the process sees it (in /proc/PID/maps); until it was seen mapped, the path
+    /// it was opened by, or None.
     pub name: Option<Arc<Path>>,
+    named_by_maps: bool,
     pub state: State,
     /// The id stack frames name it by; 0 while it has none.
     pub id: u32,
@@ -88,11 +90,20 @@ impl Objects {
                 let o = &mut self.objs[i];
                 if matches!(o.state, State::Unreadable { retry: true, .. }) {
                     o.state = open_state(pid, m);
-                    o.name = m.path.clone().or(o.name.take());
+                }
+                if !o.named_by_maps && m.path.is_some() {
+                    o.name = m.path.clone();
+                    o.named_by_maps = true;
                 }
                 i
             }
-            None => self.insert(Object { key, name: m.path.clone(), state: open_state(pid, m), id: 0 }),
+            None => self.insert(Object {
+                key,
+                name: m.path.clone(),
+                named_by_maps: m.path.is_some(),
+                state: open_state(pid, m),
+                id: 0,
+            }),
         }
     }
 
@@ -109,7 +120,13 @@ impl Objects {
                 }
                 i
             }
-            None => self.insert(Object { key, name: Some(Arc::from(name)), state: State::Open(file), id: 0 }),
+            None => self.insert(Object {
+                key,
+                name: Some(Arc::from(name)),
+                named_by_maps: false,
+                state: State::Open(file),
+                id: 0,
+            }),
         })
     }
 
@@ -120,6 +137,7 @@ impl Objects {
             None => self.insert(Object {
                 key,
                 name: None,
+                named_by_maps: false,
                 state: State::Unreadable { why: UNMAPPED.into(), retry: true },
                 id: 0,
             }),

@@ -112,6 +112,13 @@ struct Reader {
     dwarf: Dwarf,
 }
 
+impl Reader {
+    /// Whether its symbols come from DWARF (else from the ELF symbol tables already).
+    fn dwarf_separate_or_own(&self) -> bool {
+        !matches!(self.dwarf, Dwarf::None)
+    }
+}
+
 pub struct Symbolizer {
     pid: Option<i32>,
     /// Kernel mode: every address is symbolized from /proc/kallsyms.
@@ -294,25 +301,38 @@ impl Symbolizer {
                 _ => None,
             }
         };
-        let elf_only = || lookup(&r.elf, false, Input::FileOffset(call));
-        let debug_file;
-        let sym = match &r.dwarf {
-            Dwarf::Own => lookup(&r.elf, true, Input::FileOffset(call)),
+        // A separate debug file has the full symbol table (locals too): asked first.
+        let separate = match &r.dwarf {
             Dwarf::Separate { file, segments } => {
-                debug_file = crate::objfile::fd_path(file);
-                debuginfo::vaddr(segments, call).and_then(|va| lookup(&debug_file, true, Input::VirtOffset(va)))
+                debuginfo::vaddr(segments, call).map(|va| (crate::objfile::fd_path(file), va))
             }
-            Dwarf::None => None,
+            _ => None,
         };
-        let Some(sym) = sym.or_else(elf_only) else { return None };
+        let elf_only = || {
+            separate
+                .as_ref()
+                .and_then(|(path, va)| lookup(path, false, Input::VirtOffset(*va)))
+                .or_else(|| lookup(&r.elf, false, Input::FileOffset(call)))
+        };
+        let sym = match (&r.dwarf, &separate) {
+            (Dwarf::Own, _) => lookup(&r.elf, true, Input::FileOffset(call)),
+            (Dwarf::Separate { .. }, Some((path, va))) => lookup(path, true, Input::VirtOffset(*va)),
+            _ => None,
+        };
+        let sym = sym.or_else(elf_only)?;
         // Debug info (e.g. libc6-dbg) can give a function without its address (addr 0,
-        // offset = the whole file offset; seen inside glibc's pthread_create): the ELF
-        // symbol tables then know the name and offset better; the lines still come from DWARF.
-        let (name, off) =
-            match (sym.addr == 0 || sym.size.is_some_and(|size| sym.offset >= size)).then(elf_only).flatten() {
-                Some(elf) => (demangle(&elf.name).into_owned(), elf.offset),
-                None => (demangle(&sym.name).into_owned(), sym.offset),
-            };
+        // offset = the whole file offset; seen inside glibc's pthread_create), or the start of
+        // a function whose cold part, far away, holds the address (__pthread_once_slow+0x8e057):
+        // the ELF symbol tables then know the name and offset better (`f.cold+0x17`); the
+        // lines still come from DWARF.
+        let elf = (r.dwarf_separate_or_own()).then(elf_only).flatten();
+        let better = |e: &blazesym::symbolize::Sym| {
+            sym.addr == 0 || sym.size.is_some_and(|size| sym.offset >= size) || e.offset < sym.offset
+        };
+        let (name, off) = match elf.filter(better) {
+            Some(e) => (demangle(&e.name).into_owned(), e.offset),
+            None => (demangle(&sym.name).into_owned(), sym.offset),
+        };
         let line = |c: &CodeInfo| c.line.map(|l| format!("{}:{l}", c.to_path().display()));
         Some(Frame {
             addr: 0,

@@ -102,11 +102,11 @@ impl UnwindTables {
         }
         let mut added = false;
         for m in ProcMaps::parse(&text).mappings.iter().filter(|m| m.executable && m.is_file()) {
-            if self.registered.contains(&(m.kernel_dev(), m.inode)) {
-                continue;
-            }
+            // Also for the registered ones: they take the name the process sees them by.
             let i = objects.open_mapping(pid, m);
-            added |= self.register(skel, objects, i);
+            if !self.registered.contains(&(m.kernel_dev(), m.inode)) {
+                added |= self.register(skel, objects, i);
+            }
         }
         self.last_maps = text;
         added
