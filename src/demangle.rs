@@ -25,10 +25,10 @@ pub fn demangle(name: &str) -> Cow<'_, str> {
     if name.len() > MAX_NAME {
         return Cow::Borrowed(name);
     }
-    if name.starts_with("_R") || (name.starts_with("_ZN") && is_legacy_rust(name)) {
-        if let Ok(d) = rustc_demangle::try_demangle(name) {
-            return Cow::Owned(format!("{d:#}"));
-        }
+    if (name.starts_with("_R") || (name.starts_with("_ZN") && is_legacy_rust(name)))
+        && let Ok(d) = rustc_demangle::try_demangle(name)
+    {
+        return Cow::Owned(format!("{d:#}"));
     }
     if name.starts_with("_Z")
         && let Some(d) = cxa_demangle(name)
@@ -115,7 +115,9 @@ mod tests {
             assert_eq!(demangle(plain), plain);
         }
         assert_eq!(
-            demangle("_ZSt11make_sharedIiJiEESt10shared_ptrINSt9enable_ifIXntsrSt8is_arrayIT_E5valueES3_E4typeEEDpOT0_"),
+            demangle(
+                "_ZSt11make_sharedIiJiEESt10shared_ptrINSt9enable_ifIXntsrSt8is_arrayIT_E5valueES3_E4typeEEDpOT0_"
+            ),
             "std::shared_ptr<std::enable_if<!std::is_array<int>::value, int>::type> std::make_shared<int, int>(int&&)"
         );
         assert_eq!(demangle("_ZNSolsEi"), "std::basic_ostream<char, std::char_traits<char> >::operator<<(int)");
@@ -129,7 +131,10 @@ mod tests {
         assert_eq!(demangle("_ZN4core3ptr13drop_in_place17h0123456789abcdefE"), "core::ptr::drop_in_place");
         assert_eq!(demangle("_RNvCs1234_7mycrate3foo"), "mycrate::foo");
         assert_eq!(demangle("_ZN3foo3barE"), "foo::bar");
-        assert_eq!(verbose_std("x::std::string std::string_view mystd::ostream"), "x::std::string std::string_view mystd::ostream");
+        assert_eq!(
+            verbose_std("x::std::string std::string_view mystd::ostream"),
+            "x::std::string std::string_view mystd::ostream"
+        );
         // Hostile input: long or deeply nested names come back as they are, without a crash.
         let deep = format!("_Z1fI{}i{}Ev", "St6vectorI".repeat(3000), "E".repeat(3000));
         assert_eq!(demangle(&deep), deep);

@@ -29,7 +29,10 @@ pub enum State {
     Open(File),
     /// Never opened. `retry`: the failure may pass (the mapping was gone when memleak looked),
     /// so the object is opened the next time it is seen mapped.
-    Unreadable { why: String, retry: bool },
+    Unreadable {
+        why: String,
+        retry: bool,
+    },
 }
 
 pub struct Object {
@@ -83,13 +86,15 @@ impl Objects {
     }
 
     /// The object a file mapping shows, opened now unless it is open already (or cannot be).
+    /// `m.path`, when known, must come from the same read of /proc/PID/maps as its range,
+    /// dev and inode.
     pub fn open_mapping(&mut self, pid: i32, m: &Mapping) -> usize {
         let key = (m.kernel_dev(), m.inode);
         match self.by_key.get(&key) {
             Some(&i) => {
                 let o = &mut self.objs[i];
                 if matches!(o.state, State::Unreadable { retry: true, .. }) {
-                    o.state = open_state(pid, m);
+                    o.state = open_state(pid, m, &mut o.name);
                 }
                 if !o.named_by_maps && m.path.is_some() {
                     o.name = m.path.clone();
@@ -97,13 +102,11 @@ impl Objects {
                 }
                 i
             }
-            None => self.insert(Object {
-                key,
-                name: m.path.clone(),
-                named_by_maps: m.path.is_some(),
-                state: open_state(pid, m),
-                id: 0,
-            }),
+            None => {
+                let mut name = m.path.clone();
+                let state = open_state(pid, m, &mut name);
+                self.insert(Object { key, name, named_by_maps: m.path.is_some(), state, id: 0 })
+            }
         }
     }
 
@@ -171,9 +174,16 @@ impl Objects {
     }
 }
 
-fn open_state(pid: i32, m: &Mapping) -> State {
+/// Opens a mapping's file; without a path (only its range was known), `name` gets the path of
+/// the very file opened.
+fn open_state(pid: i32, m: &Mapping, name: &mut Option<Arc<Path>>) -> State {
     match m.open(pid) {
-        Ok(f) => State::Open(f),
+        Ok(f) => {
+            if name.is_none() {
+                *name = std::fs::read_link(crate::objfile::fd_path(&f)).ok().map(|p| Arc::from(p.as_path()));
+            }
+            State::Open(f)
+        }
         Err(e) => {
             // Gone (unmapped) or another file there now: it may be mapped again later.
             let gone = e.chain().any(|c| {

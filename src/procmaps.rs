@@ -30,7 +30,7 @@ impl Mapping {
     /// since (a symlink to a root-only file, a FIFO); also right for a process in another mount
     /// namespace and for a deleted file. Regular files of the mapping's (dev, inode) only.
     pub fn open(&self, pid: i32) -> Result<fs::File> {
-        if !self.is_file() {
+        if self.inode == 0 {
             anyhow::bail!("not a file mapping");
         }
         crate::objfile::open_mapped(&self.map_files(pid), self.dev, self.inode)

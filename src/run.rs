@@ -281,6 +281,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
         // scripts the probes are in place), kept in case it exits before its stacks are read.
         symbolizer.reread_maps();
     }
+    // Before the line below: a process that exits as soon as it is told memleak is attached
+    // would otherwise be gone before its pidfd exists, and its exit never seen.
+    let pidfd = if is_command { None } else { pidfd_open(pid) };
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
     if let Some(held) = held {
         held.release()?;
@@ -297,7 +300,6 @@ pub fn run(cfg: &Config) -> Result<i32> {
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
     };
-    let pidfd = if is_command { None } else { pidfd_open(pid) };
     match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
         End::CommandExited(code) => Ok(code),
         End::ProcessExited | End::Stopped => Ok(0),

@@ -210,11 +210,7 @@ impl Symbolizer {
             Some((id, offset)) => match self.objects.by_id(id) {
                 Some(obj) => Some((obj, offset)),
                 None => {
-                    return Frame {
-                        addr,
-                        unreadable: Some(crate::objects::UNMAPPED.into()),
-                        ..Frame::default()
-                    };
+                    return Frame { addr, unreadable: Some(crate::objects::UNMAPPED.into()), ..Frame::default() };
                 }
             },
             None => match self.locations.get(&addr) {

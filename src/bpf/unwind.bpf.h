@@ -280,7 +280,7 @@ static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch 
 		 * space has been woken already. */
 		struct unwind_met met = { .dev = f.dev, .id = obj->id, .ino = f.ino, .start = f.start, .end = f.end };
 
-		bpf_ringbuf_output(&unwind_wakeup, &met, sizeof(met), 0);
+		bpf_ringbuf_output(&unwind_wakeup, &met, sizeof(met), 2 /* BPF_RB_FORCE_WAKEUP */);
 	}
 	if (!obj->npages) {
 		unwind_count(CNT_NO_TABLE_SEEN);
@@ -340,7 +340,8 @@ static __always_inline void unwind_locate(struct stack *st, __u32 i, struct unwi
 	if (i >= MAX_STACK_DEPTH)
 		return;
 	st->locs[i] = 0;
-	if (!v || !v->obj)
+	/* A stale mapping (the mmap lock was busy) may describe what was mapped there before. */
+	if (!v || !v->obj || v->stale)
 		return;
 	off = pc + v->file_adj;
 	if (off >> 32)

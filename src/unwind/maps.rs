@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -47,6 +46,8 @@ pub struct UnwindTables {
     /// Files registered in the BPF objects map for good: opened (with or without a table), or
     /// unreadable for a reason that will not pass.
     registered: HashSet<Key>,
+    /// How often each file met was chased (see [`UnwindTables::chase`]).
+    chases: HashMap<Key, u32>,
     last_maps: String,
     verbose: bool,
     generation: u32,
@@ -66,6 +67,7 @@ impl UnwindTables {
             next_page: 0,
             by_build_id: HashMap::new(),
             registered: HashSet::new(),
+            chases: HashMap::new(),
             last_maps: String::new(),
             verbose,
             generation: 0,
@@ -133,21 +135,36 @@ impl UnwindTables {
         if self.registered.contains(&key) {
             return false;
         }
-        let mut m = Mapping {
-            start: ev.start,
-            end: ev.end,
-            offset: 0,
-            executable: true,
-            path: None,
-            dev: libc::makedev(ev.dev >> 20, ev.dev & 0xfffff),
-            inode: ev.ino,
-        };
-        // Its name as /proc/PID/maps would show it: the link's target.
-        m.path = std::fs::read_link(m.map_files(pid)).ok().map(|p| Arc::from(p.as_path()));
-        if m.path.is_some() {
-            objects.open_mapping(pid, &m);
-        }
+        objects.open_mapping(pid, &met_mapping(ev));
         self.register(skel, objects, i)
+    }
+
+    /// Files met that could not be opened (unmapped, or another file there, by the time we
+    /// looked): a library unloaded is often mapped again soon, at the same place (a
+    /// dlopen/dlclose loop). Tries their ranges again for up to 2 ms, at most 50 times per file.
+    pub fn chase(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32, met: &[unwind_met]) {
+        let pending = |objects: &Objects, ev: &unwind_met| {
+            objects.by_key((ev.dev, ev.ino)).is_some_and(|i| objects.get(i).file().is_none())
+        };
+        let mut chased: Vec<&unwind_met> = Vec::new();
+        for ev in met {
+            let n = self.chases.entry((ev.dev, ev.ino)).or_insert(0);
+            if pending(objects, ev) && *n < 50 && !chased.iter().any(|c| (c.dev, c.ino) == (ev.dev, ev.ino)) {
+                *n += 1;
+                chased.push(ev);
+            }
+        }
+        let deadline = Instant::now() + std::time::Duration::from_millis(2);
+        while !chased.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            for ev in &chased {
+                if let Some(i) = objects.by_key((ev.dev, ev.ino)) {
+                    objects.open_mapping(pid, &met_mapping(ev));
+                    self.register(skel, objects, i);
+                }
+            }
+            chased.retain(|ev| pending(objects, ev));
+        }
     }
 
     /// Files the BPF side met but never told of (its wake-up buffer was full): from the
@@ -157,7 +174,7 @@ impl UnwindTables {
         let r = crate::batch::for_each(&skel.maps.unwind_objects, |k, v| {
             let key: unwind_obj_key = crate::collector::read_pod(k);
             let obj: unwind_object = crate::collector::read_pod(v);
-            if obj.state == unwind_object_state::UNW_OBJ_NEW.0 as u32 && objects.by_key((key.dev, key.ino)).is_none() {
+            if obj.state == unwind_object_state::UNW_OBJ_NEW.0 && objects.by_key((key.dev, key.ino)).is_none() {
                 met.push(((key.dev, key.ino), obj.id));
             }
         });
@@ -203,7 +220,7 @@ impl UnwindTables {
             state: 0,
             pad: 0,
         });
-        value.state = state.0 as u32;
+        value.state = state.0;
         // The id the BPF side gave, if it met the file first; else ours. It only inserts.
         let map = &skel.maps.unwind_objects;
         let existing = |map: &libbpf_rs::MapMut| {
@@ -319,6 +336,20 @@ impl UnwindTables {
         self.rows_total += u64::from(nrows);
         self.build_secs += start.elapsed().as_secs_f64();
         Ok(Placed { obj, rows: nrows, unsupported_bytes: t.unsupported_bytes })
+    }
+}
+
+/// The mapping a wake-up describes. No path: the range may map another file by now; the object
+/// is named after the file opened, if it is the one met.
+fn met_mapping(ev: &unwind_met) -> Mapping {
+    Mapping {
+        start: ev.start,
+        end: ev.end,
+        offset: 0,
+        executable: true,
+        path: None,
+        dev: libc::makedev(ev.dev >> 20, ev.dev & 0xfffff),
+        inode: ev.ino,
     }
 }
 

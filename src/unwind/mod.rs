@@ -39,6 +39,7 @@ impl Unwinder<'_, '_> {
             self.tables.met(self.skel, objects, self.pid, ev);
         }
         self.tables.sync_process(self.skel, objects, self.pid);
+        self.tables.chase(self.skel, objects, self.pid, &met);
         self.report_failures();
     }
 
