@@ -176,6 +176,19 @@ impl Objects {
 
 /// Opens a mapping's file; without a path (only its range was known), `name` gets the path of
 /// the very file opened.
+/// Raises the soft limit of open files to the hard limit: memleak holds a descriptor per
+/// object the process maps (a few hundred for a large program).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn open_state(pid: i32, m: &Mapping, name: &mut Option<Arc<Path>>) -> State {
     match m.open(pid) {
         Ok(f) => {

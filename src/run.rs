@@ -213,6 +213,8 @@ pub fn run(cfg: &Config) -> Result<i32> {
             (held.pid, obj, Some(held))
         }
     };
+    // After the command is forked: it keeps the limits it was given.
+    crate::objects::raise_fd_limit();
     let is_command = held.is_some();
     if is_command {
         // Stop the command at its exit while its memory map still exists: the last stacks

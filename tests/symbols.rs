@@ -140,6 +140,10 @@ fn c_functions_named_like_type_codes_print_as_written() {
     let (stacks, bytes, count) = totals(&r, "v");
     assert_eq!((bytes, count), (24, 1), "{r:#?}");
     assert_eq!(stacks[0].names()[..4], ["v", "i", "f", "main"], "{:#?}", stacks[0]);
+    // libc is read through /proc/self/fd/N; its lines come from libc6-dbg's debug file, found
+    // by build-id.
+    let start = stacks[0].frames.iter().find(|f| f.starts_with("__libc_start_call_main+0x")).expect("libc frame");
+    assert!(start.contains("libc_start_call_main.h:"), "{start}");
 }
 
 /// Raw symbol names of an object: its symbol tables and, with DWARF, every function's name
