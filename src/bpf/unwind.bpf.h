@@ -340,8 +340,12 @@ static __always_inline void unwind_locate(struct stack *st, __u32 i, struct unwi
 	if (i >= MAX_STACK_DEPTH)
 		return;
 	st->locs[i] = 0;
-	/* A stale mapping (the mmap lock was busy) may describe what was mapped there before. */
-	if (!v || !v->obj || v->stale)
+	/*
+	 * A stale entry (the mmap lock was busy) is taken as it is, as for the walk itself: wrong
+	 * only if that range was remapped to another file since; leaving it out would split the
+	 * stack from its twins.
+	 */
+	if (!v || !v->obj)
 		return;
 	off = pc + v->file_adj;
 	if (off >> 32)
