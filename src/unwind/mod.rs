@@ -34,7 +34,11 @@ impl Unwinder<'_, '_> {
     /// Opens and registers the files the BPF side met (at once: a dlopen'd library may be
     /// unloaded soon), and the tables of objects mapped since the last call (every tick).
     pub fn sync(&mut self, objects: &mut Objects) {
-        let met = std::mem::take(&mut *self.met.borrow_mut());
+        let mut met = std::mem::take(&mut *self.met.borrow_mut());
+        // A file is met at every walk until it is opened: once each, at its latest range.
+        met.reverse();
+        let mut seen = std::collections::HashSet::new();
+        met.retain(|ev| seen.insert((ev.dev, ev.ino)));
         for ev in &met {
             self.tables.met(self.skel, objects, self.pid, ev);
         }
