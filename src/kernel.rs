@@ -2,7 +2,7 @@
 //! percpu allocator) through their tracepoints, attached by BTF (tp_btf: no tracefs needed).
 //! The records are read and reported by the same collector and report code as user mode's.
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result, bail};
 use libbpf_rs::btf::{Btf, BtfKind, BtfType, types::FuncProto};
@@ -15,6 +15,7 @@ use crate::kmem_skel::types::bss;
 use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
 use crate::loader::{configure_records, page_size};
 use crate::run::{Tracer, follow, write_out};
+use crate::signals::Signals;
 use crate::symbolizer::Symbolizer;
 
 /// The tracepoint argument layouts of the running kernel (see kmem.bpf.c).
@@ -59,13 +60,13 @@ fn params<'b>(btf: &'b Btf, name: &str) -> Result<Vec<BtfType<'b>>> {
         .collect()
 }
 
-pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
+pub fn run(cfg: &Config, signals: &mut Signals) -> Result<i32> {
     let btf = Btf::from_vmlinux().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     let layout = Layout::of(&btf)?;
     drop(btf);
 
     let mut storage = MaybeUninit::uninit();
-    let mut skel = open(&mut storage, cfg, layout)?.load().context("cannot load the BPF programs")?;
+    let mut skel = open(&mut storage, cfg, layout)?.load().map_err(|e| crate::loader::load_error(e, cfg.max_allocs))?;
 
     let p = &skel.progs;
     let progs: Vec<(&ProgramMut, Role)> = if cfg.percpu {
@@ -108,6 +109,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
     }
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
 
+    signals.arm()?;
     write_out("Attaching to kernel allocators, Ctrl+C to quit.\n")?;
     let tracer = Tracer {
         cfg,
@@ -119,7 +121,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
         programs: Some(programs),
         unwind: None,
     };
-    follow(tracer, sigfd, &skel.maps.events, None, false)?;
+    follow(tracer, signals, &skel.maps.events, None, false)?;
     drop(links);
     Ok(0)
 }

@@ -23,6 +23,7 @@ mod probes;
 mod procmaps;
 mod report;
 mod run;
+mod signals;
 mod symbolizer;
 mod target;
 mod unwind;

@@ -1,5 +1,5 @@
 //! The run: set the target up, attach, then report every interval until the target exits,
-//! the count is reached, or Ctrl-C/SIGTERM.
+//! the count is reached, or Ctrl-C/SIGTERM/SIGHUP.
 use std::cell::Cell;
 use std::io::Write;
 use std::mem::MaybeUninit;
@@ -12,6 +12,7 @@ use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
+use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
 use crate::unwind::{self, UnwindTables, Unwinder};
@@ -41,26 +42,6 @@ fn check_privileges() -> Result<()> {
     )
 }
 
-/// Blocks the signals the loop reads from a signalfd.
-fn signal_fd() -> Result<OwnedFd> {
-    // SAFETY: plain libc calls on a local, zero-initialized sigset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD] {
-            libc::sigaddset(&mut set, s);
-        }
-        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigprocmask");
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("signalfd");
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
-}
-
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
@@ -74,7 +55,7 @@ pub enum End {
     CommandExited(i32),
     /// The -p process exited.
     ProcessExited,
-    /// Ctrl-C, SIGTERM, or the count of reports was reached.
+    /// Ctrl-C, SIGTERM, SIGHUP, or the count of reports was reached.
     Stopped,
 }
 
@@ -194,12 +175,15 @@ fn trace_line(e: &trace_event) -> String {
 
 pub fn run(cfg: &Config) -> Result<i32> {
     check_privileges()?;
-    // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
-    let sigfd = signal_fd()?;
+    // SIGCHLD is read before the command is forked, so that its exit cannot be missed; the
+    // stop signals end memleak at once until tracing starts (signals.rs).
+    let mut signals = Signals::new()?;
+    loader::note_map_memory(cfg.max_allocs);
     let (pid, obj, held) = match &cfg.target {
-        Target::Kernel => return crate::kernel::run(cfg, &sigfd),
+        Target::Kernel => return crate::kernel::run(cfg, &mut signals),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
+            target::check_access(*pid)?;
             (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
         }
         Target::Command(argv) => {
@@ -277,6 +261,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         // scripts the probes are in place), kept in case it exits before its stacks are read.
         symbolizer.reread_maps();
     }
+    signals.arm()?;
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
     if let Some(held) = held {
         held.release()?;
@@ -294,7 +279,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         unwind,
     };
     let pidfd = if is_command { None } else { pidfd_open(pid) };
-    match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
+    match follow(tracer, &signals, &skel.maps.events, pidfd.as_ref(), is_command)? {
         End::CommandExited(code) => Ok(code),
         End::ProcessExited | End::Stopped => Ok(0),
     }
@@ -304,7 +289,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
 /// the -t lines from `events` as they come.
 pub fn follow(
     mut tracer: Tracer,
-    sigfd: &OwnedFd,
+    signals: &Signals,
     events: &MapMut,
     pidfd: Option<&OwnedFd>,
     is_command: bool,
@@ -330,7 +315,7 @@ pub fn follow(
         None
     };
 
-    let end = event_loop(&mut tracer, sigfd, pidfd, ring.as_ref(), is_command)?;
+    let end = event_loop(&mut tracer, signals, pidfd, ring.as_ref(), is_command)?;
     if let Some(r) = &ring {
         let _ = r.consume();
     }
@@ -367,22 +352,40 @@ pub fn follow(
     Ok(end)
 }
 
+/// The next time a period of `every` falls due after `now`; None if that is past the end of
+/// time (an interval of 2^64 seconds never comes round).
+fn next_after(due: Instant, every: Duration, now: Instant) -> Option<Instant> {
+    let next = due.checked_add(every)?;
+    if next >= now { Some(next) } else { now.checked_add(every) }
+}
+
+/// Milliseconds for poll until `wake` (rounded up, so that it does not wake early and spin),
+/// -1 for never.
+fn poll_timeout(wake: Option<Instant>, now: Instant) -> i32 {
+    let Some(wake) = wake else { return -1 };
+    let left = wake.saturating_duration_since(now);
+    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+}
+
 fn event_loop(
     t: &mut Tracer,
-    sigfd: &OwnedFd,
+    signals: &Signals,
     pidfd: Option<&OwnedFd>,
     ring: Option<&libbpf_rs::RingBuffer>,
     is_command: bool,
 ) -> Result<End> {
     let start = Instant::now();
-    let mut next_report = start + t.cfg.interval;
-    let mut next_tick = start + TICK;
+    let mut next_report = start.checked_add(t.cfg.interval);
+    // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
+    let mut next_tick = if t.pid.is_some() { start.checked_add(TICK) } else { None };
     let mut reports = 0u64;
     loop {
-        let now = Instant::now();
-        let wake = next_report.min(next_tick);
-        let timeout = wake.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32;
-        let mut fds = vec![libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let wake = match (next_report, next_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = poll_timeout(wake, Instant::now());
+        let mut fds = vec![libc::pollfd { fd: signals.raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(p) = pidfd {
             fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -406,14 +409,17 @@ fn event_loop(
             t.prepare_symbols()?;
         }
         if fds[0].revents & libc::POLLIN != 0 {
-            for sig in read_signals(sigfd) {
+            for sig in signals.read() {
                 match sig {
-                    libc::SIGINT | libc::SIGTERM => {
+                    s if signals::STOP.contains(&s) => {
+                        if is_command && let Some(code) = grace(t, signals)? {
+                            return Ok(End::CommandExited(code));
+                        }
                         t.print_report(false)?;
                         return Ok(End::Stopped);
                     }
                     libc::SIGCHLD if is_command => {
-                        if let Some(code) = reap(t)? {
+                        if let Child::Exited(code) = reap(t)? {
                             return Ok(End::CommandExited(code));
                         }
                     }
@@ -425,15 +431,18 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
-        // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
-        if now >= next_tick && t.pid.is_some() {
+        if let Some(tick) = next_tick
+            && now >= tick
+        {
             if let Some(u) = t.unwind.as_mut() {
                 u.sync();
             }
             t.prepare_symbols()?;
-            next_tick = now + TICK;
+            next_tick = now.checked_add(TICK);
         }
-        if now >= next_report {
+        if let Some(due) = next_report
+            && now >= due
+        {
             t.print_report(false)?;
             reports += 1;
             if t.cfg.count.is_some_and(|c| reports >= c) {
@@ -442,50 +451,76 @@ fn event_loop(
                 }
                 return Ok(End::Stopped);
             }
-            next_report += t.cfg.interval;
-            if next_report < now {
-                next_report = now + t.cfg.interval;
-            }
+            next_report = next_after(due, t.cfg.interval, now);
         }
     }
 }
 
-fn read_signals(sigfd: &OwnedFd) -> Vec<i32> {
-    let mut sigs = Vec::new();
-    loop {
-        // SAFETY: signalfd_siginfo is plain data; read writes at most its size.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads into the local struct of `size` bytes.
-        let n = unsafe { libc::read(sigfd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-        if n != size as isize {
-            return sigs;
-        }
-        sigs.push(info.ssi_signo as i32);
-    }
-}
+/// How long a -c command has, after memleak got a stop signal, to show that it is dying too
+/// (a terminal's Ctrl-C reaches the whole process group).
+const GRACE: Duration = Duration::from_millis(300);
+/// How long memleak waits for a command seen dying (a fatal signal pending or being
+/// delivered, or in its exit stop) to be gone.
+const DYING_WAIT: Duration = Duration::from_secs(10);
 
-/// Handles the command's state changes; returns its exit code once it has exited.
-fn reap(t: &mut Tracer) -> Result<Option<i32>> {
+/// After a stop signal under -c: waits briefly for the command, reaping it as usual; its exit
+/// code if it exited (then the run ends as when it exits by itself), None if it lives on.
+fn grace(t: &mut Tracer, signals: &Signals) -> Result<Option<i32>> {
     let Some(pid) = t.pid else { return Ok(None) };
+    let start = Instant::now();
+    let mut dying = false;
+    loop {
+        match reap(t)? {
+            Child::Exited(code) => return Ok(Some(code)),
+            Child::Dying => dying = true,
+            Child::Running => {}
+        }
+        dying = dying || signals::Masks::of(pid).is_some_and(|m| m.dying());
+        let limit = if dying { DYING_WAIT } else { GRACE };
+        let now = Instant::now();
+        let end = start + limit;
+        if now >= end {
+            return Ok(None);
+        }
+        signals.wait(poll_timeout(Some(end), now));
+        // Another stop signal changes nothing; SIGCHLD is handled by the reap above.
+        let _ = signals.read();
+    }
+}
+
+/// A -c command's state after its changes were handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Child {
+    Running,
+    /// In its exit stop, or given a signal that ends it.
+    Dying,
+    /// Exited with this code (128+N if killed by signal N).
+    Exited(i32),
+}
+
+/// Handles the command's state changes.
+fn reap(t: &mut Tracer) -> Result<Child> {
+    let Some(pid) = t.pid else { return Ok(Child::Running) };
+    let mut state = Child::Running;
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our own child, writing to a local.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
         if r <= 0 {
-            return Ok(None);
+            return Ok(state);
         }
         if libc::WIFEXITED(status) {
-            return Ok(Some(libc::WEXITSTATUS(status)));
+            return Ok(Child::Exited(libc::WEXITSTATUS(status)));
         }
         if libc::WIFSIGNALED(status) {
-            return Ok(Some(128 + libc::WTERMSIG(status)));
+            return Ok(Child::Exited(128 + libc::WTERMSIG(status)));
         }
         if libc::WIFSTOPPED(status) {
             let event = (status >> 16) & 0xff;
             // SAFETY: ptrace requests on our own seized child.
             unsafe {
                 if event == libc::PTRACE_EVENT_EXIT {
+                    state = Child::Dying;
                     // Its memory map still exists: the last chance to normalize.
                     t.symbolizer.reread_maps();
                     t.prepare_symbols()?;
@@ -499,9 +534,35 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
                 } else if event == libc::PTRACE_EVENT_STOP {
                     libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
                 } else {
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+                    // A signal on its way to the command: delivered as it would be untraced.
+                    let sig = libc::WSTOPSIG(status);
+                    if signals::Masks::of(pid).is_some_and(|m| m.kills(sig)) {
+                        state = Child::Dying;
+                    }
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, sig as libc::c_ulong);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_saturate_at_the_end_of_time() {
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(next_after(now, s, now), Some(now + s));
+        // A late report: the next one is a period after now, not in the past.
+        assert_eq!(next_after(now, s, now + 5 * s), Some(now + 6 * s));
+        // memleak -c true 18446744073709551615: no report ever, no overflow.
+        assert_eq!(next_after(now, Duration::from_secs(u64::MAX), now), None);
+        assert_eq!(poll_timeout(None, now), -1);
+        assert_eq!(poll_timeout(Some(now), now + s), 0);
+        // Rounded up: poll never returns just before the due time and spins.
+        assert_eq!(poll_timeout(Some(now + Duration::from_micros(1500)), now), 2);
+        assert_eq!(poll_timeout(Some(now + Duration::from_secs(1 << 40)), now), i32::MAX);
     }
 }

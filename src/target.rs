@@ -43,6 +43,76 @@ pub fn check_pid(pid: i32) -> Result<()> {
     Ok(())
 }
 
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Checks that memleak may read process `pid`'s memory as the kernel's ptrace access check
+/// (PTRACE_MODE_READ_FSCREDS) decides it: the same user (real, effective and saved ids all
+/// memleak's filesystem ids) and a dumpable process, or CAP_SYS_PTRACE. Tracing a process
+/// exposes its data, so memleak asks the kernel that question before attaching anything:
+/// opening /proc/PID/environ makes exactly that check. A -c command, memleak's own child, needs
+/// none. Fails with one line naming what is missing.
+pub fn check_access(pid: i32) -> Result<()> {
+    let err = match fs::File::open(format!("/proc/{pid}/environ")) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("no such process: {pid}"),
+        Err(e) => e,
+    };
+    if err.raw_os_error() != Some(libc::EACCES) && err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err).with_context(|| format!("cannot check access to process {pid} (/proc/{pid}/environ)"));
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let own = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    bail!("{}", access_denied(pid, &status, &own))
+}
+
+/// Why the kernel refused access to `pid`, from its status and memleak's own.
+fn access_denied(pid: i32, status: &str, own: &str) -> String {
+    let ids = |s: &str, key: &str| -> Vec<u32> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let (uid, gid) = (ids(status, "Uid:"), ids(status, "Gid:"));
+    let (my_uid, my_gid) = (ids(own, "Uid:"), ids(own, "Gid:"));
+    let cap_eff = own
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has_ptrace = cap_eff & (1 << CAP_SYS_PTRACE) != 0;
+    // The effective ids: a set-uid program's real uid is its caller's.
+    let target_uid = uid.get(1).map_or("?".to_string(), |u| u.to_string());
+    // The kernel compares memleak's filesystem ids (the 4th) with the target's real,
+    // effective and saved ids (the first three).
+    let my_fsuid = my_uid.get(3).copied();
+    let my_fsgid = my_gid.get(3).copied();
+    let same_uid = my_fsuid.is_some_and(|u| uid.iter().take(3).all(|x| *x == u));
+    let same_gid = my_fsgid.is_some_and(|g| gid.iter().take(3).all(|x| *x == g));
+    let show = |v: Option<u32>| v.map_or("?".to_string(), |u| u.to_string());
+    if has_ptrace {
+        // An LSM, or a target in a user namespace memleak's capabilities do not cover.
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}): the kernel denies access to its memory although memleak has CAP_SYS_PTRACE (a security module, or another user namespace)"
+        )
+    } else if !same_uid {
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}): memleak runs as uid {} without CAP_SYS_PTRACE",
+            show(my_fsuid)
+        )
+    } else if !same_gid {
+        let target_gid = gid.get(1).map_or("?".to_string(), |g| g.to_string());
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}, gid {target_gid}): memleak runs as gid {} without CAP_SYS_PTRACE",
+            show(my_fsgid)
+        )
+    } else {
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}): it is not dumpable (set-uid, or prctl PR_SET_DUMPABLE 0) and memleak runs without CAP_SYS_PTRACE"
+        )
+    }
+}
+
 /// The object whose allocator functions to probe in a running process: -O if given, else the
 /// libc it has mapped, else its executable if that defines malloc (a static binary).
 pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
@@ -278,5 +348,41 @@ impl HeldChild {
             }
             _ => Ok(self.pid),
         }
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::access_denied;
+
+    fn status(uid: &str, gid: &str, cap_eff: &str) -> String {
+        format!("Name:\tx\nUid:\t{uid}\nGid:\t{gid}\nCapEff:\t{cap_eff}\n")
+    }
+
+    #[test]
+    fn the_refusal_names_what_is_missing() {
+        let root = status("0\t0\t0\t0", "0\t0\t0\t0", "000001ffffffffff");
+        let nobody = status("65534\t65534\t65534\t65534", "65534\t65534\t65534\t65534", "000000c000000000");
+        assert_eq!(
+            access_denied(7, &root, &nobody),
+            "cannot trace pid 7 (uid 0): memleak runs as uid 65534 without CAP_SYS_PTRACE"
+        );
+        // Same user, another group.
+        let other_group = status("65534\t65534\t65534\t65534", "100\t100\t100\t100", "0");
+        assert_eq!(
+            access_denied(7, &other_group, &nobody),
+            "cannot trace pid 7 (uid 65534, gid 100): memleak runs as gid 65534 without CAP_SYS_PTRACE"
+        );
+        // Same ids: the process made itself not dumpable.
+        assert!(access_denied(7, &nobody, &nobody).contains("not dumpable"));
+        // A set-uid program keeps the caller's real uid but not the saved and effective ones.
+        let setuid = status("65534\t0\t0\t0", "65534\t65534\t65534\t65534", "0");
+        assert_eq!(
+            access_denied(7, &setuid, &nobody),
+            "cannot trace pid 7 (uid 0): memleak runs as uid 65534 without CAP_SYS_PTRACE"
+        );
+        // With CAP_SYS_PTRACE (bit 19) something else refused.
+        let with_ptrace = status("65534\t65534\t65534\t65534", "65534\t65534\t65534\t65534", "0000000000080000");
+        assert!(access_denied(7, &root, &with_ptrace).contains("although memleak has CAP_SYS_PTRACE"));
     }
 }
