@@ -246,13 +246,29 @@ mod tests {
         }
     }
 
+    /// The parameter names of the function the kernel generates for tracepoint `tp`
+    /// (`__bpf_trace_<tp>` or `__probestub_<tp>`, with the TP_PROTO's names): evidence
+    /// independent of the unnamed prototype Layout::of reads.
+    fn named_params(btf: &Btf, tp: &str) -> Vec<String> {
+        use libbpf_rs::btf::types::Func;
+        let func = [format!("__bpf_trace_{tp}"), format!("__probestub_{tp}")]
+            .iter()
+            .find_map(|n| btf.type_by_name::<Func>(n))
+            .unwrap_or_else(|| panic!("no generated function of tracepoint {tp} in the kernel's BTF"));
+        let proto = func.next_type().and_then(|t| FuncProto::try_from(t).ok()).expect("a prototype");
+        proto.iter().map(|p| p.name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect()
+    }
+
+    /// The layouts read from the running kernel's tracepoint prototypes agree with the names of
+    /// their parameters: `s` (struct kmem_cache *) third in kmem_cache_alloc's, `call_site`
+    /// first in percpu_alloc_percpu's.
     #[test]
     fn running_kernel_layout() {
         let btf = Btf::from_vmlinux().expect("kernel BTF");
         let l = Layout::of(&btf).expect("known layouts");
-        // The kernel this project runs on (6.18) has the newer layouts of both.
-        if crate::loader::kernel_at_least(6, 2) {
-            assert_eq!(l, Layout { cache_alloc_has_cache: true, percpu_has_call_site: true });
-        }
+        let cache = named_params(&btf, "kmem_cache_alloc");
+        let percpu = named_params(&btf, "percpu_alloc_percpu");
+        assert_eq!(l.cache_alloc_has_cache, cache.get(3).map(String::as_str) == Some("s"), "{cache:?}");
+        assert_eq!(l.percpu_has_call_site, percpu.get(1).map(String::as_str) == Some("call_site"), "{percpu:?}");
     }
 }

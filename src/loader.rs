@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::OpenObject;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
-use crate::cli::{AttachChoice, Config};
+use crate::cli::Config;
 use crate::probes::AttachMode;
 use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 
@@ -65,21 +65,14 @@ pub struct Loaded<'obj> {
     pub mode: AttachMode,
 }
 
-/// Opens, configures and loads the object; uses uprobe sessions where the kernel has them.
+/// Opens, configures and loads the object for attach mode `mode` (features.rs chose it).
 pub fn load<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
     target_tgid: u32,
     held_until_exec: bool,
+    mode: AttachMode,
 ) -> Result<Loaded<'obj>> {
-    let mode = match cfg.attach {
-        AttachChoice::Session => AttachMode::Session,
-        AttachChoice::Multi => AttachMode::Multi,
-        AttachChoice::Classic => AttachMode::Classic,
-        AttachChoice::Auto if kernel_at_least(6, 13) => AttachMode::Session,
-        AttachChoice::Auto if kernel_at_least(6, 6) => AttachMode::Multi,
-        AttachChoice::Auto => AttachMode::Classic,
-    };
     let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
     Ok(Loaded { skel, mode })
@@ -127,15 +120,6 @@ fn open<'obj>(
     open.progs.memleak_entry.set_autoload(mode == AttachMode::Classic);
     open.progs.memleak_return.set_autoload(mode == AttachMode::Classic);
     Ok(open)
-}
-
-/// Whether the running kernel is at least `major.minor`: uprobe sessions came in 6.13,
-/// uprobe_multi links in 6.6.
-pub fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    let (maj, min) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (maj, min) >= (major, minor)
 }
 
 pub fn page_size() -> u32 {

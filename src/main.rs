@@ -15,6 +15,7 @@ macro_rules! errln {
 mod batch;
 mod cli;
 mod collector;
+mod features;
 mod kernel;
 mod loader;
 mod objfile;

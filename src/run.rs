@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
+use crate::features::Features;
 use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
@@ -179,6 +180,22 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // stop signals end memleak at once until tracing starts (signals.rs).
     let mut signals = Signals::new()?;
     loader::note_map_memory(cfg.max_allocs);
+    let features = Features::probe();
+    if cfg.target == Target::Kernel {
+        features.require_kernel_mode()?;
+        return crate::kernel::run(cfg, &mut signals);
+    }
+    // How to attach and walk stacks on this kernel; a fallback says why.
+    let plan = features.plan(cfg.attach, cfg.frame_pointers)?;
+    for note in &plan.notes {
+        errln!("memleak: note: {note}");
+    }
+    if cfg.verbose {
+        for line in &plan.verbose {
+            errln!("memleak: {line}");
+        }
+    }
+    let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
     let (pid, obj, held) = match &cfg.target {
         Target::Kernel => return crate::kernel::run(cfg, &mut signals),
         Target::Pid(pid) => {
@@ -220,7 +237,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
 
     let mut storage = MaybeUninit::uninit();
-    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command)?;
+    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode)?;
     let skel = &loaded.skel;
     let unwind = if cfg.frame_pointers {
         None
