@@ -80,7 +80,10 @@ impl Features {
 
     /// Fails, naming the first missing feature, unless kernel mode can run.
     pub fn require_kernel_mode(&self) -> Result<()> {
-        require(&[(self.btf, "BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)", "5.5"), (self.ringbuf, "BPF ring buffers", "5.8")])
+        require(&[
+            (self.btf, "BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)", "5.5"),
+            (self.ringbuf, "BPF ring buffers", "5.8"),
+        ])
     }
 
     /// How user mode runs here: the attach mode, the stack walk, and notes on what was chosen
@@ -178,7 +181,8 @@ fn map_type(t: sys::bpf_map_type) -> bool {
 /// program that returns 0; None if it makes a link or the program does not load.
 fn uprobe_link_errno(attach: sys::bpf_attach_type, pid: i32) -> Option<i32> {
     // r0 = 0; exit
-    let insns = [sys::bpf_insn { code: 0xb7, ..Default::default() }, sys::bpf_insn { code: 0x95, ..Default::default() }];
+    let insns =
+        [sys::bpf_insn { code: 0xb7, ..Default::default() }, sys::bpf_insn { code: 0x95, ..Default::default() }];
     let mut load = sys::bpf_prog_load_opts {
         sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
         expected_attach_type: attach,
@@ -194,10 +198,8 @@ fn uprobe_link_errno(attach: sys::bpf_attach_type, pid: i32) -> Option<i32> {
     // SAFETY: a descriptor bpf_prog_load just returned.
     let _prog = unsafe { OwnedFd::from_raw_fd(prog) };
     let offset: std::ffi::c_ulong = 0;
-    let mut link = sys::bpf_link_create_opts {
-        sz: std::mem::size_of::<sys::bpf_link_create_opts>() as _,
-        ..Default::default()
-    };
+    let mut link =
+        sys::bpf_link_create_opts { sz: std::mem::size_of::<sys::bpf_link_create_opts>() as _, ..Default::default() };
     link.__bindgen_anon_1.uprobe_multi = sys::bpf_link_create_opts__bindgen_ty_1__bindgen_ty_3 {
         path: c"/".as_ptr(),
         offsets: &offset,
@@ -265,7 +267,10 @@ mod tests {
         assert!(p.notes[0].contains("no bpf_loop and bpf_find_vma helpers"), "{:?}", p.notes);
 
         let e = plan(Features { attach_cookie: false, ..all }, AttachChoice::Auto, false).unwrap_err();
-        assert_eq!(e.to_string(), "this kernel lacks the bpf_get_attach_cookie helper (Linux 5.15), which memleak needs");
+        assert_eq!(
+            e.to_string(),
+            "this kernel lacks the bpf_get_attach_cookie helper (Linux 5.15), which memleak needs"
+        );
         assert!(Features { ringbuf: false, ..all }.require_kernel_mode().unwrap_err().to_string().contains("5.8"));
         assert!(all.require_kernel_mode().is_ok());
     }

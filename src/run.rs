@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
-use crate::features::Features;
 use crate::collector::{Collector, RecordMaps, read_pod};
+use crate::features::Features;
 use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;

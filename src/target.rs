@@ -336,17 +336,62 @@ impl HeldChild {
         // SAFETY: writes one byte from a live stack variable to our pipe.
         let n = unsafe { libc::write(self.go.as_raw_fd(), (&b as *const u8).cast(), 1) };
         if n != 1 {
-            return Err(std::io::Error::last_os_error()).context("releasing the command");
+            let e = std::io::Error::last_os_error();
+            // It died before it was released (a Ctrl-C to the whole group): the run's loop
+            // reaps it and reports its status.
+            if e.raw_os_error() == Some(libc::EPIPE) {
+                return Ok(self.pid);
+            }
+            return Err(e).context("releasing the command");
         }
         // The error pipe closes on a successful exec (O_CLOEXEC) or carries errno.
         let mut f = fs::File::from(self.exec_err);
         let mut e = [0u8; 4];
-        match f.read(&mut e) {
-            Ok(4) => {
-                let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(e));
-                bail!("cannot run the command: {err}")
+        loop {
+            let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one live pollfd.
+            if unsafe { libc::poll(&mut p, 1, 20) } == 0 {
+                // A signal stopped it before its exec, in memleak's ptrace: let it go on.
+                resume_stopped(self.pid);
+                continue;
             }
-            _ => Ok(self.pid),
+            return match f.read(&mut e) {
+                Ok(4) => {
+                    let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(e));
+                    bail!("cannot run the command: {err}")
+                }
+                _ => Ok(self.pid),
+            };
+        }
+    }
+}
+
+/// Lets a held child that a signal stopped under memleak's ptrace (signal-delivery or group
+/// stop) go on as it would untraced; leaves any other state to the run's loop.
+fn resume_stopped(pid: i32) {
+    // SAFETY: waitid and ptrace on our own child, writing to a local siginfo.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL;
+        if libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) != 0 || info.si_pid() != pid {
+            return;
+        }
+        if info.si_code != libc::CLD_TRAPPED {
+            return;
+        }
+        let status = info.si_status();
+        let event = status >> 8;
+        if event != 0 && event != libc::PTRACE_EVENT_STOP {
+            return; // its exec or exit stop: the loop's to handle
+        }
+        let mut wstatus = 0;
+        if libc::waitpid(pid, &mut wstatus, libc::WNOHANG | libc::__WALL) != pid || !libc::WIFSTOPPED(wstatus) {
+            return;
+        }
+        if (wstatus >> 16) & 0xff == libc::PTRACE_EVENT_STOP {
+            libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
+        } else {
+            libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(wstatus) as libc::c_ulong);
         }
     }
 }
