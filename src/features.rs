@@ -18,7 +18,7 @@ pub struct Features {
     pub btf: bool,
     /// BPF ring buffers (5.8).
     pub ringbuf: bool,
-    /// Task storage maps usable from tracing programs (5.11).
+    /// Task storage maps usable from tracing programs (5.13; LSM programs had them in 5.11).
     pub task_storage: bool,
     /// bpf_get_current_task_btf (5.11).
     pub task_btf: bool,
@@ -92,7 +92,7 @@ impl Features {
         require(&[
             (self.btf, "BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)", "5.5"),
             (self.ringbuf, "BPF ring buffers", "5.8"),
-            (self.task_storage, "BPF task storage", "5.11"),
+            (self.task_storage, "BPF task storage in tracing programs", "5.13"),
             (self.task_btf, "the bpf_get_current_task_btf helper", "5.11"),
             (self.for_each_map_elem, "the bpf_for_each_map_elem helper", "5.13"),
             (self.attach_cookie, "the bpf_get_attach_cookie helper", "5.15"),
@@ -100,7 +100,8 @@ impl Features {
         let mut notes = Vec::new();
         let mut verbose = Vec::new();
         let mut walk_frame_pointers = frame_pointers;
-        if !frame_pointers && !(self.bpf_loop && self.find_vma) {
+        let unwinder = self.bpf_loop && self.find_vma;
+        if !frame_pointers && !unwinder {
             let missing: Vec<&str> = [(self.bpf_loop, "bpf_loop"), (self.find_vma, "bpf_find_vma")]
                 .iter()
                 .filter(|(has, _)| !has)

@@ -180,7 +180,11 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // stop signals end memleak at once until tracing starts (signals.rs).
     let mut signals = Signals::new()?;
     loader::note_map_memory(cfg.max_allocs);
+    let probed = Instant::now();
     let features = Features::probe();
+    if cfg.verbose {
+        errln!("memleak: kernel features ({:.1} ms): {features:?}", probed.elapsed().as_secs_f64() * 1e3);
+    }
     if cfg.target == Target::Kernel {
         features.require_kernel_mode()?;
         return crate::kernel::run(cfg, &mut signals);

@@ -121,6 +121,8 @@ fn bad_arguments() {
         (&["-p", "1", "--bogus"][..], "unexpected argument '--bogus'"),
         (&["-p", "1", "-q"][..], "unexpected argument '-q'"),
         (&["-p", "abc"][..], "invalid value 'abc'"),
+        (&["-p", "1", "--max-allocs", "268435456"][..], "the kernel's hash maps hold at most 134217728 entries"),
+        (&["-p", "1", "--max-allocs", "134217729"][..], "--max-allocs 134217729: the kernel's hash maps hold at most"),
     ] {
         let out = memleak_output(args);
         assert_one_line_error(&out, needle);
@@ -161,6 +163,59 @@ fn without_root_or_capabilities() {
     let out = m.finish();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert_eq!(parse_reports(&out.stdout)[0].summary(), expected(&[("do_malloc", 99, 3)]));
+}
+
+/// An ordinary user holding CAP_BPF and CAP_PERFMON may load BPF, but not read another user's
+/// process: memleak asks the kernel's ptrace access check first and says what is missing,
+/// with or without -O (which skips reading the process's maps).
+#[test]
+fn another_users_process_needs_cap_sys_ptrace() {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid().to_string();
+    let nobody_with_bpf = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all,+bpf,+perfmon",
+        "--ambient-caps=+bpf,+perfmon",
+    ];
+    let needed = format!("cannot trace pid {pid} (uid 0): memleak runs as uid 65534 without CAP_SYS_PTRACE");
+    assert_one_line_error(&unprivileged(&nobody_with_bpf, &["-p", &pid]), &needed);
+    let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    assert_one_line_error(&unprivileged(&nobody_with_bpf, &["-p", &pid, "-O", libc]), &needed);
+    // Nothing was attached: the process allocates untraced and goes on.
+    f.command("malloc 8 1");
+    f.send("exit 0");
+    assert_eq!(f.finish().code(), Some(0));
+}
+
+/// The same user's own process needs no CAP_SYS_PTRACE: the check lets it through.
+#[test]
+fn own_process_needs_only_bpf_and_perfmon() {
+    let exe = fixture("allocs");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&exe);
+    let mut f = Proc::spawn("allocs", cmd);
+    let pid = f.pid().to_string();
+    f.expect_line(&format!("ready {pid}"));
+    let mut m = {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+bpf,+perfmon",
+            "--ambient-caps=+bpf,+perfmon",
+        ]);
+        cmd.arg(memleak_bin()).args(["-o", "0", "-p", &pid, "60"]);
+        Proc::spawn("memleak", cmd)
+    };
+    m.expect("Attaching", |l| l.starts_with("Attaching to pid "));
+    f.command("malloc 21 2");
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(parse_reports(&out.stdout)[0].summary(), expected(&[("do_malloc", 42, 2)]));
 }
 
 /// Help and version are not errors.
