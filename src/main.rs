@@ -19,6 +19,7 @@ mod features;
 mod kernel;
 mod loader;
 mod objfile;
+mod output;
 mod placement;
 mod probes;
 mod procmaps;

@@ -1,7 +1,6 @@
 //! The run: set the target up, attach, then report every interval until the target exits,
 //! the count is reached, or Ctrl-C/SIGTERM/SIGHUP.
 use std::cell::Cell;
-use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -13,6 +12,7 @@ use libbpf_rs::{MapMut, RingBufferBuilder};
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::features::Features;
+pub use crate::output::write_out;
 use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
@@ -154,16 +154,6 @@ fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachM
         Classic => vec![&progs.memleak_entry, &progs.memleak_return],
     };
     crate::collector::Programs { progs: attached.into_iter().map(|p| (p.as_fd(), Both)).collect() }
-}
-
-pub fn write_out(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => Ok(()),
-        // The reader went away (| head): stop quietly.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        Err(e) => Err(e).context("writing the report"),
-    }
 }
 
 fn trace_line(e: &trace_event) -> String {

@@ -5,11 +5,29 @@
 //! with a report. SIGCHLD is read from the signalfd from the first step, before a -c command
 //! is forked, so that its exit cannot be missed.
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 
 /// The signals that end a run (with a last report once armed).
 pub const STOP: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Set once a stop signal was read: the run is ending.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the run was asked to stop: a stop signal read, or one waiting (blocked, not read
+/// yet). Lets a step that waits on something outside (a blocked stdout, a command's exec) give
+/// up rather than hold memleak.
+pub fn stop_requested() -> bool {
+    if STOPPING.load(Ordering::Relaxed) {
+        return true;
+    }
+    // SAFETY: sigpending writes the pending set into a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut set) == 0 && STOP.iter().any(|&s| libc::sigismember(&set, s) == 1)
+    }
+}
 
 pub struct Signals {
     fd: OwnedFd,
@@ -70,7 +88,11 @@ impl Signals {
             if n != size as isize {
                 return sigs;
             }
-            sigs.push(info.ssi_signo as i32);
+            let sig = info.ssi_signo as i32;
+            if STOP.contains(&sig) {
+                STOPPING.store(true, Ordering::Relaxed);
+            }
+            sigs.push(sig);
         }
     }
 

@@ -351,6 +351,10 @@ impl HeldChild {
             let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one live pollfd.
             if unsafe { libc::poll(&mut p, 1, 20) } == 0 {
+                // Asked to stop while its exec takes long: the run's loop ends the run.
+                if crate::signals::stop_requested() {
+                    return Ok(self.pid);
+                }
                 // A signal stopped it before its exec, in memleak's ptrace: let it go on.
                 resume_stopped(self.pid);
                 continue;

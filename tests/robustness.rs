@@ -3,6 +3,7 @@
 //! interrupted.
 mod common;
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -286,4 +287,62 @@ fn sigint_in_a_held_start_up_step_ends_memleak() {
     assert!(!text.contains("Attaching to pid"), "{text}");
     assert_none_left(&token);
     std::fs::remove_file(&link).expect("remove the link");
+}
+
+/// A reader that stops reading (a pager left open) fills memleak's stdout pipe; Ctrl-C still
+/// ends memleak, which says its output was lost, instead of staying blocked in a write.
+#[test]
+fn sigint_with_stdout_blocked_ends_memleak() {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: descriptors pipe2 just made, owned here.
+    let (read_end, write_end) =
+        unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on our own pipe.
+    let capacity = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+    assert!(capacity > 0);
+    let mut f = allocs_fixture(&[]);
+    let mut cmd = memleak_command(&["-t", "-p", &f.pid().to_string(), "60"]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::from(write_end)).stderr(Stdio::piped());
+    let mut m = cmd.spawn().expect("memleak runs");
+    drop(cmd); // the parent's copy of the pipe's write end
+    let mut read_end = File::from(read_end);
+    let mut first = Vec::new();
+    let mut byte = [0u8];
+    while first.last() != Some(&b'\n') {
+        assert_eq!(std::io::Read::read(&mut read_end, &mut byte).expect("read"), 1, "memleak ended: {first:?}");
+        first.push(byte[0]);
+    }
+    assert!(first.starts_with(b"Attaching to pid "), "{first:?}");
+    // -t lines (about 45 bytes each) until every page of the pipe is in use (poll then says
+    // it takes no more): nobody reads it.
+    let full = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the bytes waiting in the pipe into n.
+        unsafe { libc::ioctl(read_end.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n > capacity - 4096
+    };
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while !full() {
+        assert!(Instant::now() < deadline, "the pipe never filled");
+        f.command("malloc 8 100");
+    }
+    // 4.5 KB more than it can take: memleak blocks on it.
+    f.command("malloc 8 100");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(m.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let status = loop {
+        if let Some(s) = m.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "memleak stayed blocked on its stdout after SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut m.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err, "memleak: standard output is blocked (nobody reads it): output lost\n");
+    drop(read_end);
 }
