@@ -16,6 +16,7 @@ mod batch;
 mod cli;
 mod collector;
 mod kernel;
+mod ldso;
 mod loader;
 mod objfile;
 mod placement;
