@@ -221,4 +221,25 @@ mod tests {
         assert!(cpu.hwcap & HWCAP_X86_64 != 0);
         assert!(!cpu.platform.is_empty());
     }
+
+    /// The subdirectories as this machine's ld.so lists them for an LD_LIBRARY_PATH directory
+    /// (LD_DEBUG=libs, on the system's own /bin/true).
+    #[test]
+    fn subdirectories_are_those_this_machines_ld_so_searches() {
+        let dir = "/nonexistent-memleak-hwcaps";
+        let Ok(out) =
+            std::process::Command::new("/bin/true").env("LD_DEBUG", "libs").env("LD_LIBRARY_PATH", dir).output()
+        else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().find_map(|l| l.split_once("search path=")).map(|(_, p)| p).expect("a search path line");
+        let listed: Vec<&str> = line.split_whitespace().next().unwrap_or("").split(':').collect();
+        let ours: Vec<String> = Cpu::detect()
+            .search_subdirs()
+            .iter()
+            .map(|s| format!("{dir}/{s}").trim_end_matches('/').to_string())
+            .collect();
+        assert_eq!(listed, ours);
+    }
 }

@@ -45,6 +45,15 @@ pub enum Reject {
     Fatal(String),
 }
 
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Reject::Skip(s) => f.write_str(s),
+            Reject::Fatal(s) => f.write_str(s),
+        }
+    }
+}
+
 fn fatal(s: impl Into<String>) -> Reject {
     Reject::Fatal(s.into())
 }

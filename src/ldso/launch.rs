@@ -297,4 +297,24 @@ mod tests {
         assert!(!known.secure_for(&f), "AT_SECURE read from the process wins");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_thread_with_the_users_credentials_opens_as_the_user() {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } != 0 {
+            return;
+        }
+        let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        let (shadow, link) = as_user(Some(&nobody), || {
+            let f = objfile::open_regular(Path::new("/bin/true"))?;
+            // The descriptor's path resolves on this thread too (same process).
+            let link = std::fs::read_link(objfile::fd_path(&f))?;
+            Ok((objfile::open_regular(Path::new("/etc/shadow")).is_ok(), link))
+        })
+        .expect("as nobody");
+        assert!(!shadow, "nobody cannot read /etc/shadow");
+        assert_eq!(link, std::fs::canonicalize("/bin/true").unwrap());
+        // The calling thread kept its own.
+        assert!(objfile::open_regular(Path::new("/etc/shadow")).is_ok());
+    }
 }

@@ -14,6 +14,8 @@ pub mod cpu;
 pub mod elf;
 pub mod launch;
 mod search;
+#[cfg(test)]
+mod tests;
 
 use std::ffi::OsString;
 use std::fs::File;

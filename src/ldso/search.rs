@@ -563,11 +563,11 @@ pub fn run(program: Program, launch: &Launch) -> Result<LoadOrder> {
     };
 
     let interp_path = launch.absolute(&PathBuf::from(&interp));
-    let context = || format!("cannot run {}: its ELF interpreter {}", exe.display(), interp_path.display());
+    let context = || format!("cannot run {}: its ELF interpreter", exe.display());
     let file = objfile::open_regular(&interp_path).with_context(context)?;
     let n = file.read_at(&mut head, 0).with_context(context)?;
     objfile::check_elf(&head[..n], &interp_path).with_context(context)?;
-    let idyn = elf::read(&file).map_err(|r| anyhow::anyhow!("{r:?}")).with_context(context)?;
+    let idyn = elf::read(&file).map_err(|r| anyhow::anyhow!("{}: {r}", interp_path.display())).with_context(context)?;
     if idyn.soname.as_deref() != Some(OsStr::new(GLIBC_LD_SO)) {
         s.notes.push(format!(
             "{} is not glibc's dynamic linker: its libraries were looked for with glibc's rules",
