@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cpu;
 pub mod elf;
 pub mod launch;
+mod paths;
 mod search;
 #[cfg(test)]
 mod tests;

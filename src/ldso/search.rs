@@ -14,13 +14,10 @@ use super::cache::{self, Cache};
 use super::cpu::Cpu;
 use super::elf::{self, DF_1_NODEFLIB, Dynamic, Reject};
 use super::launch::{Launch, Program};
+use super::paths::{self, SYSTEM_DIRS, count_dsts, dirname};
 use super::{Found, LoadOrder, Missing, Object};
 use crate::objfile;
 
-/// The default directories of Debian's x86-64 ld.so, also its trusted directories.
-pub const SYSTEM_DIRS: [&str; 4] = ["/lib/x86_64-linux-gnu/", "/usr/lib/x86_64-linux-gnu/", "/lib/", "/usr/lib/"];
-/// What $LIB expands to in Debian's ld.so.
-pub const DST_LIB: &str = "lib/x86_64-linux-gnu";
 pub const PRELOAD_FILE: &str = "/etc/ld.so.preload";
 /// glibc's own soname for its x86-64 dynamic linker.
 pub const GLIBC_LD_SO: &str = "ld-linux-x86-64.so.2";
@@ -73,75 +70,6 @@ fn path_of(b: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(b))
 }
 
-/// The directory of a path, as ld.so computes an object's origin.
-fn dirname(p: &[u8]) -> Vec<u8> {
-    match p.iter().rposition(|&b| b == b'/') {
-        Some(0) => b"/".to_vec(),
-        Some(i) => p[..i].to_vec(),
-        None => b".".to_vec(),
-    }
-}
-
-/// The length of a dynamic string token `name` at the start of `s` (just after its '$'),
-/// braces included: `$ORIGIN` or `${ORIGIN}`, not `$ORIGINAL`.
-fn is_dst(s: &[u8], name: &str) -> Option<usize> {
-    let (curly, body) = match s.first() {
-        Some(b'{') => (true, &s[1..]),
-        _ => (false, s),
-    };
-    let rest = body.strip_prefix(name.as_bytes())?;
-    match (curly, rest.first()) {
-        (true, Some(b'}')) => Some(name.len() + 2),
-        (true, _) => None,
-        (false, Some(c)) if c.is_ascii_alphanumeric() || *c == b'_' => None,
-        (false, _) => Some(name.len()),
-    }
-}
-
-fn count_dsts(s: &[u8]) -> usize {
-    (0..s.len())
-        .filter(|&i| s[i] == b'$' && ["ORIGIN", "PLATFORM", "LIB"].iter().any(|n| is_dst(&s[i + 1..], n).is_some()))
-        .count()
-}
-
-/// Whether a path lies in a trusted (system) directory once `.`, `..` and `//` are removed.
-fn is_trusted(path: &[u8]) -> bool {
-    if path.is_empty() {
-        return false;
-    }
-    let mut out: Vec<u8> = Vec::new();
-    let mut i = 0;
-    while i < path.len() {
-        if path[i] == b'/' {
-            let at = |k: usize| path.get(i + k).copied();
-            if at(1) == Some(b'.') {
-                if at(2) == Some(b'.') && matches!(at(3), Some(b'/') | None) {
-                    while let Some(c) = out.pop() {
-                        if c == b'/' {
-                            break;
-                        }
-                    }
-                    i += 3;
-                    continue;
-                } else if matches!(at(2), Some(b'/') | None) {
-                    i += 2;
-                    continue;
-                }
-            }
-            if out.last() == Some(&b'/') {
-                i += 1;
-                continue;
-            }
-        }
-        out.push(path[i]);
-        i += 1;
-    }
-    if out.last() != Some(&b'/') {
-        out.push(b'/');
-    }
-    SYSTEM_DIRS.iter().any(|d| out.starts_with(d.as_bytes()))
-}
-
 /// The errno of an error from objfile::open_regular: None when the file opened but is not a
 /// regular file (a directory, a FIFO, a device).
 fn errno_of(e: &anyhow::Error) -> Option<i32> {
@@ -173,68 +101,14 @@ impl Search<'_> {
         e
     }
 
-    /// Substitutes $ORIGIN, $PLATFORM and $LIB in `input` for object `l`; None when the
-    /// result cannot be used (an unknown origin; in secure mode, $ORIGIN anywhere but at the
-    /// start, or, for the executable, leading outside the trusted directories).
+    /// `input` with its tokens substituted for object `l` (paths::substitute).
     fn expand(&self, l: usize, input: &[u8]) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(input.len());
-        let mut check_trusted = false;
-        let mut i = 0;
-        while i < input.len() {
-            if input[i] != b'$' {
-                out.push(input[i]);
-                i += 1;
-                continue;
-            }
-            let rest = &input[i + 1..];
-            if let Some(n) = is_dst(rest, "ORIGIN") {
-                if self.secure && !(i == 0 && matches!(rest.get(n), None | Some(b'/'))) {
-                    return None;
-                }
-                out.extend_from_slice(self.nodes[l].origin.as_deref()?);
-                check_trusted = self.secure && l == 0;
-                i += 1 + n;
-            } else if let Some(n) = is_dst(rest, "PLATFORM") {
-                out.extend_from_slice(self.cpu.platform.as_bytes());
-                i += 1 + n;
-            } else if let Some(n) = is_dst(rest, "LIB") {
-                out.extend_from_slice(DST_LIB.as_bytes());
-                i += 1 + n;
-            } else {
-                out.push(b'$');
-                i += 1;
-            }
-        }
-        if out.is_empty() || (check_trusted && !is_trusted(&out)) {
-            return None;
-        }
-        Some(out)
+        let origin = self.nodes[l].origin.as_deref();
+        paths::substitute(input, origin, &self.cpu.platform, self.secure, l == 0)
     }
 
-    /// A search path (DT_RPATH, DT_RUNPATH: ':'; LD_LIBRARY_PATH: ':' or ';') as directories
-    /// ending in '/', tokens expanded for object `l`; an empty element is the current directory.
     fn path_list(&self, list: &[u8], seps: &[u8], l: usize) -> Vec<Vec<u8>> {
-        let mut out: Vec<Vec<u8>> = Vec::new();
-        if list.is_empty() {
-            return out;
-        }
-        for el in list.split(|b| seps.contains(b)) {
-            let mut d = Vec::new();
-            if !el.is_empty() {
-                let Some(e) = self.expand(l, el) else { continue };
-                d = e;
-                while d.len() > 1 && d.last() == Some(&b'/') {
-                    d.pop();
-                }
-                if d.last() != Some(&b'/') {
-                    d.push(b'/');
-                }
-            }
-            if !out.contains(&d) {
-                out.push(d);
-            }
-        }
-        out
+        paths::split_list(list, seps, |el| self.expand(l, el))
     }
 
     fn rpath(&self, l: usize) -> Vec<Vec<u8>> {
@@ -315,8 +189,12 @@ impl Search<'_> {
         }
         let mut other_class = false;
         let found = if name.contains(&b'/') {
-            let path = self.expand(loader, name).unwrap_or_default();
-            match self.try_open(&path) {
+            // A token without a value leaves no path: nothing to open.
+            let (attempt, path) = match self.expand(loader, name) {
+                Some(path) => (self.try_open(&path), path),
+                None => (Attempt::Absent(libc::ENOENT), vec![]),
+            };
+            match attempt {
                 Attempt::Opened(f, d) => Some((path, f, d, Found::Path)),
                 Attempt::Skipped => {
                     other_class = true;
@@ -656,38 +534,4 @@ pub fn run(program: Program, launch: &Launch) -> Result<LoadOrder> {
         nodes[rtld].take().map(|n| n.obj)
     };
     Ok(LoadOrder { scripts: program.scripts, objects, interpreter, missing: s.missing, secure, notes: s.notes })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dynamic_string_tokens() {
-        assert_eq!(is_dst(b"ORIGIN/lib", "ORIGIN"), Some(6));
-        assert_eq!(is_dst(b"{ORIGIN}/lib", "ORIGIN"), Some(8));
-        assert_eq!(is_dst(b"ORIGINAL", "ORIGIN"), None);
-        assert_eq!(is_dst(b"ORIGIN_", "ORIGIN"), None);
-        assert_eq!(is_dst(b"{ORIGIN", "ORIGIN"), None);
-        assert_eq!(is_dst(b"LIB", "LIB"), Some(3));
-        assert_eq!(count_dsts(b"$ORIGIN/../$LIB:$FOO/${PLATFORM}"), 3);
-        assert_eq!(count_dsts(b"libfoo.so"), 0);
-    }
-
-    #[test]
-    fn trusted_paths_are_normalized_first() {
-        assert!(is_trusted(b"/usr/lib/x86_64-linux-gnu/foo"));
-        assert!(is_trusted(b"/lib"));
-        assert!(is_trusted(b"/opt/../usr/lib//./x"));
-        assert!(!is_trusted(b"/home/u/lib"));
-        assert!(!is_trusted(b"/usr/lib/../../home"));
-        assert!(!is_trusted(b"/usr/libexec"));
-        assert!(!is_trusted(b""));
-    }
-
-    #[test]
-    fn origins_are_directories() {
-        assert_eq!(dirname(b"/usr/lib/libc.so.6"), b"/usr/lib");
-        assert_eq!(dirname(b"/ls"), b"/");
-    }
 }
