@@ -83,8 +83,19 @@ fn string_at(f: &File, off: u64) -> Result<OsString, Reject> {
     Err(fatal("a dynamic string runs past the end of the file or over 4096 bytes"))
 }
 
-/// Checks an object's header as ld.so does, and reads what dynamic linking needs of it.
+/// Checks an object's header as ld.so checks a library it opens, and reads what dynamic
+/// linking needs of it.
 pub fn read(f: &File) -> Result<Dynamic, Reject> {
+    read_checked(f, true)
+}
+
+/// Reads what dynamic linking needs of an executable or interpreter the kernel maps (after
+/// objfile::check_elf, which checks what the kernel checks): ld.so does not verify those.
+pub fn read_mapped(f: &File) -> Result<Dynamic, Reject> {
+    read_checked(f, false)
+}
+
+fn read_checked(f: &File, verify: bool) -> Result<Dynamic, Reject> {
     let mut head = [0u8; 64];
     let n = f.read_at(&mut head, 0).map_err(|e| fatal(format!("cannot read file data: {e}")))?;
     if n < head.len() {
@@ -101,6 +112,9 @@ pub fn read(f: &File) -> Result<Dynamic, Reject> {
     // Debian's ld.so checks the machine before the byte order (its machine-mismatch patch).
     if u16::from_le_bytes([head[18], head[19]]) != elf::EM_X86_64 {
         return Err(Reject::Skip("an object for another machine"));
+    }
+    if !verify {
+        return read_dynamic(f, &head);
     }
     if id.data != elf::ELFDATA2LSB {
         return Err(fatal("ELF file data encoding not little-endian"));
@@ -127,6 +141,11 @@ pub fn read(f: &File) -> Result<Dynamic, Reject> {
     if e_type != elf::ET_DYN && e_type != elf::ET_EXEC {
         return Err(fatal("only ET_DYN and ET_EXEC can be loaded"));
     }
+    read_dynamic(f, &head)
+}
+
+fn read_dynamic(f: &File, head: &[u8; 64]) -> Result<Dynamic, Reject> {
+    let (h, _) = pod::from_bytes::<elf::FileHeader64<LE>>(head).map_err(|_| fatal("file too short"))?;
     if usize::from(h.e_phentsize.get(LE)) != std::mem::size_of::<elf::ProgramHeader64<LE>>() {
         return Err(fatal("ELF file's phentsize not the expected size"));
     }

@@ -18,6 +18,7 @@ use super::paths::{self, SYSTEM_DIRS, count_dsts, dirname};
 use super::{Found, LoadOrder, Missing, Object};
 use crate::objfile;
 
+/// Objects every program preloads, read by ld.so even in secure mode.
 pub const PRELOAD_FILE: &str = "/etc/ld.so.preload";
 /// glibc's own soname for its x86-64 dynamic linker.
 pub const GLIBC_LD_SO: &str = "ld-linux-x86-64.so.2";
@@ -390,7 +391,7 @@ pub fn run(program: Program, launch: &Launch) -> Result<LoadOrder> {
     let mut head = [0u8; 64];
     let n = program.file.read_at(&mut head, 0).with_context(|| format!("cannot read {}", exe.display()))?;
     objfile::check_elf(&head[..n], &exe).with_context(|| format!("cannot run {}", exe.display()))?;
-    let dynamic = match elf::read(&program.file) {
+    let dynamic = match elf::read_mapped(&program.file) {
         Ok(d) => d,
         Err(Reject::Skip(what)) => bail!("cannot run {}: {what}", exe.display()),
         Err(Reject::Fatal(m)) => bail!("cannot run {}: {m}", exe.display()),
@@ -445,7 +446,8 @@ pub fn run(program: Program, launch: &Launch) -> Result<LoadOrder> {
     let file = objfile::open_regular(&interp_path).with_context(context)?;
     let n = file.read_at(&mut head, 0).with_context(context)?;
     objfile::check_elf(&head[..n], &interp_path).with_context(context)?;
-    let idyn = elf::read(&file).map_err(|r| anyhow::anyhow!("{}: {r}", interp_path.display())).with_context(context)?;
+    let idyn =
+        elf::read_mapped(&file).map_err(|r| anyhow::anyhow!("{}: {r}", interp_path.display())).with_context(context)?;
     if idyn.soname.as_deref() != Some(OsStr::new(GLIBC_LD_SO)) {
         s.notes.push(format!(
             "{} is not glibc's dynamic linker: its libraries were looked for with glibc's rules",
