@@ -17,6 +17,7 @@ mod cli;
 mod collector;
 mod features;
 mod kernel;
+mod ldso;
 mod loader;
 mod objfile;
 mod output;

@@ -16,8 +16,8 @@ pub use crate::output::write_out;
 use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
-use crate::unwind::{self, UnwindTables, Unwinder};
-use crate::{loader, probes, report, target};
+use crate::unwind::{UnwindTables, Unwinder};
+use crate::{ldso, loader, probes, report, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
@@ -190,18 +190,23 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
     }
     let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
-    let (pid, obj, held) = match &cfg.target {
+    let (pid, obj, held, order) = match &cfg.target {
         Target::Kernel => return crate::kernel::run(cfg, &mut signals),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
             target::check_access(*pid)?;
-            (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
+            let obj = target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            (*pid, target::Allocator::at(obj), None, None)
         }
         Target::Command(argv) => {
             let prog = target::resolve_program(&argv[0])?;
-            let obj = target::allocator_object_for_command(&prog, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            // What it will load, found without running anything of its choosing.
+            let launch = ldso::Launch::command(target::command_credentials())?;
+            let order = ldso::load_order(&prog, &launch)?;
+            target::report_load_order(&order, cfg.verbose);
+            let obj = target::allocator_object_for_command(&order, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
             let held = target::HeldChild::spawn(&prog, argv)?;
-            (held.pid, obj, Some(held))
+            (held.pid, obj, Some(held), Some(order))
         }
     };
     let is_command = held.is_some();
@@ -217,17 +222,17 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
     }
 
-    let (entries, missing) = probes::resolve(&obj, &cfg.symbols_prefix)?;
+    let (entries, missing) = probes::resolve(&obj.path, &cfg.symbols_prefix)?;
     if entries.is_empty() {
         bail!(
             "{} defines none of the allocator functions ({}malloc, {}free, ...)",
-            obj.display(),
+            obj.shown.display(),
             cfg.symbols_prefix,
             cfg.symbols_prefix
         );
     }
     if !missing.is_empty() {
-        errln!("memleak: note: {} has no {}: not traced", obj.display(), missing.join(", "));
+        errln!("memleak: note: {} has no {}: not traced", obj.shown.display(), missing.join(", "));
     }
 
     let mut storage = MaybeUninit::uninit();
@@ -236,23 +241,22 @@ pub fn run(cfg: &Config) -> Result<i32> {
     let unwind = if cfg.frame_pointers {
         None
     } else {
-        let mut tables = UnwindTables::new(skel, cfg.verbose)?;
-        if let Target::Command(argv) = &cfg.target {
-            // Before it runs: the tables of what it maps at start are there for its first call.
-            for p in unwind::startup_objects(&target::resolve_program(&argv[0])?) {
-                tables.preload(skel, &p);
-            }
-        } else {
-            tables.sync_process(skel, pid);
-        }
+        let tables = UnwindTables::new(skel, cfg.verbose)?;
         let mut u = Unwinder { skel, tables, wakeup: Rc::new(Cell::new(false)), pid };
+        match &order {
+            // Before it runs: the tables of what it maps at start are there for its first call.
+            Some(order) => u.preload(order),
+            None => {
+                u.tables.sync_process(skel, pid);
+            }
+        }
         u.report_failures();
         Some(u)
     };
-    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
+    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj.path, &entries)?;
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     if cfg.verbose {
-        errln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
+        errln!("memleak: attached to {} ({:?} mode):", obj.shown.display(), loaded.mode);
         for e in &entries {
             let p = &e.placement;
             errln!(

@@ -1,17 +1,17 @@
 //! The traced process: checking a -p pid, finding the object that holds its allocator, and
 //! running a -c command held before exec until the probes are in place.
 use std::ffi::CString;
-use std::fs;
+use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::probes;
+use crate::ldso::{self, LoadOrder};
 use crate::procmaps::{Mapping, ProcMaps};
+use crate::{objfile, probes};
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -141,35 +141,84 @@ pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<Pa
     )
 }
 
-/// For -c: the libc the command will load, as its dynamic linker resolves it (ld.so --list
-/// with the command's environment), or the executable itself when it is static.
-pub fn allocator_object_for_command(prog: &Path, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
+/// The object whose allocator functions are probed.
+pub struct Allocator {
+    /// The path it is read and attached by: a path, or /proc/self/fd/N of a file held.
+    pub path: PathBuf,
+    /// The path shown to the user.
+    pub shown: PathBuf,
+    /// The file found for a -c command, held so that `path` names this very file.
+    _held: Option<File>,
+}
+
+impl Allocator {
+    pub fn at(path: PathBuf) -> Allocator {
+        Allocator { shown: path.clone(), path, _held: None }
+    }
+
+    fn held(o: &ldso::Object) -> Result<Allocator> {
+        let file = o.file.try_clone().context("dup")?;
+        Ok(Allocator { path: objfile::fd_path(&file), shown: o.path.clone(), _held: Some(file) })
+    }
+}
+
+/// For -c: -O if given, else the libc the command loads (found as its dynamic linker will
+/// find it, without running anything: `ldso`), or the executable itself when it is static.
+pub fn allocator_object_for_command(order: &LoadOrder, obj: Option<&Path>, prefix: &str) -> Result<Allocator> {
     if let Some(obj) = obj {
-        return check_obj(obj);
+        return check_obj(obj).map(Allocator::at);
     }
-    let elf = script_interpreter(prog)?.unwrap_or_else(|| prog.to_path_buf());
-    let Some(interp) = probes::interpreter(&elf)? else {
-        if probes::defines(&elf, &format!("{prefix}malloc")) {
-            return Ok(elf);
+    let exe = order.executable();
+    if order.interpreter.is_none() {
+        let a = Allocator::held(exe)?;
+        if probes::defines(&a.path, &format!("{prefix}malloc")) {
+            return Ok(a);
         }
-        bail!("{} is statically linked without {prefix}malloc: name the allocator's object with -O", elf.display());
-    };
-    let out = Command::new(&interp)
-        .arg("--list")
-        .arg(&elf)
-        .output()
-        .with_context(|| format!("cannot run the dynamic linker {}", interp.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines() {
-        // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f...)"
-        if let Some((_, rest)) = line.split_once("=> ") {
-            let path = rest.split(" (").next().unwrap_or("").trim();
-            if is_libc(Path::new(path)) {
-                return Ok(PathBuf::from(path));
-            }
+        bail!(
+            "{} is statically linked without {prefix}malloc: name the allocator's object with -O",
+            exe.path.display()
+        );
+    }
+    match order.objects.iter().find(|o| is_libc(&o.path)) {
+        Some(libc) => Allocator::held(libc),
+        None => bail!("{} does not load libc: name the allocator's object with -O", exe.path.display()),
+    }
+}
+
+/// Says what the dynamic linker will not find or do as memleak found it (always), and with
+/// -v the objects the command loads, in symbol lookup order.
+pub fn report_load_order(order: &LoadOrder, verbose: bool) {
+    for n in &order.notes {
+        errln!("memleak: note: {n}");
+    }
+    for m in &order.missing {
+        let (name, by) = (m.name.to_string_lossy(), m.needed_by.display());
+        if m.preload {
+            errln!("memleak: note: {by} object {name}: {}: the dynamic linker ignores it", m.why);
+        } else {
+            errln!("memleak: note: {name}, needed by {by}: {}: the dynamic linker will not start the program", m.why);
         }
     }
-    bail!("{} does not load libc: name the allocator's object with -O", elf.display())
+    if !verbose {
+        return;
+    }
+    for s in &order.scripts {
+        errln!("memleak: {} is run by its #! interpreter", s.display());
+    }
+    let secure = if order.secure { " (secure mode)" } else { "" };
+    errln!("memleak: {} loads, in symbol lookup order{secure}:", order.executable().path.display());
+    for o in &order.objects {
+        let preload = if o.preload { ", preloaded" } else { "" };
+        errln!("memleak:   {} ({}{preload})", o.path.display(), o.found.describe());
+    }
+    if let Some(i) = &order.interpreter {
+        errln!("memleak:   interpreter {}", i.path.display());
+    }
+}
+
+/// The credentials a -c command runs with, when not memleak's own (under sudo).
+pub fn command_credentials() -> Option<ldso::Credentials> {
+    sudo_user().map(|(uid, gid, groups)| ldso::Credentials { uid, gid, groups })
 }
 
 fn check_obj(obj: &Path) -> Result<PathBuf> {
@@ -184,20 +233,6 @@ fn check_obj(obj: &Path) -> Result<PathBuf> {
 fn is_libc(path: &Path) -> bool {
     let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
     name.starts_with(b"libc.so") || name.starts_with(b"libc-") || name.starts_with(b"libc.musl")
-}
-
-/// The interpreter of a `#!` script, whose process is the one traced.
-fn script_interpreter(prog: &Path) -> Result<Option<PathBuf>> {
-    let mut head = [0u8; 256];
-    let n = fs::File::open(prog)
-        .and_then(|mut f| f.read(&mut head))
-        .with_context(|| format!("cannot read {}", prog.display()))?;
-    if n < 2 || &head[..2] != b"#!" {
-        return Ok(None);
-    }
-    let line = head[2..n].split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    Ok(line.split_whitespace().next().map(PathBuf::from))
 }
 
 /// Resolves a command name as execvp would, so that a missing program is reported up front.

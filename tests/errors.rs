@@ -83,22 +83,33 @@ fn script_whose_interpreter_does_not_exist() {
     fails(&["-c", script.to_str().expect("utf-8")], "cannot open /nonexistent/interpreter");
 }
 
-/// The exec itself fails (-c under sudo, a program the user may not run): memleak says so
-/// and exits non-zero after having attached.
+/// -c under sudo, a program the user may not run. One the user may read but not execute: the
+/// exec itself fails, memleak says so and exits non-zero after having attached. One in a
+/// directory the user may not enter: memleak, which opens the command's files as the user,
+/// refuses before running anything.
 #[test]
 fn command_that_cannot_be_executed_as_the_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let run = |prog: &std::path::Path| {
+        let mut cmd = memleak_command(&["-c", prog.to_str().expect("utf-8")]);
+        cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+        let out = Proc::spawn("memleak", cmd).finish();
+        assert_eq!(out.code(), Some(1), "{}", out.stderr);
+        out.stderr.trim_end().to_string()
+    };
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("not-executable");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let prog = dir.join("true");
+    std::fs::copy("/bin/true", &prog).expect("copy /bin/true");
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o744)).expect("chmod");
+    assert_eq!(run(&prog), "memleak: cannot run the command: Permission denied (os error 13)");
+
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("private");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let prog = dir.join("true");
     std::fs::copy("/bin/true", &prog).expect("copy /bin/true");
-    let mut cmd = memleak_command(&["-c", prog.to_str().expect("utf-8")]);
-    cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
-    let out = Proc::spawn("memleak", cmd).finish();
-    let err = out.stderr.trim_end();
-    assert_eq!(out.code(), Some(1), "{err}");
-    assert_eq!(err, "memleak: cannot run the command: Permission denied (os error 13)");
+    assert_eq!(run(&prog), format!("memleak: cannot open {}: Permission denied (os error 13)", prog.display()));
 }
 
 #[test]
