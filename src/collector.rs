@@ -129,7 +129,8 @@ impl Collector {
         blocks: bool,
     ) -> Result<Vec<StackTotal>> {
         let now = monotonic_ns();
-        let min_age = min_age.as_nanos() as u64;
+        // An age past u64 nanoseconds (585 years) hides every block, as it should.
+        let min_age = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
         let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
         batch::for_each(allocs, |k, v| {
             let key: alloc_key = read_pod(k);
@@ -140,7 +141,7 @@ impl Collector {
             let t = by_stack
                 .entry(info.stack_id)
                 .or_insert_with(|| StackTotal { stack_id: info.stack_id, ..Default::default() });
-            t.bytes += info.size;
+            t.bytes = t.bytes.saturating_add(info.size);
             t.count += 1;
             if blocks {
                 t.blocks.push((key.addr, info.size));

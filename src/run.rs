@@ -1,7 +1,6 @@
 //! The run: set the target up, attach, then report every interval until the target exits,
-//! the count is reached, or Ctrl-C/SIGTERM.
+//! the count is reached, or Ctrl-C/SIGTERM/SIGHUP.
 use std::cell::RefCell;
-use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -12,10 +11,13 @@ use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
+use crate::features::Features;
+pub use crate::output::write_out;
+use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
-use crate::unwind::{self, UnwindTables, Unwinder};
-use crate::{loader, probes, report, target};
+use crate::unwind::{UnwindTables, Unwinder};
+use crate::{ldso, loader, probes, report, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
@@ -23,9 +25,12 @@ const TICK: Duration = Duration::from_secs(1);
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
+const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Fails with what is needed when this process cannot load and attach BPF programs.
-fn check_privileges() -> Result<()> {
+/// `process`: a process is traced, whose files memleak opens through /proc/PID/map_files,
+/// which takes CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE.
+fn check_privileges(process: bool) -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
         .lines()
@@ -33,32 +38,12 @@ fn check_privileges() -> Result<()> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |c: u32| eff & (1u64 << c) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && (!process || has(CAP_CHECKPOINT_RESTORE))) {
         return Ok(());
     }
     bail!(
-        "memleak needs root, or the capabilities CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE for other users' processes)"
+        "memleak needs root, or the capabilities CAP_BPF and CAP_PERFMON (and CAP_CHECKPOINT_RESTORE to trace a process: its files are read through /proc/PID/map_files; plus CAP_SYS_PTRACE for other users' processes)"
     )
-}
-
-/// Blocks the signals the loop reads from a signalfd.
-fn signal_fd() -> Result<OwnedFd> {
-    // SAFETY: plain libc calls on a local, zero-initialized sigset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD] {
-            libc::sigaddset(&mut set, s);
-        }
-        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigprocmask");
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("signalfd");
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
 }
 
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
@@ -74,7 +59,7 @@ pub enum End {
     CommandExited(i32),
     /// The -p process exited.
     ProcessExited,
-    /// Ctrl-C, SIGTERM, or the count of reports was reached.
+    /// Ctrl-C, SIGTERM, SIGHUP, or the count of reports was reached.
     Stopped,
 }
 
@@ -174,16 +159,6 @@ fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachM
     crate::collector::Programs { progs: attached.into_iter().map(|p| (p.as_fd(), Both)).collect() }
 }
 
-pub fn write_out(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => Ok(()),
-        // The reader went away (| head): stop quietly.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        Err(e) => Err(e).context("writing the report"),
-    }
-}
-
 fn trace_line(e: &trace_event) -> String {
     if e.kind == event_kind::EV_ALLOC.0 {
         format!("alloc exited, size = {}, result = {:x}", e.size, e.addr)
@@ -193,24 +168,48 @@ fn trace_line(e: &trace_event) -> String {
 }
 
 pub fn run(cfg: &Config) -> Result<i32> {
-    check_privileges()?;
-    // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
-    let sigfd = signal_fd()?;
-    let (pid, obj, held) = match &cfg.target {
-        Target::Kernel => return crate::kernel::run(cfg, &sigfd),
+    check_privileges(!matches!(cfg.target, Target::Kernel))?;
+    // SIGCHLD is read before the command is forked, so that its exit cannot be missed; the
+    // stop signals end memleak at once until tracing starts (signals.rs).
+    let mut signals = Signals::new()?;
+    loader::note_map_memory(cfg.max_allocs);
+    let probed = Instant::now();
+    let features = Features::probe();
+    if cfg.verbose {
+        errln!("memleak: kernel features ({:.1} ms): {features:?}", probed.elapsed().as_secs_f64() * 1e3);
+    }
+    if cfg.target == Target::Kernel {
+        features.require_kernel_mode()?;
+        return crate::kernel::run(cfg, &mut signals);
+    }
+    // How to attach and walk stacks on this kernel; a fallback says why.
+    let plan = features.plan(cfg.attach, cfg.frame_pointers)?;
+    for note in &plan.notes {
+        errln!("memleak: note: {note}");
+    }
+    if cfg.verbose {
+        for line in &plan.verbose {
+            errln!("memleak: {line}");
+        }
+    }
+    let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
+    let (pid, obj, held, order) = match &cfg.target {
+        Target::Kernel => return crate::kernel::run(cfg, &mut signals),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
-            (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
+            target::check_access(*pid)?;
+            let obj = target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            (*pid, obj, None, None)
         }
         Target::Command(argv) => {
             let prog = target::resolve_program(&argv[0])?;
-            let obj = target::AllocatorObject::named(target::allocator_object_for_command(
-                &prog,
-                cfg.obj.as_deref(),
-                &cfg.symbols_prefix,
-            )?);
+            // What it will load, found without running anything of its choosing.
+            let launch = ldso::Launch::command(target::command_credentials())?;
+            let order = ldso::load_order(&prog, &launch)?;
+            target::report_load_order(&order, cfg.verbose);
+            let obj = target::allocator_object_for_command(&order, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
             let held = target::HeldChild::spawn(&prog, argv)?;
-            (held.pid, obj, Some(held))
+            (held.pid, obj, Some(held), Some(order))
         }
     };
     // After the command is forked: it keeps the limits it was given.
@@ -242,22 +241,21 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
 
     let mut storage = MaybeUninit::uninit();
-    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command)?;
+    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode)?;
     let skel = &loaded.skel;
     let mut symbolizer = Symbolizer::new(Some(pid));
     let unwind = if cfg.frame_pointers {
         None
     } else {
-        let mut tables = UnwindTables::new(skel, cfg.verbose)?;
-        if let Target::Command(argv) = &cfg.target {
-            // Before it runs: the tables of what it maps at start are there for its first call.
-            for p in unwind::startup_objects(&target::resolve_program(&argv[0])?) {
-                unwind::preload_path(&mut tables, skel, &mut symbolizer.objects, &p);
-            }
-        } else {
-            tables.sync_process(skel, &mut symbolizer.objects, pid);
-        }
+        let tables = UnwindTables::new(skel, cfg.verbose)?;
         let mut u = Unwinder { skel, tables, met: Rc::new(RefCell::new(Vec::new())), pid };
+        match &order {
+            // Before it runs: the tables of what it maps at start are there for its first call.
+            Some(order) => u.preload(&mut symbolizer.objects, order),
+            None => {
+                u.tables.sync_process(skel, &mut symbolizer.objects, pid);
+            }
+        }
         u.report_failures();
         Some(u)
     };
@@ -286,6 +284,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // Before the line below: a process that exits as soon as it is told memleak is attached
     // would otherwise be gone before its pidfd exists, and its exit never seen.
     let pidfd = if is_command { None } else { pidfd_open(pid) };
+    signals.arm()?;
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
     if let Some(held) = held {
         held.release()?;
@@ -302,7 +301,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
     };
-    match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
+    match follow(tracer, &signals, &skel.maps.events, pidfd.as_ref(), is_command)? {
         End::CommandExited(code) => Ok(code),
         End::ProcessExited | End::Stopped => Ok(0),
     }
@@ -312,7 +311,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
 /// the -t lines from `events` as they come.
 pub fn follow(
     mut tracer: Tracer,
-    sigfd: &OwnedFd,
+    signals: &Signals,
     events: &MapMut,
     pidfd: Option<&OwnedFd>,
     is_command: bool,
@@ -338,7 +337,7 @@ pub fn follow(
         None
     };
 
-    let end = event_loop(&mut tracer, sigfd, pidfd, ring.as_ref(), is_command)?;
+    let end = event_loop(&mut tracer, signals, pidfd, ring.as_ref(), is_command)?;
     if let Some(r) = &ring {
         let _ = r.consume();
     }
@@ -375,22 +374,40 @@ pub fn follow(
     Ok(end)
 }
 
+/// The next time a period of `every` falls due after `now`; None if that is past the end of
+/// time (an interval of 2^64 seconds never comes round).
+fn next_after(due: Instant, every: Duration, now: Instant) -> Option<Instant> {
+    let next = due.checked_add(every)?;
+    if next >= now { Some(next) } else { now.checked_add(every) }
+}
+
+/// Milliseconds for poll until `wake` (rounded up, so that it does not wake early and spin),
+/// -1 for never.
+fn poll_timeout(wake: Option<Instant>, now: Instant) -> i32 {
+    let Some(wake) = wake else { return -1 };
+    let left = wake.saturating_duration_since(now);
+    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+}
+
 fn event_loop(
     t: &mut Tracer,
-    sigfd: &OwnedFd,
+    signals: &Signals,
     pidfd: Option<&OwnedFd>,
     ring: Option<&libbpf_rs::RingBuffer>,
     is_command: bool,
 ) -> Result<End> {
     let start = Instant::now();
-    let mut next_report = start + t.cfg.interval;
-    let mut next_tick = start + TICK;
+    let mut next_report = start.checked_add(t.cfg.interval);
+    // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
+    let mut next_tick = if t.pid.is_some() { start.checked_add(TICK) } else { None };
     let mut reports = 0u64;
     loop {
-        let now = Instant::now();
-        let wake = next_report.min(next_tick);
-        let timeout = wake.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32;
-        let mut fds = vec![libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let wake = match (next_report, next_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = poll_timeout(wake, Instant::now());
+        let mut fds = vec![libc::pollfd { fd: signals.raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(p) = pidfd {
             fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -414,14 +431,17 @@ fn event_loop(
             t.prepare_symbols()?;
         }
         if fds[0].revents & libc::POLLIN != 0 {
-            for sig in read_signals(sigfd) {
+            for sig in signals.read() {
                 match sig {
-                    libc::SIGINT | libc::SIGTERM => {
+                    s if signals::STOP.contains(&s) => {
+                        if is_command && let Some(code) = grace(t, signals)? {
+                            return Ok(End::CommandExited(code));
+                        }
                         t.print_report(false)?;
                         return Ok(End::Stopped);
                     }
                     libc::SIGCHLD if is_command => {
-                        if let Some(code) = reap(t)? {
+                        if let Child::Exited(code) = reap(t)? {
                             return Ok(End::CommandExited(code));
                         }
                     }
@@ -433,15 +453,18 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
-        // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
-        if now >= next_tick && t.pid.is_some() {
+        if let Some(tick) = next_tick
+            && now >= tick
+        {
             if let Some(u) = t.unwind.as_mut() {
                 u.tick(&mut t.symbolizer.objects);
             }
             t.prepare_symbols()?;
-            next_tick = now + TICK;
+            next_tick = now.checked_add(TICK);
         }
-        if now >= next_report {
+        if let Some(due) = next_report
+            && now >= due
+        {
             t.print_report(false)?;
             reports += 1;
             if t.cfg.count.is_some_and(|c| reports >= c) {
@@ -450,50 +473,76 @@ fn event_loop(
                 }
                 return Ok(End::Stopped);
             }
-            next_report += t.cfg.interval;
-            if next_report < now {
-                next_report = now + t.cfg.interval;
-            }
+            next_report = next_after(due, t.cfg.interval, now);
         }
     }
 }
 
-fn read_signals(sigfd: &OwnedFd) -> Vec<i32> {
-    let mut sigs = Vec::new();
-    loop {
-        // SAFETY: signalfd_siginfo is plain data; read writes at most its size.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads into the local struct of `size` bytes.
-        let n = unsafe { libc::read(sigfd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-        if n != size as isize {
-            return sigs;
-        }
-        sigs.push(info.ssi_signo as i32);
-    }
-}
+/// How long a -c command has, after memleak got a stop signal, to show that it is dying too
+/// (a terminal's Ctrl-C reaches the whole process group).
+const GRACE: Duration = Duration::from_millis(300);
+/// How long memleak waits for a command seen dying (a fatal signal pending or being
+/// delivered, or in its exit stop) to be gone.
+const DYING_WAIT: Duration = Duration::from_secs(10);
 
-/// Handles the command's state changes; returns its exit code once it has exited.
-fn reap(t: &mut Tracer) -> Result<Option<i32>> {
+/// After a stop signal under -c: waits briefly for the command, reaping it as usual; its exit
+/// code if it exited (then the run ends as when it exits by itself), None if it lives on.
+fn grace(t: &mut Tracer, signals: &Signals) -> Result<Option<i32>> {
     let Some(pid) = t.pid else { return Ok(None) };
+    let start = Instant::now();
+    let mut dying = false;
+    loop {
+        match reap(t)? {
+            Child::Exited(code) => return Ok(Some(code)),
+            Child::Dying => dying = true,
+            Child::Running => {}
+        }
+        dying = dying || signals::Masks::of(pid).is_some_and(|m| m.dying());
+        let limit = if dying { DYING_WAIT } else { GRACE };
+        let now = Instant::now();
+        let end = start + limit;
+        if now >= end {
+            return Ok(None);
+        }
+        signals.wait(poll_timeout(Some(end), now));
+        // Another stop signal changes nothing; SIGCHLD is handled by the reap above.
+        let _ = signals.read();
+    }
+}
+
+/// A -c command's state after its changes were handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Child {
+    Running,
+    /// In its exit stop, or given a signal that ends it.
+    Dying,
+    /// Exited with this code (128+N if killed by signal N).
+    Exited(i32),
+}
+
+/// Handles the command's state changes.
+fn reap(t: &mut Tracer) -> Result<Child> {
+    let Some(pid) = t.pid else { return Ok(Child::Running) };
+    let mut state = Child::Running;
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our own child, writing to a local.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
         if r <= 0 {
-            return Ok(None);
+            return Ok(state);
         }
         if libc::WIFEXITED(status) {
-            return Ok(Some(libc::WEXITSTATUS(status)));
+            return Ok(Child::Exited(libc::WEXITSTATUS(status)));
         }
         if libc::WIFSIGNALED(status) {
-            return Ok(Some(128 + libc::WTERMSIG(status)));
+            return Ok(Child::Exited(128 + libc::WTERMSIG(status)));
         }
         if libc::WIFSTOPPED(status) {
             let event = (status >> 16) & 0xff;
             // SAFETY: ptrace requests on our own seized child.
             unsafe {
                 if event == libc::PTRACE_EVENT_EXIT {
+                    state = Child::Dying;
                     // Its memory map still exists: the last chance to normalize.
                     t.symbolizer.reread_maps();
                     t.prepare_symbols()?;
@@ -507,9 +556,35 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
                 } else if event == libc::PTRACE_EVENT_STOP {
                     libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
                 } else {
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+                    // A signal on its way to the command: delivered as it would be untraced.
+                    let sig = libc::WSTOPSIG(status);
+                    if signals::Masks::of(pid).is_some_and(|m| m.kills(sig)) {
+                        state = Child::Dying;
+                    }
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, sig as libc::c_ulong);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_saturate_at_the_end_of_time() {
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(next_after(now, s, now), Some(now + s));
+        // A late report: the next one is a period after now, not in the past.
+        assert_eq!(next_after(now, s, now + 5 * s), Some(now + 6 * s));
+        // memleak -c true 18446744073709551615: no report ever, no overflow.
+        assert_eq!(next_after(now, Duration::from_secs(u64::MAX), now), None);
+        assert_eq!(poll_timeout(None, now), -1);
+        assert_eq!(poll_timeout(Some(now), now + s), 0);
+        // Rounded up: poll never returns just before the due time and spins.
+        assert_eq!(poll_timeout(Some(now + Duration::from_micros(1500)), now), 2);
+        assert_eq!(poll_timeout(Some(now + Duration::from_secs(1 << 40)), now), i32::MAX);
     }
 }

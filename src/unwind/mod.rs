@@ -4,11 +4,7 @@ pub mod maps;
 pub mod table;
 
 use std::cell::RefCell;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::rc::Rc;
-
-use object::Object;
 
 pub use maps::UnwindTables;
 
@@ -57,12 +53,26 @@ impl Unwinder<'_, '_> {
     /// At an exec stop (-c): the new executable's, its interpreter's and its libraries' tables,
     /// before it runs its first instruction.
     pub fn load_exec(&mut self, objects: &mut Objects) {
-        if let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) {
-            for p in startup_objects(&exe) {
-                preload_path(&mut self.tables, self.skel, objects, &p);
-            }
+        // Found as its dynamic linker will find them (with the new image's environment), not
+        // by running anything. If that fails, the tables still come as the objects get mapped.
+        if let Ok(order) = crate::ldso::load_order_after_exec(self.pid) {
+            self.preload(objects, &order);
         }
         self.sync(objects);
+    }
+
+    /// The tables of the objects a program maps at start, before it runs; the objects are
+    /// held for symbols too.
+    pub fn preload(&mut self, objects: &mut Objects, order: &crate::ldso::LoadOrder) {
+        for o in order.startup_objects() {
+            // Through the descriptor held since the object was found: the very file.
+            match o.file.try_clone() {
+                Ok(f) => {
+                    self.tables.preload(self.skel, objects, f, &o.path);
+                }
+                Err(e) => self.tables.failures.push(format!("{}: {e}", o.path.display())),
+            }
+        }
     }
 
     /// Objects that got no table, said once each.
@@ -71,45 +81,4 @@ impl Unwinder<'_, '_> {
             errln!("memleak: {f}; its frames fall back to frame pointers");
         }
     }
-}
-
-/// Registers an object by its path (-c, before the command runs), opened as a regular file
-/// without blocking.
-pub fn preload_path(tables: &mut UnwindTables, skel: &MemleakSkel, objects: &mut Objects, path: &Path) -> bool {
-    match crate::objfile::open_regular(path) {
-        Ok(f) => tables.preload(skel, objects, f, path),
-        Err(e) => {
-            tables.failures.push(format!("{e:#}"));
-            false
-        }
-    }
-}
-
-/// The objects a command will map at start: itself, its interpreter, and the libraries the
-/// interpreter resolves for it (`ld.so --list`, which runs none of their code nor the program's).
-pub fn startup_objects(prog: &Path) -> Vec<PathBuf> {
-    let mut out = vec![prog.to_path_buf()];
-    let Ok(data) = std::fs::read(prog) else { return out };
-    let Ok(file) = object::File::parse(&*data) else { return out };
-    let Some(interp) = interpreter(&file) else { return out };
-    out.push(PathBuf::from(&interp));
-    if let Ok(o) = Command::new(&interp).arg("--list").arg(prog).output() {
-        for line in String::from_utf8_lossy(&o.stdout).lines() {
-            // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "\t/lib64/ld-linux... (0x...)"
-            let target = line.split_once("=>").map_or(line, |(_, t)| t).trim();
-            if let Some(path) = target.split_whitespace().next().filter(|p| p.starts_with('/')) {
-                out.push(PathBuf::from(path));
-            }
-        }
-    }
-    out.dedup();
-    out
-}
-
-fn interpreter(file: &object::File) -> Option<String> {
-    use object::ObjectSection;
-    let sec = file.section_by_name(".interp")?;
-    let data = sec.data().ok()?;
-    let s = std::str::from_utf8(data).ok()?.trim_end_matches('\0');
-    (!s.is_empty()).then(|| s.to_string())
 }
