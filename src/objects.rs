@@ -198,9 +198,12 @@ fn open_state(pid: i32, m: &Mapping, name: &mut Option<Arc<Path>>) -> State {
             State::Open(f)
         }
         Err(e) => {
-            // Gone (unmapped) or another file there now: it may be mapped again later.
+            // Gone (unmapped, another file there now, or the process exited): it may be mapped
+            // again later.
             let gone = e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    io.kind() == std::io::ErrorKind::NotFound || io.raw_os_error() == Some(libc::ESRCH)
+                })
             });
             let why = if gone { UNMAPPED.to_string() } else { format!("{e:#}") };
             State::Unreadable { why, retry: gone }
