@@ -180,12 +180,32 @@ fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachM
 
 pub fn write_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => Ok(()),
-        // The reader went away (| head): stop quietly.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        Err(e) => Err(e).context("writing the report"),
+    let _ = out.flush();
+    let mut buf = text.as_bytes();
+    while !buf.is_empty() {
+        // SAFETY: writes from a live buffer of buf.len() bytes to fd 1.
+        let n = unsafe { libc::write(libc::STDOUT_FILENO, buf.as_ptr().cast(), buf.len()) };
+        if n > 0 {
+            buf = &buf[n as usize..];
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            // A -c command shares our stdout and may have made it non-blocking (Node does):
+            // wait until the pipe has room.
+            std::io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd { fd: libc::STDOUT_FILENO, events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, -1) };
+            }
+            // The reader went away (| head): stop quietly.
+            std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            _ if n == 0 => bail!("writing the report: stdout accepts no more"),
+            _ => return Err(e).context("writing the report"),
+        }
     }
+    Ok(())
 }
 
 fn trace_line(e: &trace_event) -> String {
