@@ -7,11 +7,12 @@
  *                             1000-byte block from leak_one().
  *   churn hold N [SECONDS]    allocates N blocks of 32 bytes from one stack, keeps them, prints
  *                             "holding N", then sleeps
- *   churn maps N              N times: mmap 16 pages, munmap the last 4 (a trim: a walk of the
- *                             mapping records), munmap the rest (found by its start); prints
+ *   churn maps N [wait]       N times: mmap 16 pages, munmap the last 4 (a trim: a pass over
+ *                             the mapping records), munmap the rest (found by its start); prints
  *                             "ns_per_map X"
- *   churn bigpairs N          N malloc(256 KiB)/free pairs served by mmap (free's munmap ends
- *                             no record: a walk); prints "ns_per_bigpair X"
+ *   churn bigpairs N [wait]   N malloc(256 KiB)/free pairs served by mmap (free's munmap ends
+ *                             no record: a pass); prints "ns_per_bigpair X"
+ *   With "wait", then waits for a line on stdin (for a tracer to read its statistics).
  */
 #include <malloc.h>
 #include <pthread.h>
@@ -54,6 +55,15 @@ static void *churn(void *arg)
 	return NULL;
 }
 
+static void wait_line(int wait)
+{
+	char line[16];
+
+	fflush(stdout);
+	if (wait && !fgets(line, sizeof(line), stdin))
+		return;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 3 && !strcmp(argv[1], "pairs")) {
@@ -90,6 +100,7 @@ int main(int argc, char **argv)
 				return 1;
 		}
 		printf("ns_per_map %.1f\n", (now_ns() - t0) / n);
+		wait_line(argc > 3);
 		return 0;
 	}
 	if (argc >= 3 && !strcmp(argv[1], "bigpairs")) {
@@ -102,6 +113,7 @@ int main(int argc, char **argv)
 			free(p);
 		}
 		printf("ns_per_bigpair %.1f\n", (now_ns() - t0) / n);
+		wait_line(argc > 3);
 		return 0;
 	}
 	fprintf(stderr, "usage: churn pairs N [THREADS [LEAK_EVERY]] | churn hold N [SECONDS] | churn maps N | churn bigpairs N\n");

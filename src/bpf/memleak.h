@@ -34,7 +34,7 @@ enum fn_kind {
 
 /* Bounds the BPF side and the report share. */
 enum limits {
-	MAX_MAPPINGS = 8192,     /* mapping records at once: every unmap of a range walks them */
+	MAX_MAPPINGS = 32768,    /* mapping records at once */
 	RANGE_MAX_RECORDS = 64,  /* mappings one munmap or mprotect changes at most */
 };
 
@@ -62,7 +62,7 @@ struct map_info {
 	__u64 timestamp_ns;
 	__u64 stack_id;
 	__u32 reserved;     /* 1: PROT_NONE, not counted */
-	__u32 pad;
+	__u32 slot;         /* its slot in map_slots (ranges.bpf.h) */
 };
 
 /* --combined-only: per-stack totals kept in BPF. */

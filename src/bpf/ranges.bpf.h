@@ -4,7 +4,7 @@
  * calls mapped, which munmap, mremap, mprotect and mmap(MAP_FIXED) trim, split or remove to the
  * page. They live apart from the allocation records: they are few (glibc's own mmaps are part
  * of the malloc call that made them and never recorded), so free stays one hash delete while
- * an operation on a range may walk every mapping record. Included by memleak.bpf.c after
+ * an operation on a range may visit every mapping record. Included by memleak.bpf.c after
  * records.bpf.h.
  */
 #ifndef MEMLEAK_RANGES_BPF_H
@@ -14,15 +14,10 @@
 #define PAGE_UP(x) (((x) + PAGE_SIZE_ - 1) & ~(PAGE_SIZE_ - 1))
 #define PROT_NONE_ 0
 #define MAP_FIXED_ 0x10
-#define MREMAP_MAYMOVE_ 1
 #define MREMAP_FIXED_ 2
 #define MREMAP_DONTUNMAP_ 4
 
-/*
- * MAX_MAPPINGS (memleak.h): a walk visits every bucket, used or not, and a hash map has one per
- * entry (rounded up to a power of two): the size bounds what an unmap of a range that does not
- * start a record costs.
- */
+/* The records, by {pid, start}: what reports read, and how a range that starts one is found. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -31,6 +26,26 @@ struct {
 	__type(value, struct map_info);
 } mappings SEC(".maps");
 
+/*
+ * Every record also holds a slot here, the lowest free one, and slots_top bounds those in use:
+ * finding the records a range overlaps visits the slots below slots_top, about as many as there
+ * are records, where a walk of the hash map would visit all its MAX_MAPPINGS buckets, used or not (11 us at
+ * 8,192).
+ */
+struct map_slot {
+	__u64 start;
+	__u64 owner; /* 0: free; else the record's pid + 1 */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_MAPPINGS);
+	__type(key, __u32);
+	__type(value, struct map_slot);
+} map_slots SEC(".maps");
+
+__u64 slots_top = 0;
+
 enum range_op {
 	RANGE_UNMAP = 0,   /* the pages are gone */
 	RANGE_RESERVE = 1, /* the pages become PROT_NONE: kept, no longer counted */
@@ -38,7 +53,7 @@ enum range_op {
 	RANGE_FIND = 3,    /* nothing changes: only what the range holds is told */
 };
 
-/* The records one walk collects before they are changed; a walk is repeated while it filled up. */
+/* The records one pass collects before they are changed; a pass is repeated while it filled up. */
 #define RANGE_BATCH 16
 #define RANGE_ROUNDS (RANGE_MAX_RECORDS / RANGE_BATCH)
 
@@ -54,44 +69,126 @@ struct range_walk {
 	__u64 found[RANGE_BATCH]; /* starts of the overlapping records */
 };
 
-/* bpf_for_each_map_elem callback: collects the records the operation changes. */
-static long range_collect(void *map, struct alloc_key *key, struct map_info *info, struct range_walk *w)
-{
-	__u32 n = w->n;
+struct slot_claim {
+	__u64 owner;
+	__u32 slot;
+	__u32 found;
+};
 
-	if (key->pid != w->pid || key->addr >= w->end || key->addr + info->size <= w->start)
+/* bpf_loop callback: claims the first free slot. */
+static long claim_slot_cb(__u64 i, struct slot_claim *c)
+{
+	__u32 k = i;
+	struct map_slot *s = bpf_map_lookup_elem(&map_slots, &k);
+
+	if (!s)
+		return 1;
+	if (s->owner || __sync_val_compare_and_swap(&s->owner, 0, c->owner) != 0)
+		return 0;
+	c->slot = k;
+	c->found = 1;
+	return 1;
+}
+
+/* A slot for a new record of pid at start; -1 if none is free. */
+static __always_inline __s64 claim_slot(__u32 pid, __u64 start)
+{
+	struct slot_claim c = { .owner = (__u64)pid + 1 };
+	struct map_slot *s;
+
+	bpf_loop(MAX_MAPPINGS, claim_slot_cb, &c, 0);
+	if (!c.found)
+		return -1;
+	s = bpf_map_lookup_elem(&map_slots, &c.slot);
+	if (!s)
+		return -1;
+	s->start = start;
+	for (int i = 0; i < 8; i++) {
+		__u64 top = slots_top;
+		if (c.slot < top || __sync_val_compare_and_swap(&slots_top, top, c.slot + 1) == top)
+			break;
+	}
+	return c.slot;
+}
+
+static __always_inline void release_slot(__u32 k)
+{
+	struct map_slot *s = bpf_map_lookup_elem(&map_slots, &k);
+
+	if (!s)
+		return;
+	/* Lowered while the slot is still taken, so that no claim of it can be left above the top. */
+	__sync_val_compare_and_swap(&slots_top, (__u64)k + 1, (__u64)k);
+	s->owner = 0;
+}
+
+/* Adds a record's pages to the --combined-only totals (negative: takes them out). */
+static __always_inline void totals_add(struct map_info *info, __s64 size, __s64 n)
+{
+	if (combined_only && !info->reserved)
+		combined_add(info->stack_id, size, n);
+}
+
+/* Starts a record of the pages [start, start + info->size), at a key no record holds. */
+static __always_inline void mapping_put(__u32 pid, __u64 start, struct map_info *info, __u32 fn, bool announce)
+{
+	struct alloc_key key = { .pid = pid, .addr = start };
+	__s64 slot = claim_slot(pid, start);
+
+	if (slot < 0) {
+		count(CNT_MAPPINGS_FULL);
+		return;
+	}
+	info->slot = slot;
+	if (bpf_map_update_elem(&mappings, &key, info, BPF_NOEXIST)) {
+		release_slot(slot);
+		count(CNT_MAPPINGS_FULL);
+		return;
+	}
+	totals_add(info, info->size, 1);
+	if (trace_all && announce && !info->reserved)
+		emit(EV_ALLOC, fn, info->size, start);
+}
+
+/* Ends the record at key (its value: info). */
+static __always_inline void mapping_drop(struct alloc_key *key, struct map_info *info)
+{
+	__u32 slot = info->slot;
+
+	totals_add(info, -(__s64)info->size, -1);
+	if (!bpf_map_delete_elem(&mappings, key))
+		release_slot(slot);
+}
+
+/* bpf_loop callback: collects the records the operation changes, slot by slot. */
+static long range_collect(__u64 i, struct range_walk *w)
+{
+	__u32 k = i, n = w->n;
+	struct map_slot *s = bpf_map_lookup_elem(&map_slots, &k);
+	struct alloc_key key = { .pid = w->pid };
+	struct map_info *info;
+
+	if (!s || s->owner != (__u64)w->pid + 1 || s->start >= w->end)
+		return 0;
+	key.addr = s->start;
+	info = bpf_map_lookup_elem(&mappings, &key);
+	if (!info || key.addr + info->size <= w->start)
 		return 0;
 	if (info->reserved)
 		w->saw_reserved = 1;
 	else
 		w->saw_counted = 1;
 	/* Pages already as the operation leaves them need nothing. */
-	if (w->op == RANGE_FIND || (w->op == RANGE_RESERVE && info->reserved) || (w->op == RANGE_COMMIT && !info->reserved))
+	if (w->op == RANGE_FIND || (w->op == RANGE_RESERVE && info->reserved) ||
+	    (w->op == RANGE_COMMIT && !info->reserved))
 		return 0;
 	if (n >= RANGE_BATCH) {
 		w->full = 1;
 		return 1;
 	}
-	w->found[n] = key->addr;
+	w->found[n] = key.addr;
 	w->n = n + 1;
 	return 0;
-}
-
-/* Starts a record of the pages [start, start + info->size). */
-static __always_inline void mapping_put(__u32 pid, __u64 start, struct map_info *info, __u32 fn, bool announce)
-{
-	struct alloc_key key = { .pid = pid, .addr = start };
-
-	if (bpf_map_update_elem(&mappings, &key, info, BPF_ANY)) {
-		count(CNT_MAPPINGS_FULL);
-		return;
-	}
-	if (info->reserved)
-		return;
-	if (combined_only)
-		combined_add(info->stack_id, info->size, 1);
-	if (trace_all && announce)
-		emit(EV_ALLOC, fn, info->size, start);
 }
 
 /* What range_apply is told besides addresses, in one argument: pid, operation, function. */
@@ -118,19 +215,14 @@ __noinline int range_apply(__u64 rec, __u64 start, __u64 end, __u64 stack_id, __
 		return 0;
 	lo = rec > start ? rec : start;
 	hi = rec_end < end ? rec_end : end;
-	/* The whole record leaves the totals; what stays of it comes back as pieces. */
-	if (!old.reserved) {
-		if (combined_only)
-			combined_add(old.stack_id, -(__s64)old.size, -1);
-		if (trace_all)
-			emit(EV_FREE, fn, hi - lo, lo);
-	}
+	if (trace_all && !old.reserved)
+		emit(EV_FREE, fn, hi - lo, lo);
 	if (rec < lo) {
-		piece = old;
-		piece.size = lo - rec;
-		mapping_put(pid, rec, &piece, fn, false);
+		/* The head stays, under the record's key and slot. */
+		p->size = lo - rec;
+		totals_add(&old, -(__s64)(rec_end - lo), 0);
 	} else {
-		bpf_map_delete_elem(&mappings, &key);
+		mapping_drop(&key, &old);
 	}
 	if (op == RANGE_RESERVE) {
 		piece = old;
@@ -154,7 +246,7 @@ __noinline int range_apply(__u64 rec, __u64 start, __u64 end, __u64 stack_id, __
 /*
  * Applies op (RANGE_OP(op, fn): fn names the call for -t) to pid's pages [start, end). A range
  * inside one record that it starts (a whole munmap, a head trim) is found by its key; any other
- * takes walks of the map. Returns what the range held before: bit 0 counted pages, bit 1
+ * takes passes over the slots. Returns what the range held before: bit 0 counted pages, bit 1
  * reserved ones. A global function: the verifier checks it once, not at every call site.
  */
 __noinline int range_update(__u64 start, __u64 end, __u64 stack_id, __u32 pid, __u32 op_fn)
@@ -163,6 +255,7 @@ __noinline int range_update(__u64 start, __u64 end, __u64 stack_id, __u32 pid, _
 	struct range_walk w = { .start = start, .end = end, .pid = pid, .op = op };
 	struct alloc_key key = { .pid = pid, .addr = start };
 	struct map_info *p;
+	__u64 top;
 
 	if (start >= end)
 		return 0;
@@ -176,7 +269,8 @@ __noinline int range_update(__u64 start, __u64 end, __u64 stack_id, __u32 pid, _
 	for (int round = 0; round < RANGE_ROUNDS; round++) {
 		w.n = 0;
 		w.full = 0;
-		bpf_for_each_map_elem(&mappings, range_collect, &w, 0);
+		top = slots_top;
+		bpf_loop(top < MAX_MAPPINGS ? top : MAX_MAPPINGS, range_collect, &w, 0);
 		for (int i = 0; i < RANGE_BATCH; i++) {
 			if (i >= w.n)
 				break;
@@ -196,33 +290,19 @@ static __always_inline void mapping_insert(__u32 pid, __u64 start, __u64 size, b
 	struct map_info info = {
 		.size = size, .timestamp_ns = bpf_ktime_get_ns(), .stack_id = stack_id, .reserved = reserved,
 	};
-	long err = bpf_map_update_elem(&mappings, &key, &info, BPF_NOEXIST);
 
-	if (err == -EEXIST_) {
-		/* A record of pages the kernel has just handed out again: their unmap went unseen. */
+	/* A record still there holds pages the kernel has just handed out again: their unmap
+	 * went unseen (a raw syscall). */
+	if (bpf_map_lookup_elem(&mappings, &key))
 		range_update(start, start + size, 0, pid, RANGE_OP(RANGE_UNMAP, fn));
-		err = bpf_map_update_elem(&mappings, &key, &info, BPF_NOEXIST);
-	}
-	if (err) {
-		count(CNT_MAPPINGS_FULL);
-		return;
-	}
-	if (reserved)
-		return;
-	if (combined_only)
-		combined_add(stack_id, size, 1);
-	if (trace_all)
-		emit(EV_ALLOC, fn, size, start);
+	mapping_put(pid, start, &info, fn, true);
 }
 
 /* Ends a mapping record of the process that exec'd (ctx: its pid). */
 static long drop_mapping(void *map, struct alloc_key *key, struct map_info *info, __u32 *pid)
 {
-	if (key->pid != *pid)
-		return 0;
-	if (combined_only && !info->reserved)
-		combined_add(info->stack_id, -(__s64)info->size, -1);
-	bpf_map_delete_elem(map, key);
+	if (key->pid == *pid)
+		mapping_drop(key, info);
 	return 0;
 }
 
