@@ -264,6 +264,21 @@ mod tests {
                 "4 of 400 stacks (1.00%) end early: 3 in an object without an unwind table yet, 1 at unreadable stack memory"
             ]
         );
+        let r = Losses { returns_missed: 2, mappings_map_full: 3, range_overflows: 1, ..Default::default() };
+        let text = format("00:00:00", &opts, &[], &r);
+        assert!(text.contains("\tWARNING: 2 allocation calls untracked: another allocation call began"), "{text}");
+        assert!(
+            text.contains("\tWARNING: 3 mappings or pieces of mappings untracked: the mapping map is full"),
+            "{text}"
+        );
+        assert!(text.contains("\tWARNING: 1 munmap or mprotect calls overlapped more than 64 mappings"), "{text}");
+        let young = Options { young: (100, 10_000_000, 500), ..opts };
+        let text = format("00:00:00", &young, &[], &Losses::default());
+        assert_eq!(
+            text,
+            "[00:00:00] Top 10 stacks with outstanding allocations:\n\
+             \tNOTE: 100 allocations (10000000 bytes) younger than 500 ms not shown (-o)\n"
+        );
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
         let text = format("00:00:00", &opts, &[StackReport { total: &lost, frames: vec![] }], &l);
         assert!(text.contains("\t8 bytes in 1 allocations from stack\n\t\t[stack not stored"), "{text}");

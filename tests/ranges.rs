@@ -243,7 +243,7 @@ fn thread_arenas_give_the_same_answer_every_run() {
         let mapped: Vec<&&Stack> = thread_stacks.iter().filter(|s| s.func(0) == "setup_stack_prot").collect();
         assert_eq!(mapped.len(), 1, "{text}");
         let per_thread = mapped[0].bytes / mapped[0].count;
-        assert!((1..=8).contains(&mapped[0].count) && mapped[0].bytes % mapped[0].count == 0, "{text}");
+        assert!((1..=8).contains(&mapped[0].count) && mapped[0].bytes.is_multiple_of(mapped[0].count), "{text}");
         assert_eq!(per_thread % P, 0, "{text}");
         let mut rest: Vec<(String, u64, u64)> =
             rest.iter().map(|s| (s.func(0).to_string(), s.bytes, s.count)).collect();
