@@ -175,23 +175,30 @@ fn range_script(d: &mut Driven) -> BTreeMap<String, Vec<(u64, u64)>> {
     want
 }
 
-fn ranges_exact(under_p: bool) {
-    let mut d = Driven::start(&["-a", "-T", "100"], under_p);
+fn ranges_exact(under_p: bool, attach: &str) {
+    let mut d = Driven::start(&["-a", "-T", "100", "--attach", attach], under_p);
     let want = range_script(&mut d);
     let r = d.finish();
     let got = blocks_by_function(&r);
-    assert_eq!(got, want, "under {}:\n{r:#?}", if under_p { "-p" } else { "-c" });
+    assert_eq!(got, want, "under {} --attach {attach}:\n{r:#?}", if under_p { "-p" } else { "-c" });
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 }
 
 #[test]
 fn partial_unmaps_remaps_and_protections_exact_under_c() {
-    ranges_exact(false);
+    ranges_exact(false, "auto");
+}
+
+/// mmap and mremap results come from their return probes: the same in every attach mode.
+#[test]
+fn partial_unmaps_exact_in_every_attach_mode() {
+    ranges_exact(false, "multi");
+    ranges_exact(false, "classic");
 }
 
 #[test]
 fn partial_unmaps_remaps_and_protections_exact_under_p() {
-    ranges_exact(true);
+    ranges_exact(true, "auto");
 }
 
 /// --combined-only keeps totals in BPF, updated as mappings are split and trimmed: the same
@@ -253,4 +260,32 @@ fn thread_arenas_give_the_same_answer_every_run() {
         answers.push((rest, per_thread));
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+}
+
+/// Threads mapping and trimming at once: every record and slot kept apart, the total exact.
+#[test]
+fn threads_trimming_at_once() {
+    let out = run_under_c(&["-T", "100"], &["map_threads 8 300"]);
+    let r = final_report(&out.stdout);
+    let mine: Vec<(u64, u64)> = r.stacks_in("do_mmap").iter().map(|s| (s.bytes, s.count)).collect();
+    assert_eq!(mine.iter().fold((0, 0), |a, s| (a.0 + s.0, a.1 + s.1)), (8 * 300 * 2 * P, 8 * 300), "{r:#?}");
+    assert!(r.warnings.iter().all(|w| w.contains(" end early: ")), "{:?}", r.warnings);
+}
+
+/// An exec ends the old image's mappings, reservations included.
+#[test]
+fn exec_ends_mappings() {
+    let exe = fixture("allocs");
+    let cmd = exe.to_str().expect("utf-8 path").to_string();
+    let mut m = memleak_attached(&["-c", &cmd]);
+    m.expect("the fixture's ready line", |l| l.starts_with("ready "));
+    m.command("mmap 8192 3");
+    m.command(&format!("reserve {}", 64 * P));
+    m.send("exec");
+    m.expect("the new image's ready line", |l| l.starts_with("ready "));
+    m.command("mmap 4096 1");
+    m.send("exit 0");
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(final_report(&out.stdout).summary(), expected(&[("do_mmap", 4096, 1)]));
 }
