@@ -31,6 +31,7 @@ mod report;
 mod run;
 mod signals;
 mod symbolizer;
+mod symtab;
 mod target;
 mod unwind;
 
