@@ -72,14 +72,34 @@ pub struct Snapshot {
     pub losses: Losses,
 }
 
+/// What was allocated from a stack since tracing began (BPF counts it in `struct stack`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocated {
+    pub count: u64,
+    pub bytes: u64,
+}
+
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
     stacks: HashMap<u64, Vec<RawFrame>>,
+    /// Allocations from each stack since tracing began, as last read.
+    allocated: HashMap<u64, Allocated>,
 }
 
 impl Collector {
     pub fn new() -> Self {
-        Collector { stacks: HashMap::new() }
+        Collector { stacks: HashMap::new(), allocated: HashMap::new() }
+    }
+
+    /// Every stack that allocated since tracing began, with what it allocated.
+    pub fn allocated_stacks(&self) -> impl Iterator<Item = (u64, Allocated)> + '_ {
+        self.allocated.iter().filter(|(_, a)| a.count > 0).map(|(&id, &a)| (id, a))
+    }
+
+    /// What was allocated from a stack since tracing began, as of the last
+    /// [`Collector::refresh_stacks`].
+    pub fn allocated(&self, stack_id: u64) -> Allocated {
+        self.allocated.get(&stack_id).copied().unwrap_or_default()
     }
 
     /// The frames of a stack read by [`Collector::refresh_stacks`].
@@ -87,14 +107,16 @@ impl Collector {
         self.stacks.get(&stack_id).map(Vec::as_slice)
     }
 
-    /// Reads the stacks stored since the last call; returns the ids that are new.
+    /// Reads the stacks stored since the last call, and every stack's allocation counts;
+    /// returns the ids that are new.
     pub fn refresh_stacks(&mut self, stacks_map: &impl MapCore) -> Result<Vec<u64>> {
         let mut new = Vec::new();
-        let stacks = &mut self.stacks;
+        let (stacks, allocated) = (&mut self.stacks, &mut self.allocated);
         batch::for_each(stacks_map, |k, v| {
             let id: u64 = read_pod(k);
+            let st: stack = read_pod(v);
+            allocated.insert(id, Allocated { count: st.alloc_count, bytes: st.alloc_bytes });
             if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
-                let st: stack = read_pod(v);
                 let depth = (st.depth as usize).min(st.ips.len());
                 e.insert(st.ips[..depth].iter().zip(&st.locs).map(|(&ip, &loc)| RawFrame { ip, loc }).collect());
                 new.push(id);
@@ -122,24 +144,59 @@ impl Collector {
         Ok(Snapshot { stacks, losses: read_losses(maps.counters) })
     }
 
+    /// Outstanding allocations by process, then by stack, of the processes in `pids` (every
+    /// process: None). Records are keyed by {pid, addr} in BPF, so one read serves them all;
+    /// kernel mode's are pid 0's. --combined-only keeps totals by stack only, without the
+    /// process: they all go to the first pid asked for (or 0).
+    pub fn collect_by_pid(
+        &self,
+        maps: &RecordMaps<impl MapCore>,
+        pids: Option<&[u32]>,
+        min_age: Duration,
+        blocks: bool,
+        combined: bool,
+    ) -> Result<(HashMap<u32, Vec<StackTotal>>, Losses)> {
+        let by_pid = if combined {
+            let pid = pids.and_then(|p| p.first()).copied().unwrap_or(0);
+            HashMap::from([(pid, Self::read_combined(maps.combined)?)])
+        } else {
+            Self::read_allocs_by_pid(maps.allocs, pids, min_age, blocks)?
+        };
+        Ok((by_pid, read_losses(maps.counters)))
+    }
+
     fn read_allocs(
         allocs: &impl MapCore,
         pid: Option<u32>,
         min_age: Duration,
         blocks: bool,
     ) -> Result<Vec<StackTotal>> {
+        let pids = pid.map(|p| [p]);
+        let mut by_pid = Self::read_allocs_by_pid(allocs, pids.as_ref().map(|p| &p[..]), min_age, blocks)?;
+        Ok(match pid {
+            Some(p) => by_pid.remove(&p).unwrap_or_default(),
+            None => by_pid.into_values().flatten().collect(),
+        })
+    }
+
+    fn read_allocs_by_pid(
+        allocs: &impl MapCore,
+        pids: Option<&[u32]>,
+        min_age: Duration,
+        blocks: bool,
+    ) -> Result<HashMap<u32, Vec<StackTotal>>> {
         let now = monotonic_ns();
         // An age past u64 nanoseconds (585 years) hides every block, as it should.
         let min_age = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
-        let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
+        let mut by_stack: HashMap<(u32, u64), StackTotal> = HashMap::new();
         batch::for_each(allocs, |k, v| {
             let key: alloc_key = read_pod(k);
             let info: alloc_info = read_pod(v);
-            if pid.is_some_and(|p| p != key.pid) || now.saturating_sub(info.timestamp_ns) < min_age {
+            if pids.is_some_and(|p| !p.contains(&key.pid)) || now.saturating_sub(info.timestamp_ns) < min_age {
                 return;
             }
             let t = by_stack
-                .entry(info.stack_id)
+                .entry((key.pid, info.stack_id))
                 .or_insert_with(|| StackTotal { stack_id: info.stack_id, ..Default::default() });
             t.bytes = t.bytes.saturating_add(info.size);
             t.count += 1;
@@ -148,7 +205,15 @@ impl Collector {
             }
         })
         .context("reading the allocation map")?;
-        Ok(by_stack.into_values().collect())
+        let mut out: HashMap<u32, Vec<StackTotal>> = HashMap::new();
+        for ((pid, _), t) in by_stack {
+            out.entry(pid).or_default().push(t);
+        }
+        // Every process asked for is there, with no stacks if it holds nothing.
+        for p in pids.unwrap_or_default() {
+            out.entry(*p).or_default();
+        }
+        Ok(out)
     }
 
     /// What went untracked since the start, from an object's counters.

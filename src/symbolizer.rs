@@ -68,6 +68,10 @@ pub struct Frame {
     pub inlined: Vec<(String, Option<String>)>,
     /// Why its module could not be read, if it could not.
     pub unreadable: Option<String>,
+    /// The address's offset in its module's file, when known (pprof mappings).
+    pub file_offset: Option<u64>,
+    /// The module's GNU build-id in hex, when it has one.
+    pub build_id: Option<Arc<str>>,
 }
 
 impl Frame {
@@ -110,6 +114,7 @@ impl std::fmt::Display for Frame {
 struct Reader {
     elf: PathBuf,
     dwarf: Dwarf,
+    build_id: Option<Arc<str>>,
 }
 
 impl Reader {
@@ -227,7 +232,8 @@ impl Symbolizer {
         let mut frame = match self.frames.get(&key) {
             Some(fr) => fr.clone(),
             None => {
-                let fr = self.in_object(obj, offset);
+                let mut fr = self.in_object(obj, offset);
+                fr.file_offset = Some(offset);
                 self.frames.insert(key, fr.clone());
                 fr
             }
@@ -263,11 +269,17 @@ impl Symbolizer {
         }
         if !self.readers.contains_key(&obj) {
             let file = self.objects.get(obj).file().expect("open");
-            let reader = Reader { elf: crate::objfile::fd_path(file), dwarf: debuginfo::find(file) };
+            let reader = Reader {
+                elf: crate::objfile::fd_path(file),
+                dwarf: debuginfo::find(file),
+                build_id: debuginfo::build_id(file).map(Arc::from),
+            };
             self.readers.insert(obj, reader);
         }
-        let mut frame = self.symbol_in_file(&self.readers[&obj], offset).unwrap_or_default();
+        let reader = &self.readers[&obj];
+        let mut frame = self.symbol_in_file(reader, offset).unwrap_or_default();
         frame.module = module;
+        frame.build_id = reader.build_id.clone();
         frame
     }
 
@@ -341,7 +353,7 @@ impl Symbolizer {
                 .rev()
                 .map(|f| (demangle(&f.name).into_owned(), f.code_info.as_ref().and_then(line)))
                 .collect(),
-            unreadable: None,
+            ..Frame::default()
         })
     }
 }
@@ -381,7 +393,7 @@ mod tests {
             module: Some("/a/allocs".into()),
             line: Some("/src/allocs.c:12".into()),
             inlined: vec![("helper".into(), Some("/src/allocs.c:5".into()))],
-            unreadable: None,
+            ..Frame::default()
         };
         assert_eq!(
             f.lines(),
