@@ -445,7 +445,19 @@ mod tests {
         assert_eq!(ok(&[]).target, Target::Kernel);
         assert!(ok(&["--percpu"]).percpu);
         assert!(ok(&["-p", "1", "--frame-pointers"]).frame_pointers);
-        let c = ok(&["-p", "1", "--sort", "growth", "--growth", "--pprof", "a.pb.gz", "--folded", "b", "--flamegraph", "c"]);
+        let c = ok(&[
+            "-p",
+            "1",
+            "--sort",
+            "growth",
+            "--growth",
+            "--pprof",
+            "a.pb.gz",
+            "--folded",
+            "b",
+            "--flamegraph",
+            "c",
+        ]);
         assert_eq!((c.sort, c.growth, c.format), (SortKey::Growth, true, StdoutFormat::Text));
         assert_eq!((c.pprof, c.folded, c.flamegraph), (Some("a.pb.gz".into()), Some("b".into()), Some("c".into())));
         assert_eq!(ok(&["--format", "json"]).format, StdoutFormat::Json);

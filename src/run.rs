@@ -15,8 +15,8 @@ use crate::features::Features;
 use crate::output::Outputs;
 pub use crate::output::write_out;
 use crate::signals::{self, Signals};
-use crate::snapshot::{self, Exit, ProcessInput};
 use crate::skel::types::{event_kind, trace_event};
+use crate::snapshot::{self, Exit, ProcessInput};
 use crate::symbolizer::Symbolizer;
 use crate::unwind::{UnwindTables, Unwinder};
 use crate::{ldso, loader, output, probes, target};
@@ -123,13 +123,8 @@ impl Tracer<'_, '_> {
                 (ProcessInput { pid, comm, exit, stacks: by_pid.remove(&pid).unwrap_or_default() }, losses)
             }
             None => {
-                let c = self.collector.collect(
-                    &self.maps,
-                    None,
-                    min_age,
-                    self.cfg.show_allocs,
-                    self.cfg.combined_only,
-                )?;
+                let c =
+                    self.collector.collect(&self.maps, None, min_age, self.cfg.show_allocs, self.cfg.combined_only)?;
                 (ProcessInput { pid: 0, comm: "kernel".into(), exit: None, stacks: c.stacks }, c.losses)
             }
         };

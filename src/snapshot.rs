@@ -153,7 +153,16 @@ pub fn frame_lines(frames: &[Frame]) -> impl Iterator<Item = FrameLine<'_>> {
         let module = f.module.as_deref();
         let inlined = f.inlined.iter().map(move |(name, line)| {
             let (file, line) = at(line);
-            FrameLine { function: Some(name), offset: None, module, address: f.addr, file, line, inlined: true, frame: f }
+            FrameLine {
+                function: Some(name),
+                offset: None,
+                module,
+                address: f.addr,
+                file,
+                line,
+                inlined: true,
+                frame: f,
+            }
         });
         let (file, line) = at(&f.line);
         let own = FrameLine {
@@ -257,7 +266,7 @@ impl Builder {
                     }
                 })
                 .collect();
-            stacks.sort_by(|a, b| b.rank(sort).cmp(&a.rank(sort)));
+            stacks.sort_by_key(|s| std::cmp::Reverse(s.rank(sort)));
             if let Some(n) = keep {
                 stacks.truncate(n);
             }

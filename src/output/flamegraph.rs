@@ -157,11 +157,8 @@ mod tests {
         let s = sample(&[(1, 300, 3, &["leak_a", "main"]), (2, 100, 1, &["std::vector<int>::push", "main"])]);
         let svg = svg(&s);
         let doc = roxmltree::Document::parse(&svg).expect("well-formed SVG");
-        let titles: Vec<String> = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("title"))
-            .map(|n| n.text().unwrap_or("").to_string())
-            .collect();
+        let titles: Vec<String> =
+            doc.descendants().filter(|n| n.has_tag_name("title")).map(|n| n.text().unwrap_or("").to_string()).collect();
         assert!(titles.contains(&"all (400 bytes, 100.00%)".to_string()), "{titles:?}");
         assert!(titles.contains(&"main (400 bytes, 100.00%)".to_string()), "{titles:?}");
         assert!(titles.contains(&"leak_a (300 bytes, 75.00%)".to_string()), "{titles:?}");

@@ -41,7 +41,14 @@ struct Document<'a> {
     sample_rate: u32,
     losses: BTreeMap<&'static str, u64>,
     warnings: Vec<String>,
+    /// Each module the frames name, once: its build-id.
+    modules: BTreeMap<&'a str, Module<'a>>,
     processes: Vec<Process<'a>>,
+}
+
+#[derive(Serialize)]
+struct Module<'a> {
+    build_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -111,8 +118,8 @@ struct Frame<'a> {
     inlined: bool,
     /// Hex offset of the address in the module's file, when known.
     file_offset: Option<String>,
-    build_id: Option<&'a str>,
-    /// Why the module could not be read, if it could not.
+    /// Why the module could not be read: only then.
+    #[serde(skip_serializing_if = "Option::is_none")]
     unreadable: Option<&'a str>,
 }
 
@@ -165,7 +172,6 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
                             line: l.line,
                             inlined: l.inlined,
                             file_offset: l.frame.file_offset.map(|o| format!("{o:x}")),
-                            build_id: l.frame.build_id.as_deref(),
                             unreadable: l.frame.unreadable.as_deref(),
                         })
                         .collect(),
@@ -173,6 +179,13 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
                 .collect(),
         })
         .collect();
+    let mut modules = BTreeMap::new();
+    for f in snap.processes.iter().flat_map(|p| &p.stacks).flat_map(|s| s.frames.iter()) {
+        if let Some(m) = f.module.as_deref() {
+            let e = modules.entry(m).or_insert(Module { build_id: None });
+            e.build_id = e.build_id.or(f.build_id.as_deref());
+        }
+    }
     let unix = snap.time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Document {
         version: VERSION,
@@ -184,6 +197,7 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
         sample_rate: snap.sample_rate,
         losses: losses(&snap.losses),
         warnings: super::text::loss_lines(&snap.losses, max_allocs),
+        modules,
         processes,
     }
 }
@@ -267,7 +281,10 @@ mod tests {
         assert_eq!((p["pid"].as_u64(), p["comm"].as_str(), p["bytes"].as_u64()), (Some(42), Some("prog"), Some(100)));
         assert!(p["exit"].is_null() && p["summary"].is_null());
         let st = &p["stacks"][0];
-        assert_eq!((st["id"].as_str(), st["bytes"].as_u64(), st["allocations"].as_u64()), (Some("1"), Some(100), Some(2)));
+        assert_eq!(
+            (st["id"].as_str(), st["bytes"].as_u64(), st["allocations"].as_u64()),
+            (Some("1"), Some(100), Some(2))
+        );
         assert_eq!((st["alloc_bytes"].as_u64(), st["growth"].as_i64()), (Some(200), Some(100)));
         assert!(st["class"].is_null() && st.get("blocks").is_none());
         let f = &st["frames"][0];
@@ -276,7 +293,9 @@ mod tests {
         assert_eq!(f["module"], "/bin/prog");
         assert_eq!(f["address"], "402000");
         assert_eq!((f["file"].as_str(), f["line"].as_u64()), (Some("/src/prog.c"), Some(10)));
-        assert_eq!((f["inlined"].as_bool(), f["build_id"].as_str()), (Some(false), Some("abcd")));
+        assert_eq!(f["inlined"].as_bool(), Some(false));
+        assert!(f.get("unreadable").is_none());
+        assert_eq!(v["modules"]["/bin/prog"]["build_id"], "abcd");
         assert_eq!(st["frames"][1]["function"], "main");
     }
 }

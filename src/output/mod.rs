@@ -68,7 +68,8 @@ impl Outputs {
             StdoutFormat::Json => Box::new(json::Json { max_allocs: cfg.max_allocs }),
         };
         let mut outputs = vec![Output { format: stdout, dest: Dest::Stdout }];
-        let files: [(&Option<PathBuf>, &'static str, fn() -> Box<dyn Format>); 3] = [
+        type NewFormat = fn() -> Box<dyn Format>;
+        let files: [(&Option<PathBuf>, &'static str, NewFormat); 3] = [
             (&cfg.pprof, "--pprof", || Box::new(pprof::Pprof::default())),
             (&cfg.folded, "--folded", || Box::new(folded::Folded)),
             (&cfg.flamegraph, "--flamegraph", || Box::new(flamegraph::FlameGraph)),
@@ -212,7 +213,11 @@ pub fn frame_name(function: Option<&str>, module: Option<&str>) -> String {
 /// The frames of a stack root first, named by [`frame_name`], with the process (when the
 /// snapshot has several) and the class (when there is one) as outer frames: what folded
 /// stacks and flame graphs draw.
-pub fn folded_frames(snap: &Snapshot, p: &crate::snapshot::ProcessSnapshot, s: &crate::snapshot::StackEntry) -> Vec<String> {
+pub fn folded_frames(
+    snap: &Snapshot,
+    p: &crate::snapshot::ProcessSnapshot,
+    s: &crate::snapshot::StackEntry,
+) -> Vec<String> {
     let mut out = Vec::new();
     if snap.processes.len() > 1 {
         out.push(format!("{} (pid {})", p.comm.replace(';', ":"), p.pid));

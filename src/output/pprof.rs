@@ -86,7 +86,14 @@ impl Tables {
     /// The mapping of an address of `module`, widened to hold it. File-backed mappings are
     /// told apart by their load bias (address - file offset): an object loaded twice at two
     /// places is two mappings, each with exact file offsets.
-    fn mapping(&mut self, module: &str, build_id: Option<&str>, addr: u64, file_offset: Option<u64>, lines: bool) -> u64 {
+    fn mapping(
+        &mut self,
+        module: &str,
+        build_id: Option<&str>,
+        addr: u64,
+        file_offset: Option<u64>,
+        lines: bool,
+    ) -> u64 {
         let bias = file_offset.map(|o| addr.wrapping_sub(o));
         let key = (module.to_string(), build_id.map(str::to_string), bias);
         let i = match self.mapping_ids.get(&key) {
@@ -137,11 +144,14 @@ pub fn profile(snap: &Snapshot, kernel_build_id: Option<String>) -> Profile {
                     f.module.as_deref()
                 };
                 let build_id = if snap.kernel { kernel_build_id.as_deref() } else { f.build_id.as_deref() };
-                let mapping_id =
-                    module.map_or(0, |m| t.mapping(m, build_id, f.addr, f.file_offset, !lines.is_empty()));
+                let mapping_id = module.map_or(0, |m| t.mapping(m, build_id, f.addr, f.file_offset, !lines.is_empty()));
                 // One location per address of a mapping; an unnamed frame of no mapping keeps its
                 // module's name apart.
-                let key = (mapping_id, f.addr, if mapping_id == 0 { f.module.clone().unwrap_or_default() } else { String::new() });
+                let key = (
+                    mapping_id,
+                    f.addr,
+                    if mapping_id == 0 { f.module.clone().unwrap_or_default() } else { String::new() },
+                );
                 let id = match t.location_ids.get(&key) {
                     Some(&id) => id,
                     None => {

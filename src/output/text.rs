@@ -289,7 +289,8 @@ mod tests {
         let mut s = snap(vec![st(1, 16, 1), st(2, 32, 1)], Losses::default());
         s.processes[0].stacks[1].growth = Growth { prev_bytes: 0, delta: 32, growing: true };
         s.processes[0].stacks[0].growth = Growth { prev_bytes: 20, delta: -4, growing: false };
-        let other = ProcessSnapshot { pid: 50, comm: "other".into(), stacks: vec![st(3, 8, 1)], ..s.processes[0].clone() };
+        let other =
+            ProcessSnapshot { pid: 50, comm: "other".into(), stacks: vec![st(3, 8, 1)], ..s.processes[0].clone() };
         s.processes.push(other);
         let text = format("00:00:00", &Options { top: 1, growth: true, ..opts(1) }, &s);
         assert_eq!(
