@@ -9,8 +9,10 @@ use std::process::Command;
 
 use common::*;
 
-/// What the allocs fixture leaks, at three sites, and what it allocates and frees (churn).
-const CMDS: [&str; 4] = ["malloc 100 3", "calloc 10 20 2", "aligned_alloc 64 256 4", "freed 64 10"];
+/// What the allocs fixture leaks, at three sites, what it allocates and frees (churn), and
+/// allocations that fail (they allocate nothing: counted nowhere).
+const CMDS: [&str; 6] =
+    ["malloc 100 3", "calloc 10 20 2", "aligned_alloc 64 256 4", "freed 64 10", "fail_malloc", "fail_posix_memalign"];
 /// (leaf function, bytes, allocations) outstanding at the end.
 const LEAKS: [(&str, u64, u64); 3] = [("do_malloc", 300, 3), ("do_calloc", 400, 2), ("do_aligned_alloc", 1024, 4)];
 
@@ -126,7 +128,12 @@ fn pprof_folded_and_flame_graph_hold_each_leak_exactly() {
         assert_eq!(alloc.get(f), Some(&bytes), "alloc_space of {f}: {alloc:?}");
     }
     assert_eq!(alloc.get("do_malloc_and_free"), Some(&640), "alloc_space of the freed blocks: {alloc:?}");
-    assert_eq!(flat("alloc_objects").get("do_malloc_and_free"), Some(&10));
+    let alloc_objects = flat("alloc_objects");
+    assert_eq!(alloc_objects.get("do_malloc_and_free"), Some(&10));
+    // A failed malloc (do_malloc's fourth call) and posix_memalign are not allocations.
+    assert_eq!(alloc_objects.get("do_malloc"), Some(&3), "{alloc_objects:?}");
+    assert_eq!(alloc_objects.get("do_posix_memalign"), None, "{alloc_objects:?}");
+    assert_eq!(alloc_objects.len(), 4, "{alloc_objects:?}");
     // Lines and mappings with build ids: pprof lists the source line and the object.
     let raw = pprof(&pb, &["-raw"]);
     assert!(raw.contains("do_malloc ") && raw.contains("allocs.c:"), "{raw}");
