@@ -82,6 +82,14 @@ fn segments_of<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> Vec<(u6
         .collect()
 }
 
+/// The GNU build-id of the object open as `f`, in hex.
+pub fn build_id(f: &File) -> Option<String> {
+    let cache = object::ReadCache::new(f);
+    let elf = object::File::parse(&cache).ok()?;
+    let id = elf.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The virtual address of file offset `off`, by the object's segments.
 pub fn vaddr(segments: &[(u64, u64, u64)], off: u64) -> Option<u64> {
     segments.iter().find(|&&(o, n, _)| off >= o && off < o + n).map(|&(o, _, va)| va + (off - o))

@@ -69,6 +69,10 @@ pub struct Frame {
     pub inlined: Vec<(String, Option<String>)>,
     /// Why its module could not be read, if it could not.
     pub unreadable: Option<String>,
+    /// The address's offset in its module's file, when known (pprof mappings).
+    pub file_offset: Option<u64>,
+    /// The module's GNU build-id in hex, when it has one.
+    pub build_id: Option<Arc<str>>,
 }
 
 impl Frame {
@@ -115,6 +119,8 @@ struct Reader {
     segments: Vec<(u64, u64, u64)>,
     /// Function names from its own and its debug file's ELF symbol tables.
     symtab: SymbolTable,
+    /// Its GNU build-id in hex (pprof mappings, JSON modules).
+    build_id: Option<Arc<str>>,
 }
 
 pub struct Symbolizer {
@@ -225,7 +231,8 @@ impl Symbolizer {
         let mut frame = match self.frames.get(&key) {
             Some(fr) => fr.clone(),
             None => {
-                let fr = self.in_object(obj, offset);
+                let mut fr = self.in_object(obj, offset);
+                fr.file_offset = Some(offset);
                 self.frames.insert(key, fr.clone());
                 fr
             }
@@ -267,11 +274,14 @@ impl Symbolizer {
                 symtab.merge(SymbolTable::read(debug));
             }
             let segments = debuginfo::segments(file);
-            let reader = Reader { elf: crate::objfile::fd_path(file), dwarf, segments, symtab };
+            let build_id = debuginfo::build_id(file).map(Arc::from);
+            let reader = Reader { elf: crate::objfile::fd_path(file), dwarf, segments, symtab, build_id };
             self.readers.insert(obj, reader);
         }
-        let mut frame = self.symbol_in_file(&self.readers[&obj], offset).unwrap_or_default();
+        let reader = &self.readers[&obj];
+        let mut frame = self.symbol_in_file(reader, offset).unwrap_or_default();
         frame.module = module;
+        frame.build_id = reader.build_id.clone();
         frame
     }
 
@@ -338,7 +348,7 @@ impl Symbolizer {
                 .rev()
                 .map(|f| (demangle(&f.name).into_owned(), f.code_info.as_ref().and_then(line)))
                 .collect(),
-            unreadable: None,
+            ..Frame::default()
         })
     }
 }
@@ -378,7 +388,7 @@ mod tests {
             module: Some("/a/allocs".into()),
             line: Some("/src/allocs.c:12".into()),
             inlined: vec![("helper".into(), Some("/src/allocs.c:5".into()))],
-            unreadable: None,
+            ..Frame::default()
         };
         assert_eq!(
             f.lines(),
