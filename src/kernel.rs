@@ -125,6 +125,7 @@ pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs)
         symbolizer: Symbolizer::kernel(),
         programs: Some(programs),
         unwind: None,
+        alloc: None,
         outputs,
         snapshots: crate::snapshot::Builder::new(),
         comm: None,

@@ -111,6 +111,8 @@ fn open<'obj>(
     configure_records!(open, cfg);
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
     rodata.need_exec = held_until_exec;
+    // A -c command's main thread is ptraced: it waits at a dlopen until the probes are in.
+    rodata.stop_on_linkmap = held_until_exec;
     rodata.target_tgid = target_tgid;
     rodata.frame_pointers_only = cfg.frame_pointers;
 

@@ -13,6 +13,7 @@ macro_rules! errln {
     }};
 }
 
+mod allocator;
 mod batch;
 mod cli;
 mod collector;

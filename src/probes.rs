@@ -1,37 +1,25 @@
 //! Probes: the allocator's entry points found in its ELF object, attached as uprobes.
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use libbpf_rs::{Link, ProgramMut, UprobeMultiOpts, UprobeOpts};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
+use crate::allocator::families::Op;
+use crate::allocator::symbols::Found;
 use crate::placement::{Placement, place};
-use crate::skel::types::fn_kind;
-
-/// The functions traced, with the kind the BPF program is told through the cookie.
-pub const ENTRY_POINTS: &[(&str, fn_kind)] = &[
-    ("malloc", fn_kind::FN_MALLOC),
-    ("calloc", fn_kind::FN_CALLOC),
-    ("realloc", fn_kind::FN_REALLOC),
-    ("reallocarray", fn_kind::FN_REALLOCARRAY),
-    ("posix_memalign", fn_kind::FN_POSIX_MEMALIGN),
-    ("aligned_alloc", fn_kind::FN_ALIGNED_ALLOC),
-    ("memalign", fn_kind::FN_ALIGNED_ALLOC),
-    ("valloc", fn_kind::FN_VALLOC),
-    ("pvalloc", fn_kind::FN_PVALLOC),
-    ("free", fn_kind::FN_FREE),
-    ("mmap", fn_kind::FN_MMAP),
-    ("munmap", fn_kind::FN_MUNMAP),
-    ("mremap", fn_kind::FN_MREMAP),
-    ("mprotect", fn_kind::FN_MPROTECT),
-];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryPoint {
     /// The names found at this offset, e.g. "memalign/aligned_alloc".
     pub names: String,
-    pub kind: fn_kind,
+    /// What a call does (the first name's meaning: aliases share one).
+    pub op: Op,
+    /// The BPF cookie: the meaning of the call and the function's id (families.rs,
+    /// `Spec::cookie`).
+    pub cookie: u64,
     /// File offset of the function's first instruction.
     pub entry_offset: u64,
     /// File offset of the probed instruction: where the uprobe attaches.
@@ -40,61 +28,61 @@ pub struct EntryPoint {
 }
 
 impl EntryPoint {
-    /// free, munmap and mprotect need no return probe.
+    /// Ending a block (free, munmap), mprotect and the link-map hook need no return probe.
     pub fn needs_return(&self) -> bool {
-        !matches!(self.kind, fn_kind::FN_FREE | fn_kind::FN_MUNMAP | fn_kind::FN_MPROTECT)
+        self.op.needs_return()
     }
 }
 
-/// The entry points that `path` defines (with `prefix` before each name), one per distinct
-/// address, and the names it lacks.
-pub fn resolve(path: &Path, prefix: &str) -> Result<(Vec<EntryPoint>, Vec<String>)> {
-    let (_, data) = crate::objfile::read_elf(path)?;
-    let file = object::File::parse(&*data).with_context(|| format!("{} is not an ELF object", path.display()))?;
-    let mut by_offset: BTreeMap<u64, EntryPoint> = BTreeMap::new();
-    let mut missing = Vec::new();
-    for &(name, kind) in ENTRY_POINTS {
-        let full = format!("{prefix}{name}");
-        let Some((vaddr, size)) = symbol_address(&file, &full) else {
-            missing.push(full);
-            continue;
-        };
-        let Some(off) = vaddr_to_offset(&file, vaddr) else {
-            missing.push(full);
-            continue;
-        };
-        if let Some(e) = by_offset.get_mut(&off) {
-            e.names.push_str(&format!("/{full}"));
-            continue;
+/// One entry point per distinct address among `found` (aliases share it, the first one's
+/// meaning wins; `conflicts` gets the aliases whose meaning differs), each placed by decoding
+/// its first instructions read through `file`. `id` numbers each entry point from its names.
+pub fn entry_points(
+    file: &File,
+    found: &[Found],
+    mut id: impl FnMut(&str) -> u32,
+    conflicts: &mut Vec<String>,
+) -> Vec<EntryPoint> {
+    let mut by_offset: BTreeMap<u64, (String, &Found)> = BTreeMap::new();
+    for f in found {
+        match by_offset.get_mut(&f.offset) {
+            Some((names, first)) => {
+                names.push('/');
+                names.push_str(&f.symbol);
+                if f.spec.cookie(0) != first.spec.cookie(0) {
+                    conflicts.push(format!("{} (traced as {})", f.symbol, first.symbol));
+                }
+            }
+            None => {
+                by_offset.insert(f.offset, (f.symbol.clone(), f));
+            }
         }
-        // The function's code, at most 64 bytes of it, decides where its probe goes.
-        let len = if size > 0 { size.min(64) } else { 64 } as usize;
-        let code = data.get(off as usize..).map(|c| &c[..c.len().min(len)]).unwrap_or_default();
-        let placement = place(code);
-        let file_offset = off + placement.delta;
-        by_offset.insert(off, EntryPoint { names: full, kind, entry_offset: off, file_offset, placement });
     }
-    Ok((by_offset.into_values().collect(), missing))
+    by_offset
+        .into_iter()
+        .map(|(off, (names, f))| {
+            // The function's code, at most 64 bytes of it, decides where its probe goes.
+            let len = if f.size > 0 { f.size.min(64) } else { 64 } as usize;
+            let mut code = vec![0u8; len];
+            let n = read_at_most(file, &mut code, off);
+            code.truncate(n);
+            let placement = place(&code);
+            let file_offset = off + placement.delta;
+            let cookie = f.spec.cookie(id(&names));
+            EntryPoint { names, op: f.spec.op, cookie, entry_offset: off, file_offset, placement }
+        })
+        .collect()
 }
 
-/// The address and size of the function `name`.
-fn symbol_address(file: &object::File, name: &str) -> Option<(u64, u64)> {
-    let defined = |s: &object::Symbol| s.name() == Ok(name) && s.is_definition() && s.kind() == SymbolKind::Text;
-    file.dynamic_symbols().find(defined).or_else(|| file.symbols().find(defined)).map(|s| (s.address(), s.size()))
-}
-
-fn vaddr_to_offset(file: &object::File, vaddr: u64) -> Option<u64> {
-    file.segments().find_map(|seg| {
-        let (off, size) = seg.file_range();
-        (vaddr >= seg.address() && vaddr < seg.address() + size).then(|| vaddr - seg.address() + off)
-    })
-}
-
-/// Whether the ELF file at `path` defines the function `name`.
-pub fn defines(path: &Path, name: &str) -> bool {
-    let Ok((_, data)) = crate::objfile::read_elf(path) else { return false };
-    let Ok(file) = object::File::parse(&*data) else { return false };
-    symbol_address(&file, name).is_some()
+fn read_at_most(file: &File, buf: &mut [u8], off: u64) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
 }
 
 /// How the probes get attached.
@@ -116,11 +104,11 @@ enum Multi {
     Return,
 }
 
-/// One uprobe_multi link of `prog` on `entries`, each with its kind as the cookie.
+/// One uprobe_multi link of `prog` on `entries`, each with its cookie.
 fn attach_multi(prog: &ProgramMut, pid: i32, path: &Path, entries: &[EntryPoint], how: Multi) -> Result<Link> {
     let opts = UprobeMultiOpts {
         offsets: entries.iter().map(|e| e.file_offset as usize).collect(),
-        cookies: entries.iter().map(|e| e.kind.0 as u64).collect(),
+        cookies: entries.iter().map(|e| e.cookie).collect(),
         session: how == Multi::Session,
         retprobe: how == Multi::Return,
         ..Default::default()
@@ -144,15 +132,16 @@ pub fn attach(
         AttachMode::Session => Ok(vec![attach_multi(&progs.memleak_session, pid, path, entries, Multi::Session)?]),
         AttachMode::Multi => {
             let returns: Vec<EntryPoint> = entries.iter().filter(|e| e.needs_return()).cloned().collect();
-            Ok(vec![
-                attach_multi(&progs.memleak_multi_entry, pid, path, entries, Multi::Entry)?,
-                attach_multi(&progs.memleak_multi_return, pid, path, &returns, Multi::Return)?,
-            ])
+            let mut links = vec![attach_multi(&progs.memleak_multi_entry, pid, path, entries, Multi::Entry)?];
+            if !returns.is_empty() {
+                links.push(attach_multi(&progs.memleak_multi_return, pid, path, &returns, Multi::Return)?);
+            }
+            Ok(links)
         }
         AttachMode::Classic => {
             let mut links = Vec::new();
             for e in entries {
-                let entry = UprobeOpts { cookie: e.kind.0 as u64, ..Default::default() };
+                let entry = UprobeOpts { cookie: e.cookie, ..Default::default() };
                 links.push(
                     progs
                         .memleak_entry
@@ -160,7 +149,7 @@ pub fn attach(
                         .with_context(|| format!("cannot attach a uprobe to {} in {}", e.names, path.display()))?,
                 );
                 if e.needs_return() {
-                    let ret = UprobeOpts { cookie: e.kind.0 as u64, retprobe: true, ..Default::default() };
+                    let ret = UprobeOpts { cookie: e.cookie, retprobe: true, ..Default::default() };
                     links.push(
                         progs
                             .memleak_return
@@ -178,24 +167,31 @@ pub fn attach(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
+    use crate::allocator::symbols::{Symtab, scan, wanted_map};
 
-    /// The test binary's libc, opened as memleak opens a -p process's (kept open).
-    fn libc() -> PathBuf {
-        let me = std::process::id() as i32;
-        let o = crate::target::allocator_object(me, None, "").expect("the test binary maps libc");
-        assert!(o.shown.to_string_lossy().contains("libc.so"), "{}", o.shown.display());
-        let path = o.path.clone();
-        std::mem::forget(o);
-        path
+    fn libc_entries() -> Vec<EntryPoint> {
+        let path = Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let file = File::open(path).unwrap();
+        let s = scan(&file, path, &wanted_map(""), Symtab::No).expect("libc parses");
+        let mut n = 0;
+        let mut conflicts = Vec::new();
+        let entries = entry_points(
+            &file,
+            &s.found,
+            |_| {
+                n += 1;
+                n
+            },
+            &mut conflicts,
+        );
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        entries
     }
 
     #[test]
     fn glibc_entry_points_are_found_once_each() {
-        let (entries, missing) = resolve(&libc(), "").expect("libc parses");
-        assert!(missing.is_empty(), "glibc lacks {missing:?}");
+        let entries = libc_entries();
         let names: Vec<&str> = entries.iter().map(|e| e.names.as_str()).collect();
         // memalign and aligned_alloc are one function in glibc: probed once.
         assert!(names.iter().any(|n| n.contains("aligned_alloc") && n.contains("memalign")), "{names:?}");
@@ -203,25 +199,16 @@ mod tests {
         offsets.dedup();
         assert_eq!(offsets.len(), entries.len());
         assert!(entries.iter().all(|e| e.file_offset > 0));
-        let free = entries.iter().find(|e| e.names == "free").expect("free");
+        let free = entries.iter().find(|e| e.names.starts_with("free/")).expect("free, first of its aliases");
         assert!(!free.needs_return());
         // Debian 12's free starts `test %rdi,%rdi; je`: the probe goes on the je.
         assert_eq!(free.file_offset - free.entry_offset, 3, "{free:?}");
-        let malloc = entries.iter().find(|e| e.names == "malloc").expect("malloc");
+        let malloc = entries.iter().find(|e| e.names == "malloc/__libc_malloc").expect("malloc");
         assert_eq!(malloc.file_offset, malloc.entry_offset, "malloc starts with an emulated push: {malloc:?}");
-    }
-
-    #[test]
-    fn a_prefix_that_matches_nothing_reports_every_name_missing() {
-        let (entries, missing) = resolve(&libc(), "je_").expect("libc parses");
-        assert!(entries.is_empty());
-        assert_eq!(missing.len(), ENTRY_POINTS.len());
-        assert_eq!(missing[0], "je_malloc");
-    }
-
-    #[test]
-    fn defines_finds_functions_by_name() {
-        assert!(defines(&libc(), "malloc"));
-        assert!(!defines(&libc(), "no_such_function_here"));
+        // Ids are distinct and in the cookie's high half.
+        let mut ids: Vec<u64> = entries.iter().map(|e| e.cookie >> 32).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), entries.len());
     }
 }

@@ -15,11 +15,11 @@ use crate::features::Features;
 use crate::output::Outputs;
 pub use crate::output::write_out;
 use crate::signals::{self, Signals};
-use crate::skel::types::{event_kind, trace_event};
+use crate::skel::types::{event_kind, linkmap_event, trace_event};
 use crate::snapshot::{self, Exit, ProcessInput};
 use crate::symbolizer::Symbolizer;
 use crate::unwind::{UnwindTables, Unwinder};
-use crate::{ldso, loader, output, probes, target};
+use crate::{allocator, ldso, loader, output, probes, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
@@ -78,6 +78,8 @@ pub struct Tracer<'a, 'obj> {
     pub programs: Option<crate::collector::Programs<'a>>,
     /// User mode without --frame-pointers: the unwind tables.
     pub unwind: Option<Unwinder<'a, 'obj>>,
+    /// User mode: the allocator objects probed, and those that appear later.
+    pub alloc: Option<allocator::live::Live<'a, 'obj>>,
     /// Where reports go, opened (and checked) at start-up.
     pub outputs: Outputs,
     /// Builds each report's snapshot; remembers the last one's bytes per stack.
@@ -130,6 +132,7 @@ impl Tracer<'_, '_> {
             exit: exit.filter(|_| self.pid.is_some()),
             stacks: records.stacks,
             young: records.young,
+            warnings: self.alloc.as_ref().map(|a| a.warnings(pid, exit.is_some())).unwrap_or_default(),
         };
         let mut losses = losses;
         let read = started.elapsed();
@@ -227,13 +230,19 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
     }
     let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
-    let (pid, obj, held, order) = match &cfg.target {
+    // The allocator in use: every object that defines allocator functions (src/allocator).
+    let mut allocators = allocator::Allocators::new(&allocator::Options {
+        obj: cfg.obj.clone(),
+        prefix: cfg.symbols_prefix.clone(),
+    });
+    let (pid, mut symbolizer, held, order, probe_set) = match &cfg.target {
         Target::Kernel => return crate::kernel::run(cfg, &mut signals, outputs),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
             target::check_access(*pid)?;
-            let obj = target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
-            (*pid, obj, None, None)
+            let mut symbolizer = Symbolizer::new(Some(*pid));
+            let set = allocators.discover_running(*pid, &mut symbolizer.objects)?;
+            (*pid, symbolizer, None, None, set)
         }
         Target::Command(argv) => {
             let prog = target::resolve_program(&argv[0])?;
@@ -241,9 +250,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
             let launch = ldso::Launch::command(target::command_credentials())?;
             let order = ldso::load_order(&prog, &launch)?;
             target::report_load_order(&order, cfg.verbose);
-            let obj = target::allocator_object_for_command(&order, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
             let held = target::HeldChild::spawn(&prog, argv)?;
-            (held.pid, obj, Some(held), Some(order))
+            let set = allocators.discover_command(held.pid, &order)?;
+            (held.pid, Symbolizer::new(Some(held.pid)), Some(held), Some(order), set)
         }
     };
     // After the command is forked: it keeps the limits it was given.
@@ -253,31 +262,18 @@ pub fn run(cfg: &Config) -> Result<i32> {
         // Stop the command at its exit while its memory map still exists: the last stacks
         // are normalized there. Without ptrace the run goes on, only less exact at the end.
         // SAFETY: PTRACE_SEIZE on our own child, with an options word as data.
-        // With unwind tables it also stops at each exec, until the new image's tables are in.
-        let exec = if cfg.frame_pointers { 0 } else { libc::PTRACE_O_TRACEEXEC };
-        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, (libc::PTRACE_O_TRACEEXIT | exec) as libc::c_ulong) };
+        // It also stops at each exec, until the new image's allocator is probed and its unwind
+        // tables are in.
+        let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, options as libc::c_ulong) };
         if r != 0 && cfg.verbose {
             errln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
         }
     }
 
-    let (entries, missing) = probes::resolve(&obj.path, &cfg.symbols_prefix)?;
-    if entries.is_empty() {
-        bail!(
-            "{} defines none of the allocator functions ({}malloc, {}free, ...)",
-            obj.shown.display(),
-            cfg.symbols_prefix,
-            cfg.symbols_prefix
-        );
-    }
-    if !missing.is_empty() {
-        errln!("memleak: note: {} has no {}: not traced", obj.shown.display(), missing.join(", "));
-    }
-
     let mut storage = MaybeUninit::uninit();
     let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode)?;
     let skel = &loaded.skel;
-    let mut symbolizer = Symbolizer::new(Some(pid));
     let unwind = if cfg.frame_pointers {
         None
     } else {
@@ -293,23 +289,8 @@ pub fn run(cfg: &Config) -> Result<i32> {
         u.report_failures();
         Some(u)
     };
-    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj.path, &entries)?;
+    let alloc = allocator::live::Live::start(allocators, skel, loaded.mode, probe_set, cfg.verbose)?;
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
-    if cfg.verbose {
-        errln!("memleak: attached to {} ({:?} mode):", obj.shown.display(), loaded.mode);
-        for e in &entries {
-            let p = &e.placement;
-            errln!(
-                "memleak:   {:<28} entry {:#x} probe {:#x} (+{}: {}){}",
-                e.names,
-                e.entry_offset,
-                e.file_offset,
-                p.delta,
-                p.insn,
-                p.note.as_deref().map(|n| format!(", single-stepped: {n}")).unwrap_or_default()
-            );
-        }
-    }
     if !is_command {
         // The maps of the running process, read before it can exit (the line below tells
         // scripts the probes are in place), kept in case it exits before its stacks are read.
@@ -339,6 +320,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         symbolizer,
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
+        alloc: Some(alloc),
         outputs,
         snapshots: snapshot::Builder::new(),
         comm: snapshot::comm_of(pid as u32),
@@ -358,7 +340,7 @@ pub fn follow(
     pidfd: Option<&OwnedFd>,
     is_command: bool,
 ) -> Result<End> {
-    let ring = if tracer.cfg.trace || tracer.unwind.is_some() {
+    let ring = if tracer.cfg.trace || tracer.unwind.is_some() || tracer.alloc.is_some() {
         let mut b = RingBufferBuilder::new();
         if tracer.cfg.trace {
             b.add(events, |data: &[u8]| {
@@ -371,6 +353,13 @@ pub fn follow(
             let met = u.met.clone();
             b.add(&u.skel.maps.unwind_wakeup, move |data: &[u8]| {
                 met.borrow_mut().push(read_pod(data));
+                0
+            })?;
+        }
+        if let Some(a) = &tracer.alloc {
+            let events = a.events.clone();
+            b.add(a.linkmap_events(), move |data: &[u8]| {
+                events.borrow_mut().push(read_pod::<linkmap_event>(data));
                 0
             })?;
         }
@@ -394,6 +383,11 @@ pub fn follow(
             tracer.print_report(true, Some(Exit::Exited))?;
         }
         End::Stopped => {}
+    }
+    if let Some(a) = &tracer.alloc
+        && !matches!(end, End::Stopped)
+    {
+        a.finish();
     }
     if tracer.cfg.verbose
         && let Some(u) = &tracer.unwind
@@ -471,6 +465,12 @@ fn event_loop(
             // (it may be unloaded by the next tick), and load its table.
             u.sync(&mut t.symbolizer.objects);
             t.prepare_symbols()?;
+        }
+        if let Some(a) = t.alloc.as_mut()
+            && a.woken()
+        {
+            // A dlopen: what it mapped may define allocator functions of its own.
+            a.on_linkmap(&mut t.symbolizer.objects);
         }
         if fds[0].revents & libc::POLLIN != 0 {
             for sig in signals.read() {
@@ -594,9 +594,18 @@ fn reap(t: &mut Tracer) -> Result<Child> {
                     if let Some(u) = t.unwind.as_mut() {
                         u.load_exec(&mut t.symbolizer.objects);
                     }
+                    // And its allocator, found again: `env LD_PRELOAD=... prog` brings one.
+                    if let Some(a) = t.alloc.as_mut() {
+                        a.on_exec(pid);
+                    }
                     libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
                 } else if event == libc::PTRACE_EVENT_STOP {
                     libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
+                } else if libc::WSTOPSIG(status) == libc::SIGSTOP
+                    && t.alloc.as_mut().is_some_and(|a| a.on_stop(pid, &mut t.symbolizer.objects))
+                {
+                    // memleak's own stop at a dlopen: the new objects are probed; suppressed.
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
                 } else {
                     // A signal on its way to the command: delivered as it would be untraced.
                     let sig = libc::WSTOPSIG(status);

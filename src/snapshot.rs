@@ -57,6 +57,8 @@ pub struct ProcessSnapshot {
     /// Blocks left out for being younger than -o: (count, bytes). Not a loss: said, so that
     /// none seems missed.
     pub young: (u64, u64),
+    /// WARNING lines about this process (see [`ProcessInput::warnings`]).
+    pub warnings: Vec<String>,
 }
 
 /// A process's sums over all its stacks.
@@ -190,6 +192,9 @@ pub struct ProcessInput {
     pub stacks: Vec<StackTotal>,
     /// Blocks left out for being younger than -o: (count, bytes).
     pub young: (u64, u64),
+    /// What the report cannot vouch for in this process (e.g. no allocation call was seen
+    /// from it: it allocates through functions memleak did not probe).
+    pub warnings: Vec<String>,
 }
 
 /// Builds snapshots; keeps what spans reports: each stack's bytes at the previous report and
@@ -286,6 +291,7 @@ impl Builder {
                 totals,
                 summary: None,
                 young: p.young,
+                warnings: p.warnings,
             });
         }
         out.sort_by_key(|p| p.pid);
@@ -374,6 +380,7 @@ pub mod tests {
                 totals,
                 summary: None,
                 young: (0, 0),
+                warnings: Vec::new(),
             }],
             losses: Losses::default(),
         }

@@ -1,7 +1,7 @@
-//! The traced process: checking a -p pid, finding the object that holds its allocator, and
-//! running a -c command held before exec until the probes are in place.
+//! The traced process: checking a -p pid, and running a -c command held before exec until the
+//! probes are in place (its allocator is found by src/allocator).
 use std::ffi::CString;
-use std::fs::{self, File};
+use std::fs;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::ldso::{self, LoadOrder};
-use crate::procmaps::{Mapping, ProcMaps};
-use crate::{objfile, probes};
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -113,82 +111,6 @@ fn access_denied(pid: i32, status: &str, own: &str) -> String {
     }
 }
 
-/// The object whose allocator functions to probe in a running process: -O if given, else the
-/// libc it has mapped, else its executable if that defines malloc (a static binary). The
-/// process's own objects are opened through /proc/PID/map_files, never by their paths, which
-/// it may have replaced (and which may name other files in memleak's mount namespace).
-pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<Allocator> {
-    if let Some(obj) = obj {
-        return check_obj(obj).map(Allocator::at);
-    }
-    let maps = ProcMaps::read(pid)?;
-    let files = || maps.mappings.iter().filter(|m| m.is_file());
-    if let Some(libc) = files().find(|m| m.path.as_deref().is_some_and(is_libc)) {
-        return Allocator::mapped(pid, libc);
-    }
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?;
-    if let Some(m) = files().find(|m| m.path.as_deref() == Some(exe.as_path())) {
-        let o = Allocator::mapped(pid, m)?;
-        if probes::defines(&o.path, &format!("{prefix}malloc")) {
-            return Ok(o);
-        }
-    }
-    bail!(
-        "process {pid} has no libc mapped and its executable defines no {prefix}malloc: name the allocator's object with -O"
-    )
-}
-
-/// The object whose allocator functions are probed.
-pub struct Allocator {
-    /// The path it is read and attached by: a path, or /proc/self/fd/N of a file held.
-    pub path: PathBuf,
-    /// The path shown to the user.
-    pub shown: PathBuf,
-    /// The file found for a -c command, held so that `path` names this very file.
-    _held: Option<File>,
-}
-
-impl Allocator {
-    pub fn at(path: PathBuf) -> Allocator {
-        Allocator { shown: path.clone(), path, _held: None }
-    }
-
-    fn held(o: &ldso::Object) -> Result<Allocator> {
-        let file = o.file.try_clone().context("dup")?;
-        Ok(Allocator { path: objfile::fd_path(&file), shown: o.path.clone(), _held: Some(file) })
-    }
-
-    /// A -p process's own object, opened through /proc/PID/map_files (never by its path).
-    fn mapped(pid: i32, m: &Mapping) -> Result<Allocator> {
-        let shown = m.path.as_deref().unwrap_or(Path::new("?")).to_path_buf();
-        let file = m.open(pid).with_context(|| format!("cannot open {}, mapped by process {pid}", shown.display()))?;
-        Ok(Allocator { path: objfile::fd_path(&file), shown, _held: Some(file) })
-    }
-}
-
-/// For -c: -O if given, else the libc the command loads (found as its dynamic linker will
-/// find it, without running anything: `ldso`), or the executable itself when it is static.
-pub fn allocator_object_for_command(order: &LoadOrder, obj: Option<&Path>, prefix: &str) -> Result<Allocator> {
-    if let Some(obj) = obj {
-        return check_obj(obj).map(Allocator::at);
-    }
-    let exe = order.executable();
-    if order.interpreter.is_none() {
-        let a = Allocator::held(exe)?;
-        if probes::defines(&a.path, &format!("{prefix}malloc")) {
-            return Ok(a);
-        }
-        bail!(
-            "{} is statically linked without {prefix}malloc: name the allocator's object with -O",
-            exe.path.display()
-        );
-    }
-    match order.objects.iter().find(|o| is_libc(&o.path)) {
-        Some(libc) => Allocator::held(libc),
-        None => bail!("{} does not load libc: name the allocator's object with -O", exe.path.display()),
-    }
-}
-
 /// Says what the dynamic linker will not find or do as memleak found it (always), and with
 /// -v the objects the command loads, in symbol lookup order.
 pub fn report_load_order(order: &LoadOrder, verbose: bool) {
@@ -223,20 +145,6 @@ pub fn report_load_order(order: &LoadOrder, verbose: bool) {
 /// The credentials a -c command runs with, when not memleak's own (under sudo).
 pub fn command_credentials() -> Option<ldso::Credentials> {
     sudo_user().map(|(uid, gid, groups)| ldso::Credentials { uid, gid, groups })
-}
-
-fn check_obj(obj: &Path) -> Result<PathBuf> {
-    if !obj.exists() {
-        bail!("-O {}: no such file", obj.display());
-    }
-    crate::objfile::read_elf(obj).context("-O")?;
-    Ok(obj.to_path_buf())
-}
-
-/// libc.so.6, libc-2.21.so, libc.musl-x86_64.so.1: the C library by its file name.
-fn is_libc(path: &Path) -> bool {
-    let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-    name.starts_with(b"libc.so") || name.starts_with(b"libc-") || name.starts_with(b"libc.musl")
 }
 
 /// Resolves a command name as execvp would, so that a missing program is reported up front.

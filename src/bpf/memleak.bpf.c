@@ -3,7 +3,9 @@
  * User-space allocation tracing: probes on the allocator's entry points record every block
  * still allocated (keyed by process and address) with its size, time and call stack.
  *
- * One program serves every entry point; the BPF cookie says which function fired. On kernels
+ * One program serves every entry point; the BPF cookie says what the call does and where its
+ * arguments are (memleak.h, enum alloc_op): a new allocator function is a row of user space's
+ * table (src/allocator/families.rs), not new code here. On kernels
  * with uprobe sessions (6.13+) it runs as a session through one uprobe_multi link: the entry
  * decides whether the return probe runs (free, munmap and mprotect need none). Linux 6.6 to 6.12 get an
  * entry and a return uprobe_multi link, older kernels classic uprobes and uretprobes: the same
@@ -23,6 +25,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by the loader before load. */
 const volatile bool need_exec = false; /* -c: ignore calls until the command has exec'd */
 const volatile __u32 target_tgid = 0;
+/* -c: memleak ptraces the command's main thread; a link-map change there stops it (SIGSTOP,
+ * which memleak's ptrace takes and suppresses) until the new objects' probes are attached. */
+const volatile bool stop_on_linkmap = false;
 
 /* Set by sched_process_exec for target_tgid (or by the loader when need_exec is off). */
 bool armed = false;
@@ -40,8 +45,10 @@ struct task_state {
 	__u64 arg2;      /* mremap: the old size */
 	__u64 arg3;      /* mremap: its flags */
 	__u64 stack_id;
-	__u32 kind;
+	__u32 kind;      /* enum alloc_op of the call in flight */
 	__u32 record;    /* the new block passes the size filters and sampling */
+	__u32 fn;        /* the probed function's id (COOKIE_ID) */
+	__u32 heap_seen; /* this thread has made an allocation call (since its last exec) */
 	struct stack stack;
 	struct unwind_scratch unwind;
 };
@@ -54,6 +61,39 @@ struct {
 } task_states SEC(".maps");
 
 #include "ranges.bpf.h"
+
+/*
+ * Processes that made an allocation call through a probed function (value: the first
+ * function's id). Set once per thread, the first time: a process missing here after a while
+ * allocates through something memleak did not probe (user space warns).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} heap_seen SEC(".maps");
+
+/* Link-map changes (dlopen, dlclose): user space looks for new allocator objects. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} linkmap_events SEC(".maps");
+
+/* Threads stopped at a link-map change (stop_on_linkmap): tid -> pid. User space takes the
+ * entry when the SIGSTOP reaches its ptrace, and suppresses that signal. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} linkmap_stops SEC(".maps");
+
+#define SIGSTOP_ 19
+
+/* Never used: puts the event type into BTF for the generated skeleton. */
+struct linkmap_event btf_linkmap_event __attribute__((unused));
 
 /* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
 
@@ -116,11 +156,11 @@ static __always_inline bool outer_in_flight(__u64 outer_sp)
 }
 
 /* munmap(addr, len): its pages' records end; entry only, like free. */
-static __always_inline void on_munmap(__u32 pid, __u64 addr, __u64 len)
+static __always_inline void on_munmap(__u32 pid, __u64 addr, __u64 len, __u32 fn)
 {
 	if ((addr & (PAGE_SIZE_ - 1)) || !len || len > (1ULL << 47))
 		return; /* EINVAL: nothing is unmapped */
-	range_update(addr, addr + PAGE_UP(len), 0, pid, RANGE_OP(RANGE_UNMAP, FN_MUNMAP));
+	range_update(addr, addr + PAGE_UP(len), 0, pid, RANGE_OP(RANGE_UNMAP, fn));
 }
 
 /*
@@ -128,7 +168,8 @@ static __always_inline void on_munmap(__u32 pid, __u64 addr, __u64 len)
  * reserved); access given to reserved pages counts them from now, with this call's stack.
  * One made inside an allocator call (glibc growing a thread's arena) belongs to that call.
  */
-static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 addr, __u64 len, __u32 prot)
+static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 addr, __u64 len, __u32 prot,
+					__u32 fn)
 {
 	struct task_state *ts;
 	__u64 sp = PT_REGS_SP(ctx), end, stack_id;
@@ -140,11 +181,11 @@ static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 ad
 	if (ts && ts->outer_sp && sp <= ts->outer_sp && outer_in_flight(ts->outer_sp))
 		return;
 	if (prot == PROT_NONE_) {
-		range_update(addr, end, 0, pid, RANGE_OP(RANGE_RESERVE, FN_MPROTECT));
+		range_update(addr, end, 0, pid, RANGE_OP(RANGE_RESERVE, fn));
 		return;
 	}
 	/* Only reserved pages change: most mprotect calls (W^X flips, RELRO) touch none. */
-	if (!(range_update(addr, end, 0, pid, RANGE_OP(RANGE_FIND, FN_MPROTECT)) & 2))
+	if (!(range_update(addr, end, 0, pid, RANGE_OP(RANGE_FIND, fn)) & 2))
 		return;
 	if (!ts)
 		ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0,
@@ -154,70 +195,104 @@ static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 ad
 		return;
 	}
 	stack_id = capture_stack(ctx, ts);
-	range_update(addr, end, stack_id, pid, RANGE_OP(RANGE_COMMIT, FN_MPROTECT));
+	range_update(addr, end, stack_id, pid, RANGE_OP(RANGE_COMMIT, fn));
 }
 
 /*
- * Entry of any probed function. Returns 0 when the return probe must run, 1 when it need not.
+ * The call's arguments by number: args[0] is 0 ("none"), args[1..6] the registers. Read at
+ * fixed offsets (the verifier refuses a context access at a computed one), then indexed.
  */
-static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
+struct call_args {
+	__u64 a[8];
+};
+
+static __always_inline void read_args(struct pt_regs *ctx, struct call_args *args)
 {
-	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0, arg2 = 0, arg3 = 0;
-	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	args->a[0] = 0;
+	args->a[1] = PT_REGS_PARM1(ctx);
+	args->a[2] = PT_REGS_PARM2(ctx);
+	args->a[3] = PT_REGS_PARM3(ctx);
+	args->a[4] = PT_REGS_PARM4(ctx);
+	args->a[5] = PT_REGS_PARM5(ctx);
+	args->a[6] = PT_REGS_PARM6(ctx);
+	args->a[7] = 0;
+}
+
+/*
+ * _dl_debug_state: the dynamic linker changed the link map. User space is told (it reads the
+ * link map and probes the new objects); a ptraced thread also stops until that is done.
+ */
+static __always_inline void on_linkmap(__u32 pid, __u32 tid)
+{
+	struct linkmap_event *e = bpf_ringbuf_reserve(&linkmap_events, sizeof(*e), 0);
+
+	if (e) {
+		e->pid = pid;
+		e->tid = tid;
+		e->time_ns = bpf_ktime_get_ns();
+		bpf_ringbuf_submit(e, 0);
+	}
+	if (stop_on_linkmap && pid == target_tgid && tid == pid &&
+	    !bpf_map_update_elem(&linkmap_stops, &tid, &pid, BPF_ANY))
+		bpf_send_signal_thread(SIGSTOP_);
+}
+
+/*
+ * Entry of any probed function; `cookie` says what it does (memleak.h). Returns 0 when the
+ * return probe must run, 1 when it need not.
+ */
+static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
+{
+	__u64 sp = PT_REGS_SP(ctx), size, arg, arg2 = 0, arg3 = 0, id = bpf_get_current_pid_tgid();
+	__u32 pid = id >> 32, op = COOKIE_OP(cookie), fn = COOKIE_ID(cookie);
+	struct call_args args;
 
 	if (need_exec && !armed)
 		return 1;
 
-	switch (kind) {
-	case FN_FREE:
-		arg = PT_REGS_PARM1(ctx);
+	switch (op) {
+	case OP_FREE:
+		read_args(ctx, &args);
+		arg = args.a[COOKIE_PTR(cookie) & 7];
 		if (!arg)
 			return 1;
 		/*
 		 * free and munmap end records and need no per-thread state: one made from inside
-		 * another allocator call (realloc(p, 0)'s free, free's munmap of a mapped chunk)
-		 * only ends what the outer call would end anyway, or finds nothing.
+		 * another allocator call (realloc(p, 0)'s free, free's munmap of a mapped chunk,
+		 * operator delete's free) only ends what the outer call would end anyway, or
+		 * finds nothing.
 		 */
-		record_free(pid, arg, kind);
+		record_free(pid, arg, fn);
 		return 1;
-	case FN_MUNMAP:
-		on_munmap(pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+	case OP_MUNMAP:
+		on_munmap(pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), fn);
 		return 1;
-	case FN_MPROTECT:
-		on_mprotect(ctx, pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (__u32)PT_REGS_PARM3(ctx));
+	case OP_MPROTECT:
+		on_mprotect(ctx, pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (__u32)PT_REGS_PARM3(ctx), fn);
 		return 1;
-	case FN_MALLOC:
-	case FN_VALLOC:
-	case FN_PVALLOC:
-		size = PT_REGS_PARM1(ctx);
-		break;
-	case FN_CALLOC:
-		size = PT_REGS_PARM1(ctx) * PT_REGS_PARM2(ctx);
-		break;
-	case FN_ALIGNED_ALLOC:
-		size = PT_REGS_PARM2(ctx);
-		break;
-	case FN_MMAP:
+	case OP_LINKMAP:
+		on_linkmap(pid, (__u32)id);
+		return 1;
+	case OP_MMAP:
 		size = PT_REGS_PARM2(ctx);
 		arg = (__u32)PT_REGS_PARM3(ctx) | ((__u64)(__u32)PT_REGS_PARM4(ctx) << 32);
 		break;
-	case FN_POSIX_MEMALIGN:
-		arg = PT_REGS_PARM1(ctx);
-		size = PT_REGS_PARM3(ctx);
-		break;
-	case FN_REALLOC:
-		arg = PT_REGS_PARM1(ctx);
-		size = PT_REGS_PARM2(ctx);
-		break;
-	case FN_REALLOCARRAY:
-		arg = PT_REGS_PARM1(ctx);
-		size = PT_REGS_PARM2(ctx) * PT_REGS_PARM3(ctx);
-		break;
-	case FN_MREMAP:
+	case OP_MREMAP:
 		arg = PT_REGS_PARM1(ctx);
 		arg2 = PT_REGS_PARM2(ctx);
 		size = PT_REGS_PARM3(ctx);
 		arg3 = PT_REGS_PARM4(ctx);
+		break;
+	case OP_ALLOC:
+	case OP_REALLOC:
+	case OP_REALLOCF:
+	case OP_MEMALIGN_OUT:
+		read_args(ctx, &args);
+		size = args.a[COOKIE_SIZE(cookie) & 7];
+		if (COOKIE_COUNT(cookie))
+			size *= args.a[COOKIE_COUNT(cookie) & 7];
+		/* realloc's old block; posix_memalign's out pointer */
+		arg = args.a[COOKIE_PTR(cookie) & 7];
 		break;
 	default:
 		return 1;
@@ -243,13 +318,19 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 		 * interrupted it): its block is untracked, and said. */
 		count(CNT_RETURN_MISSED);
 	}
+	if (!ts->heap_seen && op != OP_MMAP && op != OP_MREMAP) {
+		/* The first allocation call of this thread: its process allocates through a probe. */
+		ts->heap_seen = 1;
+		bpf_map_update_elem(&heap_seen, &pid, &fn, BPF_NOEXIST);
+	}
 	ts->outer_sp = sp;
-	ts->kind = kind;
+	ts->kind = op;
+	ts->fn = fn;
 	ts->size = size;
 	ts->arg = arg;
 	ts->arg2 = arg2;
 	ts->arg3 = arg3;
-	if (kind == FN_MMAP && (__u32)arg == PROT_NONE_) {
+	if (op == OP_MMAP && (__u32)arg == PROT_NONE_) {
 		/* A reservation: address space, never counted, kept whatever its size. */
 		ts->record = 1;
 		ts->stack_id = 0;
@@ -269,9 +350,9 @@ static __always_inline void mmap_returned(struct task_state *ts, __u32 pid, __u6
 	__u32 prot = (__u32)ts->arg, flags = ts->arg >> 32;
 
 	if (flags & MAP_FIXED_)
-		range_update(addr, addr + len, 0, pid, RANGE_OP(RANGE_UNMAP, FN_MMAP));
+		range_update(addr, addr + len, 0, pid, RANGE_OP(RANGE_UNMAP, ts->fn));
 	if (ts->record)
-		mapping_insert(pid, addr, len, prot == PROT_NONE_, ts->stack_id, FN_MMAP);
+		mapping_insert(pid, addr, len, prot == PROT_NONE_, ts->stack_id, ts->fn);
 }
 
 /*
@@ -285,15 +366,15 @@ static __always_inline void mremap_returned(struct task_state *ts, __u32 pid, __
 	__u32 held;
 
 	if (flags & MREMAP_FIXED_)
-		range_update(addr, addr + len, 0, pid, RANGE_OP(RANGE_UNMAP, FN_MREMAP));
+		range_update(addr, addr + len, 0, pid, RANGE_OP(RANGE_UNMAP, ts->fn));
 	if (old_len && !(flags & MREMAP_DONTUNMAP_))
-		held = range_update(old, old + old_len, 0, pid, RANGE_OP(RANGE_UNMAP, FN_MREMAP));
+		held = range_update(old, old + old_len, 0, pid, RANGE_OP(RANGE_UNMAP, ts->fn));
 	else
-		held = range_update(old, old + old_len, 0, pid, RANGE_OP(RANGE_FIND, FN_MREMAP));
+		held = range_update(old, old + old_len, 0, pid, RANGE_OP(RANGE_FIND, ts->fn));
 	if (held == 2)
-		mapping_insert(pid, addr, len, true, 0, FN_MREMAP);
+		mapping_insert(pid, addr, len, true, 0, ts->fn);
 	else if (ts->record)
-		mapping_insert(pid, addr, len, false, ts->stack_id, FN_MREMAP);
+		mapping_insert(pid, addr, len, false, ts->stack_id, ts->fn);
 }
 
 static __always_inline int on_return(struct pt_regs *ctx)
@@ -309,23 +390,27 @@ static __always_inline int on_return(struct pt_regs *ctx)
 	ts->outer_sp = 0;
 
 	switch (ts->kind) {
-	case FN_REALLOC:
-	case FN_REALLOCARRAY:
+	case OP_REALLOC:
 		/* realloc(p, 0) frees p and returns NULL; a failed realloc leaves p alone. */
 		if (ts->arg && (ret || !ts->size))
-			record_free(pid, ts->arg, ts->kind);
+			record_free(pid, ts->arg, ts->fn);
 		break;
-	case FN_MREMAP:
+	case OP_REALLOCF:
+		/* reallocf frees p whatever happens. */
+		if (ts->arg)
+			record_free(pid, ts->arg, ts->fn);
+		break;
+	case OP_MREMAP:
 		if (ret == (__u64)-1)
 			goto failed;
 		mremap_returned(ts, pid, ret);
 		return 0;
-	case FN_MMAP:
+	case OP_MMAP:
 		if (ret == (__u64)-1)
 			goto failed;
 		mmap_returned(ts, pid, ret);
 		return 0;
-	case FN_POSIX_MEMALIGN:
+	case OP_MEMALIGN_OUT:
 		if ((int)ret != 0)
 			goto failed;
 		addr = 0;
@@ -336,9 +421,9 @@ static __always_inline int on_return(struct pt_regs *ctx)
 	}
 	if (!addr)
 		goto failed;
-	end_missed_free(pid, addr, ts->kind);
+	end_missed_free(pid, addr, ts->fn);
 	if (ts->record)
-		record_insert(pid, addr, ts->size, ts->stack_id, ts->kind);
+		record_insert(pid, addr, ts->size, ts->stack_id, ts->fn);
 	return 0;
 failed:
 	/* Nothing was allocated (realloc(p, 0) included): the stack's allocation count says so. */
@@ -406,9 +491,18 @@ int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_bi
 {
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
 
+	struct task_state *ts;
+
 	if (pid != target_tgid)
 		return 0;
 	armed = true;
+	/* The new image's allocation calls are checked afresh (it may bypass what was probed). */
+	ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0, 0);
+	if (ts) {
+		ts->heap_seen = 0;
+		ts->outer_sp = 0;
+	}
+	bpf_map_delete_elem(&heap_seen, &pid);
 	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
 	bpf_for_each_map_elem(&mappings, drop_mapping, &pid, 0);
 	return 0;

@@ -5,7 +5,40 @@
 
 #define MAX_STACK_DEPTH 127
 
-/* The BPF cookie of every attached entry point: which allocator function it is. */
+/*
+ * The BPF cookie of every user-mode probe: what the call does and where its arguments are
+ * (src/allocator/families.rs, Spec::cookie): op in bits 0-7, the argument numbers (1-6, 0 for
+ * none) of the size, of a count multiplying it and of the block in bits 8-11, 12-15 and 16-19,
+ * and memleak's id of the probed function in bits 32-63.
+ */
+enum alloc_op {
+	OP_ALLOC = 1,        /* returns a new block of size (times count) bytes, or NULL */
+	OP_FREE = 2,         /* ends the block */
+	OP_REALLOC = 3,      /* a block replacing the old one; NULL: the old one stays (freed if size 0) */
+	OP_REALLOCF = 4,     /* as OP_REALLOC, but the old block is freed on failure too */
+	OP_MEMALIGN_OUT = 5, /* posix_memalign: the block is stored at *ptr, returns an error number */
+	OP_MMAP = 6,         /* mmap(addr, len, prot, flags, fd, off) */
+	OP_MUNMAP = 7,       /* munmap(addr, len) */
+	OP_MREMAP = 8,       /* mremap(old, old_len, new_len, flags, new_addr) */
+	OP_MPROTECT = 9,     /* mprotect(addr, len, prot) */
+	OP_LINKMAP = 10,     /* the dynamic linker's _dl_debug_state: objects were loaded or unloaded */
+};
+
+#define COOKIE_OP(c) ((__u32)(c) & 0xff)
+#define COOKIE_SIZE(c) (((__u32)(c) >> 8) & 0xf)
+#define COOKIE_COUNT(c) (((__u32)(c) >> 12) & 0xf)
+#define COOKIE_PTR(c) (((__u32)(c) >> 16) & 0xf)
+#define COOKIE_ID(c) ((__u32)((c) >> 32))
+
+/* A link-map change (dlopen, dlclose) in a traced process: user space looks for new objects. */
+struct linkmap_event {
+	__u32 pid;
+	__u32 tid;
+	__u64 time_ns; /* CLOCK_MONOTONIC */
+};
+
+/* Kernel mode's BPF cookie and -t function: which tracepoint fired (the first values were user
+ * mode's before the cookie carried the call's meaning). */
 enum fn_kind {
 	FN_MALLOC = 1,
 	FN_CALLOC = 2,
@@ -203,7 +236,7 @@ struct trace_event {
 	__u32 kind; /* enum event_kind */
 	__u32 pid;
 	__u32 tid;
-	__u32 fn; /* enum fn_kind */
+	__u32 fn; /* user mode: the probed function's id (COOKIE_ID); kernel mode: enum fn_kind */
 	__u64 size;
 	__u64 addr;
 };

@@ -171,6 +171,9 @@ pub fn format(time: &str, opts: &Options, snap: &Snapshot) -> String {
     for line in loss_lines(&snap.losses, opts.max_allocs) {
         let _ = writeln!(out, "\tWARNING: {line}");
     }
+    for line in snap.processes.iter().flat_map(|p| &p.warnings) {
+        let _ = writeln!(out, "\tWARNING: {line}");
+    }
     // Not a loss, but blocks the report does not show: said, so that none seems missed.
     let (n, bytes) = snap.processes.iter().fold((0u64, 0u64), |a, p| (a.0 + p.young.0, a.1.saturating_add(p.young.1)));
     if n > 0 {

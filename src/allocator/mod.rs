@@ -1,0 +1,684 @@
+//! The allocator a process actually uses, found without -O: every object it maps that defines
+//! a function of a known allocator family (families.rs: the C library's names, C++'s operator
+//! new and delete, jemalloc, tcmalloc, mimalloc) is probed, not only the one that wins each
+//! symbol; blocks are keyed by process and address, so several allocators in one process
+//! coexist, and the nesting rule (memleak.bpf.c) counts a call that forwards to another probed
+//! function once. The dynamic linker's symbol lookup order (the link map of a running process,
+//! or memleak's own ld.so search for a command before it runs: src/ldso) decides only which
+//! object binds each name, for the `Tracing ...` lines.
+//!
+//! The seam for the run (and for a registry of processes): one function per situation returns
+//! the objects to probe in one process with their entry points and BPF cookies, the lines to
+//! print and the notes ([`ProbeSet`]); [`attach`] attaches a set.
+//! - [`Allocators::discover_running`]: a -p process (its maps and link map);
+//! - [`Allocators::discover_command`]: a -c command before it runs (its load order);
+//! - [`Allocators::discover_exec`]: at an exec stop (the new image's load order);
+//! - [`Allocators::discover_linkmap`]: after the process's link map changed (dlopen): what
+//!   is new.
+pub mod families;
+pub mod linkmap;
+pub mod live;
+pub mod symbols;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use libbpf_rs::Link;
+
+use crate::ldso::LoadOrder;
+use crate::objects::Objects;
+use crate::probes::{self, AttachMode, EntryPoint};
+use crate::procmaps::ProcMaps;
+use families::{Family, Op};
+use symbols::{Found, Scan, Symtab, Wanted, scan, wanted_map};
+
+/// A file by its identity: (st_dev, inode).
+type Key = (u64, u64);
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// -O: only this object (a path, or the soname or file name of an object the process maps).
+    pub obj: Option<PathBuf>,
+    /// -S: the C names carry this prefix.
+    pub prefix: String,
+}
+
+/// One object to probe in one process.
+pub struct ObjectProbes {
+    /// Held: `path` names this very file.
+    pub file: File,
+    /// What the attach and the readers open: /proc/self/fd/N of `file`.
+    pub path: PathBuf,
+    /// The path shown to the user.
+    pub shown: PathBuf,
+    pub entries: Vec<EntryPoint>,
+}
+
+/// What a discovery found to probe in one process, and what to say about it.
+#[derive(Default)]
+pub struct ProbeSet {
+    pub pid: i32,
+    /// Objects not probed in this process yet.
+    pub objects: Vec<ObjectProbes>,
+    /// `Tracing malloc, free, ... in OBJECT (pid N)`: one per probed object of the process
+    /// (after an exec: every one of the new image; after a dlopen: the new ones). For stderr.
+    pub lines: Vec<String>,
+    /// Notes for stderr (without the "memleak: note: " prefix).
+    pub notes: Vec<String>,
+}
+
+impl ProbeSet {
+    /// -v: each object's probes and where they sit (docs/probe-placement.md).
+    pub fn verbose_lines(&self, mode: AttachMode) -> Vec<String> {
+        let mut out = Vec::new();
+        for o in &self.objects {
+            out.push(format!("attached to {} ({mode:?} mode):", o.shown.display()));
+            for e in &o.entries {
+                let p = &e.placement;
+                out.push(format!(
+                    "  {:<28} entry {:#x} probe {:#x} (+{}: {}){}",
+                    e.names,
+                    e.entry_offset,
+                    e.file_offset,
+                    p.delta,
+                    p.insn,
+                    p.note.as_deref().map(|n| format!(", single-stepped: {n}")).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Attaches the loaded programs to every object of `set` in its process: the links, and the
+/// objects that could not be attached (each with why).
+pub fn attach(
+    progs: &crate::skel::MemleakProgs,
+    mode: AttachMode,
+    set: &ProbeSet,
+) -> (Vec<Link>, Vec<anyhow::Error>) {
+    let mut links = Vec::new();
+    let mut failed = Vec::new();
+    for o in &set.objects {
+        match probes::attach(progs, mode, set.pid, &o.path, &o.entries) {
+            Ok(l) => links.extend(l),
+            Err(e) => failed.push(e.context(format!("{} (pid {})", o.shown.display(), set.pid))),
+        }
+    }
+    (links, failed)
+}
+
+/// An object of a process as a discovery met it.
+struct Candidate {
+    key: Key,
+    shown: PathBuf,
+    file: File,
+    /// Its place in the dynamic linker's symbol lookup order; None: not known to be in it.
+    scope: Option<usize>,
+    executable: bool,
+    /// Known to be mapped by the process (false: a -O file attached in case it is loaded).
+    mapped: bool,
+}
+
+/// An object probed in a process.
+struct Probed {
+    shown: PathBuf,
+    /// Whether it has allocator functions (not only the dynamic linker's hook).
+    allocator: bool,
+}
+
+#[derive(Default)]
+struct ProcState {
+    probed: HashMap<Key, Probed>,
+    /// Keys in the order they were probed.
+    order: Vec<Key>,
+    go: bool,
+}
+
+/// -O as given.
+enum ObjArg {
+    /// A path (it has a '/'): the file it names, or the mapping shown by that path.
+    Path(PathBuf),
+    /// A soname or file name of an object the process maps.
+    Name(String),
+}
+
+/// Why a discovery runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Situation {
+    /// Before tracing starts: what cannot be traced is an error.
+    Start,
+    /// A new image: every probed object gets its line again.
+    Exec,
+    /// The link map changed, noticed this long after (None: the process waited for memleak).
+    LinkMap(Option<Duration>),
+}
+
+/// The allocator objects of the traced processes: what each was probed for.
+pub struct Allocators {
+    prefix: String,
+    obj: Option<ObjArg>,
+    /// The -O object was seen mapped (or in a load order) in some process.
+    obj_seen: bool,
+    wanted: Wanted,
+    /// Each file's scan, once.
+    scans: HashMap<Key, Arc<Scan>>,
+    /// Names of the probed functions by id - 1 (the cookie's high half).
+    functions: Vec<String>,
+    procs: HashMap<i32, ProcState>,
+}
+
+impl Allocators {
+    pub fn new(opts: &Options) -> Allocators {
+        let obj = opts.obj.as_ref().map(|o| {
+            if o.as_os_str().to_string_lossy().contains('/') {
+                ObjArg::Path(o.clone())
+            } else {
+                ObjArg::Name(o.to_string_lossy().into_owned())
+            }
+        });
+        Allocators {
+            prefix: opts.prefix.clone(),
+            obj,
+            obj_seen: false,
+            wanted: wanted_map(&opts.prefix),
+            scans: HashMap::new(),
+            functions: Vec::new(),
+            procs: HashMap::new(),
+        }
+    }
+
+    /// The probed function with this id (the high half of its cookie, `trace_event.fn`).
+    pub fn function(&self, id: u32) -> Option<&str> {
+        self.functions.get((id as usize).checked_sub(1)?).map(String::as_str)
+    }
+
+    /// A -p process: every object it maps, in its link map's order.
+    pub fn discover_running(&mut self, pid: i32, objects: &mut Objects) -> Result<ProbeSet> {
+        let mut notes = Vec::new();
+        let cands = running_candidates(pid, objects, &mut notes)?;
+        self.plan(pid, cands, Situation::Start, false, notes)
+    }
+
+    /// A -c command before it runs: the objects of its load order (`order`, from
+    /// `ldso::load_order`), as held since they were found.
+    pub fn discover_command(&mut self, pid: i32, order: &LoadOrder) -> Result<ProbeSet> {
+        let cands = order_candidates(order);
+        self.plan(pid, cands, Situation::Start, true, Vec::new())
+    }
+
+    /// At an exec stop: the new image's load order (`ldso::load_order_after_exec`). Objects
+    /// probed before stay probed (a probe is on the file, for this process).
+    pub fn discover_exec(&mut self, pid: i32, order: &LoadOrder) -> ProbeSet {
+        let cands = order_candidates(order);
+        self.plan(pid, cands, Situation::Exec, true, Vec::new()).unwrap_or_else(|e| ProbeSet {
+            pid,
+            notes: vec![format!("{e:#}")],
+            ..ProbeSet::default()
+        })
+    }
+
+    /// After a link-map change (dlopen): the objects mapped since. `late`: how long after the
+    /// change memleak looked (None when the process was held until now).
+    pub fn discover_linkmap(&mut self, pid: i32, objects: &mut Objects, late: Option<Duration>) -> ProbeSet {
+        let mut notes = Vec::new();
+        let cands = match running_candidates(pid, objects, &mut notes) {
+            Ok(c) => c,
+            // Gone meanwhile: nothing to probe.
+            Err(_) => return ProbeSet { pid, ..ProbeSet::default() },
+        };
+        self.plan(pid, cands, Situation::LinkMap(late), false, notes).unwrap_or_else(|e| ProbeSet {
+            pid,
+            notes: vec![format!("{e:#}")],
+            ..ProbeSet::default()
+        })
+    }
+
+    /// Whether a process is probed for allocator functions at all.
+    pub fn traces(&self, pid: i32) -> bool {
+        self.procs.get(&pid).is_some_and(|p| p.probed.values().any(|o| o.allocator))
+    }
+
+    /// The warning for a process from which no allocation call was seen: what was probed.
+    pub fn unseen_warning(&self, pid: i32) -> String {
+        let probed: Vec<String> = self
+            .procs
+            .get(&pid)
+            .map(|p| {
+                p.order
+                    .iter()
+                    .filter_map(|k| p.probed.get(k))
+                    .filter(|o| o.allocator)
+                    .map(|o| o.shown.file_name().unwrap_or(o.shown.as_os_str()).to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let go = if self.procs.get(&pid).is_some_and(|p| p.go) {
+            " (a Go program: Go's own allocator is not traced, cgo's malloc is)"
+        } else {
+            ""
+        };
+        format!(
+            "no allocation call seen from pid {pid}{go}: it allocates through functions memleak does not probe, or not at all (probed: the allocator functions of {})",
+            if probed.is_empty() { "no object".to_string() } else { probed.join(", ") }
+        )
+    }
+
+    /// At the end of the run: what -O named and never appeared.
+    pub fn final_notes(&self) -> Vec<String> {
+        match &self.obj {
+            Some(o) if !self.obj_seen => {
+                vec![format!("-O {}: no traced process loaded it: nothing was traced", obj_display(o))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn scan_of(&mut self, c: &Candidate, symtab: Symtab) -> Result<Arc<Scan>> {
+        // The -O object is scanned with every symbol table; keyed apart.
+        let key = if symtab == Symtab::Any { (c.key.0 ^ u64::MAX, c.key.1) } else { c.key };
+        if let Some(s) = self.scans.get(&key) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(scan(&c.file, &c.shown, &self.wanted, symtab)?);
+        self.scans.insert(key, s.clone());
+        Ok(s)
+    }
+
+    /// Whether candidate `c` is the object -O names.
+    fn is_obj(&self, c: &Candidate, scan: Option<&Scan>) -> bool {
+        match &self.obj {
+            None => false,
+            Some(ObjArg::Path(p)) => {
+                c.shown == *p || std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == c.key)
+            }
+            Some(ObjArg::Name(n)) => {
+                c.shown.file_name().is_some_and(|f| f.to_string_lossy() == *n)
+                    || scan.and_then(|s| s.soname.as_deref()).is_some_and(|s| s == n)
+            }
+        }
+    }
+
+    fn plan(
+        &mut self,
+        pid: i32,
+        mut cands: Vec<Candidate>,
+        situation: Situation,
+        command: bool,
+        mut notes: Vec<String>,
+    ) -> Result<ProbeSet> {
+        // Symbol lookup order: the global scope first, in order; then the others as met.
+        cands.sort_by_key(|c| c.scope.unwrap_or(usize::MAX));
+        let mut scans: Vec<Option<Arc<Scan>>> = Vec::with_capacity(cands.len());
+        for c in &cands {
+            let symtab = if c.executable { Symtab::Global } else { Symtab::No };
+            match self.scan_of(c, symtab) {
+                Ok(s) => scans.push(Some(s)),
+                Err(e) => {
+                    if situation == Situation::Start && self.obj.is_none() {
+                        notes.push(format!("{}: {e:#}: not probed", c.shown.display()));
+                    }
+                    scans.push(None);
+                }
+            }
+        }
+        // -O: that object alone (with every symbol table), plus the dynamic linker's hook
+        // while it has not appeared, to find it when it is loaded.
+        let obj_at = self.obj.as_ref().and_then(|_| (0..cands.len()).find(|&i| self.is_obj(&cands[i], scans[i].as_deref())));
+        if self.obj.is_some() {
+            match obj_at {
+                Some(i) => {
+                    if cands[i].mapped {
+                        self.obj_seen = true;
+                    }
+                    scans[i] = Some(self.scan_of(&cands[i], Symtab::Any)?);
+                }
+                None => {
+                    if situation == Situation::Start {
+                        let o = self.obj.as_ref().unwrap();
+                        if !command {
+                            return Err(self.obj_not_mapped(pid, o));
+                        }
+                        // A command that may load it later: probed by path now if it is one.
+                        if let ObjArg::Path(p) = o {
+                            let p = p.clone();
+                            let file = check_obj(&p)?;
+                            let md = file.metadata()?;
+                            cands.push(Candidate {
+                                key: (md.dev(), md.ino()),
+                                shown: p,
+                                file,
+                                scope: None,
+                                executable: false,
+                                mapped: false,
+                            });
+                            let last = cands.len() - 1;
+                            scans.push(Some(self.scan_of(&cands[last], Symtab::Any)?));
+                        }
+                    }
+                }
+            }
+        }
+        let obj_at = self.obj.as_ref().and_then(|_| (0..cands.len()).find(|&i| self.is_obj(&cands[i], scans[i].as_deref())));
+        let hook_needed = self.obj.is_some() && !self.obj_seen;
+
+        // What each object is probed for.
+        let mut chosen: Vec<(usize, Vec<Found>)> = Vec::new();
+        for (i, s) in scans.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let found: Vec<Found> = if self.obj.is_some() {
+                if Some(i) == obj_at {
+                    s.found.clone()
+                } else if hook_needed {
+                    s.found.iter().filter(|f| f.spec.op == Op::LinkMap).cloned().collect()
+                } else {
+                    Vec::new()
+                }
+            } else {
+                s.found.clone()
+            };
+            if !found.is_empty() {
+                chosen.push((i, found));
+            }
+        }
+        let has_allocator = |found: &[Found]| found.iter().any(|f| f.spec.op != Op::LinkMap);
+        let exe = cands.iter().position(|c| c.executable);
+        let go = exe.and_then(|i| scans[i].as_ref()).is_some_and(|s| s.go);
+        let any_allocator = chosen.iter().any(|(_, f)| has_allocator(f));
+        if !any_allocator {
+            let why = self.nothing_to_trace(pid, &cands, exe, &scans, go, command, obj_at);
+            if situation == Situation::Start && !(command && self.obj.is_some() && obj_at.is_none()) {
+                bail!("{why}");
+            }
+            if situation == Situation::Exec {
+                notes.push(why);
+            }
+        } else if go && !matches!(situation, Situation::LinkMap(_)) {
+            notes.push(format!(
+                "{} is a Go program: Go's own allocator is not traced (cgo's malloc is)",
+                cands[exe.unwrap()].shown.display()
+            ));
+        }
+
+        let state = self.procs.entry(pid).or_default();
+        state.go |= go;
+        let mut set = ProbeSet { pid, notes, ..ProbeSet::default() };
+        let mut conflicts = Vec::new();
+        for (i, found) in &chosen {
+            let c = &cands[*i];
+            let state = self.procs.get_mut(&pid).unwrap();
+            let new = !state.probed.contains_key(&c.key);
+            if new {
+                let file = c.file.try_clone()?;
+                let shown = c.shown.clone();
+                let functions = &mut self.functions;
+                let entries = probes::entry_points(
+                    &file,
+                    found,
+                    |names| {
+                        functions.push(format!("{names} in {}", shown.display()));
+                        functions.len() as u32
+                    },
+                    &mut conflicts,
+                );
+                for conflict in conflicts.drain(..) {
+                    set.notes.push(format!("{}: {conflict}: its alias means another call", shown.display()));
+                }
+                let state = self.procs.get_mut(&pid).unwrap();
+                state.probed.insert(c.key, Probed { shown: shown.clone(), allocator: has_allocator(found) });
+                state.order.push(c.key);
+                if self.obj.is_some() || !self.prefix.is_empty() {
+                    if let Some(note) = self.missing_note(&shown, found, Some(*i) == obj_at || self.obj.is_none()) {
+                        set.notes.push(note);
+                    }
+                }
+                set.objects.push(ObjectProbes { path: crate::objfile::fd_path(&file), file, shown, entries });
+            }
+            let print = match situation {
+                Situation::Start | Situation::Exec => true,
+                Situation::LinkMap(_) => new,
+            };
+            if print && has_allocator(found) {
+                let mut line = tracing_line(pid, *i, found, &cands, &scans, self.obj.is_some());
+                if let (true, Situation::LinkMap(Some(late))) = (new, situation) {
+                    line.push_str(&format!(
+                        ", from {} ms after it was loaded (calls before were not seen)",
+                        late.as_millis()
+                    ));
+                }
+                if !c.mapped {
+                    line.push_str(", if it is loaded");
+                }
+                set.lines.push(line);
+            }
+        }
+        Ok(set)
+    }
+
+    fn obj_not_mapped(&self, pid: i32, o: &ObjArg) -> anyhow::Error {
+        if let ObjArg::Path(p) = o
+            && let Err(e) = check_obj(p)
+        {
+            return e;
+        }
+        anyhow::anyhow!("-O {}: not mapped by process {pid}", obj_display(o))
+    }
+
+    /// Why nothing can be traced in a process.
+    #[allow(clippy::too_many_arguments)]
+    fn nothing_to_trace(
+        &self,
+        pid: i32,
+        cands: &[Candidate],
+        exe: Option<usize>,
+        scans: &[Option<Arc<Scan>>],
+        go: bool,
+        command: bool,
+        obj_at: Option<usize>,
+    ) -> String {
+        let p = &self.prefix;
+        if let Some(i) = obj_at {
+            return format!(
+                "{} defines none of the allocator functions ({p}malloc, {p}free, ...)",
+                cands[i].shown.display()
+            );
+        }
+        let exe_shown = exe.map(|i| cands[i].shown.display().to_string()).unwrap_or_else(|| format!("pid {pid}"));
+        if go {
+            return format!(
+                "{exe_shown} is a Go program without cgo: Go's own allocator is not traced (cgo's malloc is), and it has no C allocator"
+            );
+        }
+        let dynamic = exe.and_then(|i| scans[i].as_ref()).is_none_or(|s| s.interp);
+        match (command, dynamic) {
+            (true, false) => {
+                format!("{exe_shown} is statically linked without {p}malloc: name the allocator's object with -O")
+            }
+            (true, true) => format!(
+                "{exe_shown} loads no object that defines {p}malloc or another allocator function: name the allocator's object with -O"
+            ),
+            (false, _) => format!(
+                "process {pid} has no libc mapped and its executable defines no {p}malloc (nor any other allocator function): name the allocator's object with -O"
+            ),
+        }
+    }
+
+    /// With -O or -S: the C names the object lacks.
+    fn missing_note(&self, shown: &Path, found: &[Found], is_target: bool) -> Option<String> {
+        if !is_target {
+            return None;
+        }
+        let have: std::collections::HashSet<&str> = found.iter().map(|f| f.symbol.as_str()).collect();
+        let mut wanted: Vec<(&String, usize)> = self
+            .wanted
+            .iter()
+            .filter(|(n, (_, s))| {
+                s.op != Op::LinkMap
+                    && (s.family == Family::C && !s.symbol.starts_with("__") && !have.contains(n.as_str()))
+            })
+            .map(|(n, (rank, _))| (n, *rank))
+            .collect();
+        wanted.sort_by_key(|w| w.1);
+        let missing: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
+        (!missing.is_empty()).then(|| format!("{} has no {}: not traced", shown.display(), missing.join(", ")))
+    }
+}
+
+fn obj_display(o: &ObjArg) -> String {
+    match o {
+        ObjArg::Path(p) => p.display().to_string(),
+        ObjArg::Name(n) => n.clone(),
+    }
+}
+
+/// The file -O names, checked as memleak checks any object named by the user.
+fn check_obj(obj: &Path) -> Result<File> {
+    if !obj.exists() {
+        bail!("-O {}: no such file", obj.display());
+    }
+    let (file, _) = anyhow::Context::context(crate::objfile::read_elf(obj), "-O")?;
+    Ok(file)
+}
+
+/// `Tracing malloc, free, ... in OBJECT (pid N)`: what object `i` is probed for; the names it
+/// binds first, then those another object binds first (they are reached only through the
+/// object's own internal calls, or by callers bound to it directly).
+fn tracing_line(
+    pid: i32,
+    i: usize,
+    found: &[Found],
+    cands: &[Candidate],
+    scans: &[Option<Arc<Scan>>],
+    only: bool,
+) -> String {
+    let winner = |symbol: &str| -> Option<usize> {
+        (0..cands.len()).find(|&j| scans[j].as_ref().is_some_and(|s| s.found.iter().any(|f| f.symbol == symbol)))
+    };
+    let mut bound: Vec<&Found> = Vec::new();
+    let mut other: Vec<&Found> = Vec::new();
+    let mut by: Vec<String> = Vec::new();
+    for f in found.iter().filter(|f| f.spec.op != Op::LinkMap) {
+        match winner(&f.symbol) {
+            Some(w) if w != i && !only => {
+                other.push(f);
+                let name = cands[w].shown.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                if !by.contains(&name) {
+                    by.push(name);
+                }
+            }
+            _ => bound.push(f),
+        }
+    }
+    let shown = cands[i].shown.display();
+    if bound.is_empty() {
+        return format!("Tracing its own {} in {shown} (pid {pid}), which {} override", describe(&other), by.join(", "));
+    }
+    let mut line = format!("Tracing {} in {shown} (pid {pid})", describe(&bound));
+    if !other.is_empty() {
+        line.push_str(&format!("; also its own {}, which {} override", describe(&other), by.join(", ")));
+    }
+    line
+}
+
+/// Function names for a line: the C names one by one, then each family in brief.
+fn describe(found: &[&Found]) -> String {
+    let (mut parts, mut internal, mut cxx, mut tc, mut mi) = (Vec::new(), 0, 0, 0, 0);
+    for f in found {
+        match f.spec.family {
+            Family::Cxx => cxx += 1,
+            Family::Tcmalloc if f.symbol.starts_with("tc_") => tc += 1,
+            Family::Mimalloc if f.symbol.starts_with("mi_") => mi += 1,
+            Family::C if f.symbol.starts_with("__") => internal += 1,
+            Family::Ldso => {}
+            _ => parts.push(f.symbol.clone()),
+        }
+    }
+    if internal > 0 {
+        parts.push(format!("__libc_* ({internal})"));
+    }
+    if cxx > 0 {
+        parts.push(format!("operator new/delete ({cxx} forms)"));
+    }
+    if tc > 0 {
+        parts.push(format!("tc_* ({tc})"));
+    }
+    if mi > 0 {
+        parts.push(format!("mi_* ({mi})"));
+    }
+    parts.join(", ")
+}
+
+/// The objects of a command's load order: the global scope in order, then the interpreter.
+fn order_candidates(order: &LoadOrder) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for (i, o) in order.startup_objects().enumerate() {
+        let Ok(file) = o.file.try_clone() else { continue };
+        let Ok(md) = file.metadata() else { continue };
+        let key = (md.dev(), md.ino());
+        if out.iter().any(|c: &Candidate| c.key == key) {
+            continue;
+        }
+        out.push(Candidate {
+            key,
+            shown: o.path.clone(),
+            file,
+            scope: Some(i),
+            executable: i == 0,
+            mapped: true,
+        });
+    }
+    out
+}
+
+/// The objects a running process maps code from, opened through /proc/PID/map_files (the
+/// run's `objects` hold them), each with its place in the link map.
+fn running_candidates(pid: i32, objects: &mut Objects, notes: &mut Vec<String>) -> Result<Vec<Candidate>> {
+    let maps = ProcMaps::read(pid)?;
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok().map(|m| (m.dev(), m.ino()));
+    // The link map: each object's dynamic section lies in one of its own mappings.
+    let mut scope: HashMap<Key, usize> = HashMap::new();
+    if let Ok(lm) = linkmap::read(pid) {
+        for (i, e) in lm.entries.iter().enumerate() {
+            if let Some(m) = maps.find(e.dynamic).filter(|m| m.is_file()) {
+                scope.entry((m.dev, m.inode)).or_insert(i);
+            }
+        }
+    }
+    let mut out: Vec<Candidate> = Vec::new();
+    for m in maps.mappings.iter().filter(|m| m.executable && m.is_file()) {
+        let key = (m.dev, m.inode);
+        if out.iter().any(|c| c.key == key) {
+            continue;
+        }
+        let i = objects.open_mapping(pid, m);
+        let o = objects.get(i);
+        let Some(file) = o.file().and_then(|f| f.try_clone().ok()) else {
+            if let crate::objects::State::Unreadable { why, retry: false } = &o.state {
+                notes.push(format!("{}: not readable: {why}: not probed", o.display_name()));
+            }
+            continue;
+        };
+        let shown = m.path.as_deref().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(o.display_name()));
+        out.push(Candidate {
+            key,
+            shown,
+            file,
+            scope: scope.get(&key).copied(),
+            executable: Some(key) == exe,
+            mapped: true,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether process `pid` made an allocation call through a probed function since tracing
+/// began (or since its last exec): the `heap_seen` map of the BPF object.
+pub fn calls_seen(heap_seen: &impl libbpf_rs::MapCore, pid: u32) -> bool {
+    heap_seen.lookup(&pid.to_ne_bytes(), libbpf_rs::MapFlags::ANY).ok().flatten().is_some()
+}
