@@ -72,8 +72,10 @@ pub fn load<'obj>(
     target_tgid: u32,
     held_until_exec: bool,
     mode: AttachMode,
+    find_vma: bool,
 ) -> Result<Loaded<'obj>> {
-    let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
+    let mut open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
+    open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?.have_find_vma = find_vma;
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
     Ok(Loaded { skel, mode })
 }

@@ -272,7 +272,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
 
     let mut storage = MaybeUninit::uninit();
-    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode)?;
+    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode, features.find_vma)?;
     let skel = &loaded.skel;
     let unwind = if cfg.frame_pointers {
         None

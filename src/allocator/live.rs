@@ -38,6 +38,7 @@ impl<'a, 'obj> Live<'a, 'obj> {
         set: ProbeSet,
         verbose: bool,
     ) -> Result<Live<'a, 'obj>> {
+        mark_arena_owners(skel, &set);
         let (links, failed) = attach(&skel.progs, mode, &set);
         if let Some(e) = failed.into_iter().next() {
             return Err(e.context("cannot attach the allocator probes"));
@@ -71,6 +72,7 @@ impl<'a, 'obj> Live<'a, 'obj> {
 
     /// Attaches a later set; what cannot be attached is said, and the run goes on.
     pub fn apply(&mut self, set: ProbeSet) {
+        mark_arena_owners(self.skel, &set);
         let (links, failed) = attach(&self.skel.progs, self.mode, &set);
         self.links.extend(links);
         self.say(&set);
@@ -152,6 +154,21 @@ impl<'a, 'obj> Live<'a, 'obj> {
     pub fn finish(&self) {
         for n in self.allocators.final_notes() {
             errln!("memleak: note: {n}");
+        }
+    }
+}
+
+/// Tells the BPF side which files are allocators whose own mmaps are their arenas.
+fn mark_arena_owners(skel: &MemleakSkel, set: &ProbeSet) {
+    use crate::skel::types::unwind_obj_key;
+    for (dev, ino) in set.objects.iter().filter_map(|o| o.arena_owner) {
+        let key = unwind_obj_key { dev, pad: 0, ino };
+        // SAFETY: a plain C struct from the shared header, read as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&key as *const unwind_obj_key).cast::<u8>(), std::mem::size_of_val(&key))
+        };
+        if let Err(e) = skel.maps.allocator_files.update(bytes, &[1], MapFlags::ANY) {
+            errln!("memleak: note: cannot mark an allocator's file: {e}: its own mappings may show as the program's");
         }
     }
 }

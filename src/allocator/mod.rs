@@ -58,6 +58,10 @@ pub struct ObjectProbes {
     /// The path shown to the user.
     pub shown: PathBuf,
     pub entries: Vec<EntryPoint>,
+    /// An allocator other than the C library and the executable (a jemalloc, tcmalloc or
+    /// mimalloc shared object): its file as the BPF side names it (kernel dev, inode), whose
+    /// own mmaps outside probed calls are its arenas, not the program's mappings.
+    pub arena_owner: Option<(u32, u64)>,
 }
 
 /// What a discovery found to probe in one process, and what to say about it.
@@ -139,6 +143,9 @@ struct ProcState {
     /// Keys in the order they were probed.
     order: Vec<Key>,
     go: bool,
+    /// The `Tracing` lines last given for the whole process (an exec that changes nothing, as
+    /// a command's first, is not said twice).
+    said: Vec<String>,
 }
 
 /// -O as given.
@@ -399,7 +406,7 @@ impl Allocators {
             if situation == Situation::Exec {
                 notes.push(why);
             }
-        } else if go && !matches!(situation, Situation::LinkMap(_)) {
+        } else if go && !self.procs.get(&pid).is_some_and(|p| p.go) {
             notes.push(format!(
                 "{} is a Go program: Go's own allocator is not traced (cgo's malloc is)",
                 cands[exe.unwrap()].shown.display()
@@ -438,7 +445,17 @@ impl Allocators {
                         set.notes.push(note);
                     }
                 }
-                set.objects.push(ObjectProbes { path: crate::objfile::fd_path(&file), file, shown, entries });
+                let arena_owner = (!c.executable
+                    && !is_c_library(&c.shown, scans[*i].as_ref().and_then(|s| s.soname.as_deref()))
+                    && found.iter().any(|f| f.spec.op == Op::Alloc && f.spec.family != Family::Cxx))
+                    .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
+                set.objects.push(ObjectProbes {
+                    path: crate::objfile::fd_path(&file),
+                    file,
+                    shown,
+                    entries,
+                    arena_owner,
+                });
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,
@@ -448,8 +465,8 @@ impl Allocators {
                 let mut line = tracing_line(pid, *i, found, &cands, &scans, self.obj.is_some());
                 if let (true, Situation::LinkMap(Some(late))) = (new, situation) {
                     line.push_str(&format!(
-                        ", from {} ms after it was loaded (calls before were not seen)",
-                        late.as_millis()
+                        ", from {:.1} ms after it was loaded (calls before were not seen)",
+                        late.as_secs_f64() * 1e3
                     ));
                 }
                 if !c.mapped {
@@ -457,6 +474,16 @@ impl Allocators {
                 }
                 set.lines.push(line);
             }
+        }
+        if situation != Situation::Start && !matches!(situation, Situation::LinkMap(_)) {
+            let state = self.procs.get_mut(&pid).unwrap();
+            if state.said == set.lines {
+                set.lines.clear();
+            } else {
+                state.said = set.lines.clone();
+            }
+        } else if situation == Situation::Start {
+            self.procs.get_mut(&pid).unwrap().said = set.lines.clone();
         }
         Ok(set)
     }
@@ -528,6 +555,15 @@ impl Allocators {
         let missing: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
         (!missing.is_empty()).then(|| format!("{} has no {}: not traced", shown.display(), missing.join(", ")))
     }
+}
+
+/// libc.so.6, libc-2.21.so, musl's libc.musl-x86_64.so.1 and ld-musl-x86_64.so.1: the C
+/// library, whose own mmaps (thread stacks) are the program's.
+fn is_c_library(path: &Path, soname: Option<&str>) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    [name.as_str(), soname.unwrap_or("")].iter().any(|n| {
+        n.starts_with("libc.so") || n.starts_with("libc-") || n.starts_with("libc.musl") || n.starts_with("ld-musl")
+    })
 }
 
 fn obj_display(o: &ObjArg) -> String {

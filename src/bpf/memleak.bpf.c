@@ -28,6 +28,8 @@ const volatile __u32 target_tgid = 0;
 /* -c: memleak ptraces the command's main thread; a link-map change there stops it (SIGSTOP,
  * which memleak's ptrace takes and suppresses) until the new objects' probes are attached. */
 const volatile bool stop_on_linkmap = false;
+/* bpf_find_vma exists (5.17): an allocator's own mmaps are told from the program's. */
+const volatile bool have_find_vma = false;
 
 /* Set by sched_process_exec for target_tgid (or by the loader when need_exec is off). */
 bool armed = false;
@@ -89,6 +91,19 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } linkmap_stops SEC(".maps");
+
+/*
+ * The files of allocators other than the C library (jemalloc, tcmalloc, mimalloc as shared
+ * objects), written by user space: an mmap their own code makes outside any probed call (an
+ * arena at start-up, in a constructor, or before memleak attached) serves blocks that are
+ * traced one by one; it is not the program's mapping.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct unwind_obj_key);
+	__type(value, __u8);
+} allocator_files SEC(".maps");
 
 #define SIGSTOP_ 19
 
@@ -218,6 +233,24 @@ static __always_inline void read_args(struct pt_regs *ctx, struct call_args *arg
 	args->a[7] = 0;
 }
 
+/* Whether the call whose return address is at sp was made by an allocator's own code. */
+static __always_inline bool allocator_own_call(__u64 sp)
+{
+	struct vma_found f = {};
+	struct unwind_obj_key key = {};
+	__u64 ret = 0;
+
+	if (!have_find_vma)
+		return false;
+	if (bpf_probe_read_user(&ret, sizeof(ret), (void *)sp))
+		return false;
+	if (bpf_find_vma(bpf_get_current_task_btf(), ret, unwind_vma_cb, &f, 0) || !f.has_file)
+		return false;
+	key.dev = f.dev;
+	key.ino = f.ino;
+	return bpf_map_lookup_elem(&allocator_files, &key) != NULL;
+}
+
 /*
  * _dl_debug_state: the dynamic linker changed the link map. User space is told (it reads the
  * link map and probes the new objects); a ptraced thread also stops until that is done.
@@ -318,6 +351,9 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 		 * interrupted it): its block is untracked, and said. */
 		count(CNT_RETURN_MISSED);
 	}
+	/* An allocator's own arena, mapped outside a probed call (see allocator_files). */
+	if ((op == OP_MMAP || op == OP_MREMAP) && allocator_own_call(sp))
+		return 1;
 	if (!ts->heap_seen && op != OP_MMAP && op != OP_MREMAP) {
 		/* The first allocation call of this thread: its process allocates through a probe. */
 		ts->heap_seen = 1;
