@@ -36,11 +36,12 @@ impl EntryPoint {
 
 /// One entry point per distinct address among `found` (aliases share it, the first one's
 /// meaning wins; `conflicts` gets the aliases whose meaning differs), each placed by decoding
-/// its first instructions read through `file`. `id` numbers each entry point from its names.
+/// its first instructions read through `file`. `id` numbers each entry point from its names and
+/// the first one's display name.
 pub fn entry_points(
     file: &File,
     found: &[Found],
-    mut id: impl FnMut(&str) -> u32,
+    mut id: impl FnMut(&str, &str) -> u32,
     conflicts: &mut Vec<String>,
 ) -> Vec<EntryPoint> {
     let mut by_offset: BTreeMap<u64, (String, &Found)> = BTreeMap::new();
@@ -68,7 +69,7 @@ pub fn entry_points(
             code.truncate(n);
             let placement = place(&code);
             let file_offset = off + placement.delta;
-            let cookie = f.spec.cookie(id(&names));
+            let cookie = f.spec.cookie(id(&names, f.spec.display));
             EntryPoint { names, op: f.spec.op, cookie, entry_offset: off, file_offset, placement }
         })
         .collect()
@@ -179,7 +180,7 @@ mod tests {
         let entries = entry_points(
             &file,
             &s.found,
-            |_| {
+            |_, _| {
                 n += 1;
                 n
             },

@@ -231,10 +231,8 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
     let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
     // The allocator in use: every object that defines allocator functions (src/allocator).
-    let mut allocators = allocator::Allocators::new(&allocator::Options {
-        obj: cfg.obj.clone(),
-        prefix: cfg.symbols_prefix.clone(),
-    });
+    let mut allocators =
+        allocator::Allocators::new(&allocator::Options { obj: cfg.obj.clone(), prefix: cfg.symbols_prefix.clone() });
     let (pid, mut symbolizer, held, order, probe_set) = match &cfg.target {
         Target::Kernel => return crate::kernel::run(cfg, &mut signals, outputs),
         Target::Pid(pid) => {
@@ -384,10 +382,8 @@ pub fn follow(
         }
         End::Stopped => {}
     }
-    if let Some(a) = &tracer.alloc
-        && !matches!(end, End::Stopped)
-    {
-        a.finish();
+    if let Some(a) = &tracer.alloc {
+        a.finish(pid as u32);
     }
     if tracer.cfg.verbose
         && let Some(u) = &tracer.unwind

@@ -95,7 +95,7 @@ fn command_that_cannot_be_executed_as_the_user() {
         cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
         let out = Proc::spawn("memleak", cmd).finish();
         assert_eq!(out.code(), Some(1), "{}", out.stderr);
-        out.stderr.trim_end().to_string()
+        without_tracing_lines(&out.stderr).trim_end().to_string()
     };
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("not-executable");
     std::fs::create_dir_all(&dir).expect("mkdir");

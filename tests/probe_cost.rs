@@ -68,11 +68,12 @@ fn final_stack(run: &Finished, function: &str) -> Option<(u64, u64)> {
     stacks.first().map(|s| (s.bytes, s.count))
 }
 
-/// The probe delta memleak -v chose for `name`.
+/// The probe delta memleak -v chose for `name` (the first of the names at its address, as in
+/// glibc's "free/cfree/__libc_free").
 fn delta(stderr: &str, name: &str) -> u64 {
     let line = stderr
         .lines()
-        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .find(|l| l.split_whitespace().nth(1).and_then(|n| n.split('/').next()) == Some(name))
         .unwrap_or_else(|| panic!("no -v line for {name} in:\n{stderr}"));
     let plus = line.split("(+").nth(1).expect("a (+N: ...) part");
     plus.split(':').next().unwrap().parse().unwrap()

@@ -193,7 +193,7 @@ fn cxx_names_print_as_cxxfilt_prints_them() {
         let out = common::memleak_output(&["-c", exe.to_str().unwrap()]);
         assert_eq!(out.code(), Some(0), "{}", out.stderr);
         let r = final_report(&out.stdout);
-        let (mut checked, mut seen) = (0, BTreeSet::new());
+        let (mut checked, mut seen, mut in_std) = (0, BTreeSet::new(), 0);
         for s in &r.stacks {
             for (i, f) in s.frames.iter().enumerate() {
                 let name = common::frame_function(f);
@@ -211,6 +211,7 @@ fn cxx_names_print_as_cxxfilt_prints_them() {
                 }
                 assert!(names.contains(name), "{opt}: {name:?} is not c++filt's output of any name of {module}");
                 checked += 1;
+                in_std += usize::from(module.contains("libstdc++"));
                 seen.insert(name.to_string());
             }
         }
@@ -220,7 +221,9 @@ fn cxx_names_print_as_cxxfilt_prints_them() {
             seen.iter().any(|n| n.starts_with("std::future<") && n.contains(" std::async<")),
             "{opt}: no std::async frame in {seen:#?}"
         );
-        assert!(seen.contains("operator new(unsigned long)"), "{opt}: {seen:#?}");
+        // libstdc++'s own frames (operator new is probed itself, so stacks start at its caller:
+        // the thread start routine, say).
+        assert!(in_std > 0, "{opt}: no libstdc++ frame in {seen:#?}");
     }
 }
 

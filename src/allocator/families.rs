@@ -58,12 +58,6 @@ impl Op {
     pub fn needs_return(self) -> bool {
         !matches!(self, Op::Free | Op::Munmap | Op::Mprotect | Op::LinkMap)
     }
-
-    /// Whether it hands out heap blocks (what the check that a process's allocation calls are
-    /// seen at all counts; mappings are made by much else, the allocator's own arenas too).
-    pub fn allocates(self) -> bool {
-        matches!(self, Op::Alloc | Op::Realloc | Op::ReallocF | Op::MemalignOut)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,19 +71,6 @@ pub enum Family {
     Mimalloc,
     /// The dynamic linker's debugger interface (not an allocator).
     Ldso,
-}
-
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::C => "C",
-            Family::Cxx => "C++",
-            Family::Jemalloc => "jemalloc",
-            Family::Tcmalloc => "tcmalloc",
-            Family::Mimalloc => "mimalloc",
-            Family::Ldso => "ld.so",
-        }
-    }
 }
 
 /// One function: its symbol and the meaning of its arguments (1-based; 0: none).
@@ -332,13 +313,6 @@ pub const SPECS: &[Spec] = &[
     f("_dl_debug_state", "_dl_debug_state", Ldso, LinkMap, 0, 0, 0),
 ];
 
-/// Functions that end blocks without a free call for each: memleak cannot see which blocks
-/// they end, so their blocks stay reported; a call to one is counted and said.
-pub const BULK_FREES: &[(&str, &str)] = &[
-    ("mi_heap_destroy", "mimalloc's mi_heap_destroy frees every block of a heap at once"),
-    ("mi_heap_collect", "mimalloc's mi_heap_collect(heap, true) may free abandoned blocks"),
-];
-
 /// The functions looked for in an object, by symbol: every row of the table, or with an -S
 /// prefix the C library's standard names with the prefix (`je_malloc`, ..., in table order),
 /// and the dynamic linker's hook, which is not an allocator function.
@@ -357,6 +331,7 @@ pub fn wanted(prefix: &str) -> Vec<(String, Spec)> {
 }
 
 /// The spec of `symbol` among [`wanted`]`(prefix)`.
+#[cfg(test)]
 pub fn spec_of(symbol: &str, prefix: &str) -> Option<Spec> {
     wanted(prefix).into_iter().find(|(name, _)| name == symbol).map(|(_, s)| s)
 }

@@ -117,9 +117,16 @@ impl<'a, 'obj> Live<'a, 'obj> {
             // The earliest change not handled yet: how long calls could go unseen.
             let first = events.iter().filter(|e| e.pid == ev.pid).map(|e| e.time_ns).min().unwrap_or(ev.time_ns);
             let late = Duration::from_nanos(now.saturating_sub(first));
-            let set = self.allocators.discover_linkmap(ev.pid as i32, objects, Some(late));
+            // A thread the BPF side stopped waits for this: nothing was missed.
+            let held = events.iter().filter(|e| e.pid == ev.pid).any(|e| self.held(e.tid));
+            let set = self.allocators.discover_linkmap(ev.pid as i32, objects, (!held).then_some(late));
             self.apply(set);
         }
+    }
+
+    /// Whether thread `tid` was stopped at a link-map change and waits for memleak.
+    fn held(&self, tid: u32) -> bool {
+        self.skel.maps.linkmap_stops.lookup(&tid.to_ne_bytes(), MapFlags::ANY).ok().flatten().is_some()
     }
 
     /// A SIGSTOP reached memleak's ptrace of thread `tid`: if the BPF side sent it at a link-map
@@ -144,16 +151,22 @@ impl<'a, 'obj> Live<'a, 'obj> {
         if !exited && self.started.elapsed() < QUIET_WARNING_AFTER {
             return Vec::new();
         }
-        if calls_seen(&self.skel.maps.heap_seen, pid) {
+        if calls_seen(&self.skel.maps.heap_seen, pid).is_some() {
             return Vec::new();
         }
         vec![self.allocators.unseen_warning(pid as i32)]
     }
 
-    /// At the end of the run.
-    pub fn finish(&self) {
+    /// At the end of the run: what -O named and never appeared; with -v, which allocator
+    /// function `pid` called first.
+    pub fn finish(&self, pid: u32) {
         for n in self.allocators.final_notes() {
             errln!("memleak: note: {n}");
+        }
+        if self.verbose
+            && let Some(f) = calls_seen(&self.skel.maps.heap_seen, pid).and_then(|id| self.allocators.function(id))
+        {
+            errln!("memleak: pid {pid}'s first allocation call: {f}");
         }
     }
 }

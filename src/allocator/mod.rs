@@ -51,10 +51,8 @@ pub struct Options {
 
 /// One object to probe in one process.
 pub struct ObjectProbes {
-    /// Held: `path` names this very file.
+    /// Held since it was found: [`ObjectProbes::path`] names this very file.
     pub file: File,
-    /// What the attach and the readers open: /proc/self/fd/N of `file`.
-    pub path: PathBuf,
     /// The path shown to the user.
     pub shown: PathBuf,
     pub entries: Vec<EntryPoint>,
@@ -62,6 +60,13 @@ pub struct ObjectProbes {
     /// mimalloc shared object): its file as the BPF side names it (kernel dev, inode), whose
     /// own mmaps outside probed calls are its arenas, not the program's mappings.
     pub arena_owner: Option<(u32, u64)>,
+}
+
+impl ObjectProbes {
+    /// What the attach opens: /proc/self/fd/N of the file held.
+    pub fn path(&self) -> PathBuf {
+        crate::objfile::fd_path(&self.file)
+    }
 }
 
 /// What a discovery found to probe in one process, and what to say about it.
@@ -102,15 +107,11 @@ impl ProbeSet {
 
 /// Attaches the loaded programs to every object of `set` in its process: the links, and the
 /// objects that could not be attached (each with why).
-pub fn attach(
-    progs: &crate::skel::MemleakProgs,
-    mode: AttachMode,
-    set: &ProbeSet,
-) -> (Vec<Link>, Vec<anyhow::Error>) {
+pub fn attach(progs: &crate::skel::MemleakProgs, mode: AttachMode, set: &ProbeSet) -> (Vec<Link>, Vec<anyhow::Error>) {
     let mut links = Vec::new();
     let mut failed = Vec::new();
     for o in &set.objects {
-        match probes::attach(progs, mode, set.pid, &o.path, &o.entries) {
+        match probes::attach(progs, mode, set.pid, &o.path(), &o.entries) {
             Ok(l) => links.extend(l),
             Err(e) => failed.push(e.context(format!("{} (pid {})", o.shown.display(), set.pid))),
         }
@@ -247,11 +248,6 @@ impl Allocators {
         })
     }
 
-    /// Whether a process is probed for allocator functions at all.
-    pub fn traces(&self, pid: i32) -> bool {
-        self.procs.get(&pid).is_some_and(|p| p.probed.values().any(|o| o.allocator))
-    }
-
     /// The warning for a process from which no allocation call was seen: what was probed.
     pub fn unseen_warning(&self, pid: i32) -> String {
         let probed: Vec<String> = self
@@ -302,9 +298,7 @@ impl Allocators {
     fn is_obj(&self, c: &Candidate, scan: Option<&Scan>) -> bool {
         match &self.obj {
             None => false,
-            Some(ObjArg::Path(p)) => {
-                c.shown == *p || std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == c.key)
-            }
+            Some(ObjArg::Path(p)) => c.shown == *p || std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == c.key),
             Some(ObjArg::Name(n)) => {
                 c.shown.file_name().is_some_and(|f| f.to_string_lossy() == *n)
                     || scan.and_then(|s| s.soname.as_deref()).is_some_and(|s| s == n)
@@ -337,7 +331,8 @@ impl Allocators {
         }
         // -O: that object alone (with every symbol table), plus the dynamic linker's hook
         // while it has not appeared, to find it when it is loaded.
-        let obj_at = self.obj.as_ref().and_then(|_| (0..cands.len()).find(|&i| self.is_obj(&cands[i], scans[i].as_deref())));
+        let obj_at =
+            self.obj.as_ref().and_then(|_| (0..cands.len()).find(|&i| self.is_obj(&cands[i], scans[i].as_deref())));
         if self.obj.is_some() {
             match obj_at {
                 Some(i) => {
@@ -372,7 +367,8 @@ impl Allocators {
                 }
             }
         }
-        let obj_at = self.obj.as_ref().and_then(|_| (0..cands.len()).find(|&i| self.is_obj(&cands[i], scans[i].as_deref())));
+        let obj_at =
+            self.obj.as_ref().and_then(|_| (0..cands.len()).find(|&i| self.is_obj(&cands[i], scans[i].as_deref())));
         let hook_needed = self.obj.is_some() && !self.obj_seen;
 
         // What each object is probed for.
@@ -428,8 +424,8 @@ impl Allocators {
                 let entries = probes::entry_points(
                     &file,
                     found,
-                    |names| {
-                        functions.push(format!("{names} in {}", shown.display()));
+                    |_, display| {
+                        functions.push(format!("{display} in {}", shown.display()));
                         functions.len() as u32
                     },
                     &mut conflicts,
@@ -440,22 +436,16 @@ impl Allocators {
                 let state = self.procs.get_mut(&pid).unwrap();
                 state.probed.insert(c.key, Probed { shown: shown.clone(), allocator: has_allocator(found) });
                 state.order.push(c.key);
-                if self.obj.is_some() || !self.prefix.is_empty() {
-                    if let Some(note) = self.missing_note(&shown, found, Some(*i) == obj_at || self.obj.is_none()) {
-                        set.notes.push(note);
-                    }
+                if (self.obj.is_some() || !self.prefix.is_empty())
+                    && let Some(note) = self.missing_note(&shown, found, Some(*i) == obj_at || self.obj.is_none())
+                {
+                    set.notes.push(note);
                 }
                 let arena_owner = (!c.executable
                     && !is_c_library(&c.shown, scans[*i].as_ref().and_then(|s| s.soname.as_deref()))
                     && found.iter().any(|f| f.spec.op == Op::Alloc && f.spec.family != Family::Cxx))
-                    .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
-                set.objects.push(ObjectProbes {
-                    path: crate::objfile::fd_path(&file),
-                    file,
-                    shown,
-                    entries,
-                    arena_owner,
-                });
+                .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
+                set.objects.push(ObjectProbes { file, shown, entries, arena_owner });
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,
@@ -613,7 +603,11 @@ fn tracing_line(
     }
     let shown = cands[i].shown.display();
     if bound.is_empty() {
-        return format!("Tracing its own {} in {shown} (pid {pid}), which {} override", describe(&other), by.join(", "));
+        return format!(
+            "Tracing its own {} in {shown} (pid {pid}), which {} override",
+            describe(&other),
+            by.join(", ")
+        );
     }
     let mut line = format!("Tracing {} in {shown} (pid {pid})", describe(&bound));
     if !other.is_empty() {
@@ -660,14 +654,7 @@ fn order_candidates(order: &LoadOrder) -> Vec<Candidate> {
         if out.iter().any(|c: &Candidate| c.key == key) {
             continue;
         }
-        out.push(Candidate {
-            key,
-            shown: o.path.clone(),
-            file,
-            scope: Some(i),
-            executable: i == 0,
-            mapped: true,
-        });
+        out.push(Candidate { key, shown: o.path.clone(), file, scope: Some(i), executable: i == 0, mapped: true });
     }
     out
 }
@@ -715,6 +702,8 @@ fn running_candidates(pid: i32, objects: &mut Objects, notes: &mut Vec<String>) 
 
 /// Whether process `pid` made an allocation call through a probed function since tracing
 /// began (or since its last exec): the `heap_seen` map of the BPF object.
-pub fn calls_seen(heap_seen: &impl libbpf_rs::MapCore, pid: u32) -> bool {
-    heap_seen.lookup(&pid.to_ne_bytes(), libbpf_rs::MapFlags::ANY).ok().flatten().is_some()
+/// The value: the id of the first function called.
+pub fn calls_seen(heap_seen: &impl libbpf_rs::MapCore, pid: u32) -> Option<u32> {
+    let v = heap_seen.lookup(&pid.to_ne_bytes(), libbpf_rs::MapFlags::ANY).ok().flatten()?;
+    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
 }

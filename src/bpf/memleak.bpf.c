@@ -50,7 +50,7 @@ struct task_state {
 	__u32 kind;      /* enum alloc_op of the call in flight */
 	__u32 record;    /* the new block passes the size filters and sampling */
 	__u32 fn;        /* the probed function's id (COOKIE_ID) */
-	__u32 heap_seen; /* this thread has made an allocation call (since its last exec) */
+	__u32 heap_seen; /* this thread has made an allocation call, mmap included (since its exec) */
 	struct stack stack;
 	struct unwind_scratch unwind;
 };
@@ -354,7 +354,7 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 	/* An allocator's own arena, mapped outside a probed call (see allocator_files). */
 	if ((op == OP_MMAP || op == OP_MREMAP) && allocator_own_call(sp))
 		return 1;
-	if (!ts->heap_seen && op != OP_MMAP && op != OP_MREMAP) {
+	if (!ts->heap_seen) {
 		/* The first allocation call of this thread: its process allocates through a probe. */
 		ts->heap_seen = 1;
 		bpf_map_update_elem(&heap_seen, &pid, &fn, BPF_NOEXIST);

@@ -245,6 +245,11 @@ pub fn memleak_command(args: &[&str]) -> Command {
     cmd
 }
 
+/// stderr without memleak's `Tracing ... in OBJECT (pid N)` lines (what it probed).
+pub fn without_tracing_lines(stderr: &str) -> String {
+    stderr.lines().filter(|l| !l.starts_with("Tracing ")).map(|l| format!("{l}\n")).collect()
+}
+
 /// Starts memleak with `args`; its stdin is a pipe (a -c command inherits it).
 pub fn memleak(args: &[&str]) -> Proc {
     Proc::spawn("memleak", memleak_command(args))
