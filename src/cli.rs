@@ -49,9 +49,23 @@ memleak --percpu 10
     after_help = EXAMPLES,
 )]
 pub struct Args {
-    /// The PID to trace; if neither -p nor -c is given, trace the kernel's allocators
-    #[arg(short, long, value_name = "PID", conflicts_with = "command")]
-    pub pid: Option<i32>,
+    /// The PID to trace (several: -p 12,15 or -p 12 -p 15); if neither -p, -c nor --cgroup is
+    /// given, trace the kernel's allocators
+    #[arg(short, long, value_name = "PID", value_delimiter = ',', conflicts_with_all = ["command", "cgroup"])]
+    pub pid: Vec<i32>,
+
+    /// Trace every process of this cgroup v2 (a path under /sys/fs/cgroup, or relative to it:
+    /// a container, a systemd unit), including those started later
+    #[arg(long, value_name = "PATH", conflicts_with = "command")]
+    pub cgroup: Option<PathBuf>,
+
+    /// -p: trace the processes they start too (-c and --cgroup always do, unless --no-follow)
+    #[arg(long, conflicts_with = "no_follow")]
+    pub follow: bool,
+
+    /// -c: trace the command only, not the processes it starts (memleak(8)'s way)
+    #[arg(long)]
+    pub no_follow: bool,
 
     /// Print a line for each alloc and free call as it happens
     #[arg(short, long)]
@@ -189,9 +203,12 @@ pub enum AttachChoice {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Pid(i32),
+    /// -p: running processes.
+    Pids(Vec<i32>),
     /// argv of the command to run
     Command(Vec<String>),
+    /// --cgroup: its directory, as given.
+    Cgroup(PathBuf),
     Kernel,
 }
 
@@ -199,6 +216,8 @@ pub enum Target {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub target: Target,
+    /// The processes the traced ones start are traced too.
+    pub follow: bool,
     pub trace: bool,
     pub show_allocs: bool,
     pub min_age: Duration,
@@ -227,10 +246,17 @@ pub struct Config {
 
 impl Args {
     pub fn into_config(self) -> Result<Config> {
-        let target = match (self.pid, &self.command) {
-            (Some(pid), _) if pid <= 0 => bail!("invalid pid {pid}: a pid is a positive number"),
-            (Some(pid), _) => Target::Pid(pid),
-            (None, Some(cmd)) => {
+        if let Some(pid) = self.pid.iter().find(|&&p| p <= 0) {
+            bail!("invalid pid {pid}: a pid is a positive number");
+        }
+        let target = match (&self.pid[..], &self.command, &self.cgroup) {
+            ([_, ..], _, _) => {
+                let mut pids = self.pid.clone();
+                pids.sort_unstable();
+                pids.dedup();
+                Target::Pids(pids)
+            }
+            ([], Some(cmd), _) => {
                 let argv =
                     shlex::split(cmd).ok_or_else(|| anyhow::anyhow!("cannot split -c {cmd:?}: unbalanced quotes"))?;
                 if argv.is_empty() {
@@ -238,16 +264,28 @@ impl Args {
                 }
                 Target::Command(argv)
             }
-            (None, None) => Target::Kernel,
+            ([], None, Some(dir)) => Target::Cgroup(dir.clone()),
+            ([], None, None) => Target::Kernel,
+        };
+        if self.follow && !matches!(target, Target::Pids(_)) {
+            bail!("--follow is for -p: -c and --cgroup follow the processes they start already");
+        }
+        if self.no_follow && matches!(target, Target::Kernel | Target::Pids(_)) {
+            bail!("--no-follow is for -c and --cgroup (-p follows nothing unless --follow)");
+        }
+        let follow = match target {
+            Target::Pids(_) => self.follow,
+            Target::Command(_) | Target::Cgroup(_) => !self.no_follow,
+            Target::Kernel => false,
         };
         if self.percpu && target != Target::Kernel {
-            bail!("--percpu traces the kernel's percpu allocator: it does not go with -p or -c");
+            bail!("--percpu traces the kernel's percpu allocator: it does not go with -p, -c or --cgroup");
         }
         if target == Target::Kernel && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
-            bail!("-O and -S choose a process's allocator: they need -p or -c");
+            bail!("-O and -S choose a process's allocator: they need -p, -c or --cgroup");
         }
         if target == Target::Kernel && self.attach != AttachChoice::Auto {
-            bail!("--attach chooses how uprobes attach: it needs -p or -c (kernel mode uses tracepoints)");
+            bail!("--attach chooses how uprobes attach: it needs -p, -c or --cgroup (kernel mode uses tracepoints)");
         }
         if self.combined_only && (self.show_allocs || self.older.is_some()) {
             bail!("--combined-only keeps per-stack totals only: -a and -o need per-allocation records");
@@ -300,6 +338,7 @@ impl Args {
         }
         Ok(Config {
             target,
+            follow,
             trace: self.trace,
             show_allocs: self.show_allocs,
             min_age: Duration::from_millis(self.older.unwrap_or(500)),
@@ -376,7 +415,7 @@ mod tests {
     #[test]
     fn defaults_match_memleak8() {
         let c = ok(&["-p", "42"]);
-        assert_eq!(c.target, Target::Pid(42));
+        assert_eq!(c.target, Target::Pids(vec![42]));
         assert_eq!(c.interval, Duration::from_secs(5));
         assert_eq!(c.count, None);
         assert_eq!(c.top, 10);
@@ -390,7 +429,7 @@ mod tests {
     fn positional_interval_and_count() {
         let c = ok(&["-ap", "7", "10", "3"]);
         assert!(c.show_allocs);
-        assert_eq!(c.target, Target::Pid(7));
+        assert_eq!(c.target, Target::Pids(vec![7]));
         assert_eq!(c.interval, Duration::from_secs(10));
         assert_eq!(c.count, Some(3));
         assert_eq!(ok(&["-p", "7", "-i", "2"]).interval, Duration::from_secs(2));
@@ -483,8 +522,8 @@ mod tests {
             (&["--attach", "classic"][..], "--attach"),
             (&["-p", "1", "--combined-only", "-a"][..], "--combined-only"),
             (&["-p", "1", "--combined-only", "-o", "100"][..], "--combined-only"),
-            (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
-            (&["-S", "je_"][..], "need -p or -c"),
+            (&["-O", "/lib/libjemalloc.so"][..], "need -p, -c or --cgroup"),
+            (&["-S", "je_"][..], "need -p, -c or --cgroup"),
             (&["-p", "1", "1", "0"][..], "count"),
             (&["-p", "1", "-i", "2", "3"][..], "either with -i or as a positional"),
             (&["-p", "1", "-T", "0"][..], "-T/--top must be at least 1"),
@@ -520,7 +559,22 @@ mod tests {
         assert_eq!((c.min_size, c.max_size, c.sample_rate), (u64::MAX, u64::MAX, u32::MAX));
         assert_eq!((c.interval, c.count), (Duration::from_secs(u64::MAX), Some(u64::MAX)));
         let c = ok(&["-p", "2147483647", "-T", &usize::MAX.to_string(), "--max-allocs", "134217728"]);
-        assert_eq!((c.target, c.top, c.max_allocs), (Target::Pid(i32::MAX), usize::MAX, 1 << 27));
+        assert_eq!((c.target, c.top, c.max_allocs), (Target::Pids(vec![i32::MAX]), usize::MAX, 1 << 27));
+    }
+
+    #[test]
+    fn several_pids_a_cgroup_and_following() {
+        let c = ok(&["-p", "15,12", "-p", "12"]);
+        assert_eq!((c.target, c.follow), (Target::Pids(vec![12, 15]), false));
+        assert!(ok(&["-p", "3", "--follow"]).follow);
+        assert!(ok(&["-c", "ls"]).follow, "-c follows by default");
+        assert!(!ok(&["-c", "ls", "--no-follow"]).follow);
+        let g = ok(&["--cgroup", "system.slice/x.service"]);
+        assert_eq!((g.target, g.follow), (Target::Cgroup("system.slice/x.service".into()), true));
+        assert!(err(&["-c", "ls", "--follow"]).contains("--follow is for -p"));
+        assert!(err(&["-p", "1", "--no-follow"]).contains("--no-follow is for -c"));
+        assert!(err(&["-p", "1", "--cgroup", "x"]).contains("cannot be used with"));
+        assert!(err(&["-p", "1,-2"]).contains("invalid pid -2"));
     }
 
     #[test]

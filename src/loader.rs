@@ -66,14 +66,8 @@ pub struct Loaded<'obj> {
 }
 
 /// Opens, configures and loads the object for attach mode `mode` (features.rs chose it).
-pub fn load<'obj>(
-    storage: &'obj mut MaybeUninit<OpenObject>,
-    cfg: &Config,
-    target_tgid: u32,
-    held_until_exec: bool,
-    mode: AttachMode,
-) -> Result<Loaded<'obj>> {
-    let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
+pub fn load<'obj>(storage: &'obj mut MaybeUninit<OpenObject>, cfg: &Config, mode: AttachMode) -> Result<Loaded<'obj>> {
+    let open = open(storage, cfg, mode)?;
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
     Ok(Loaded { skel, mode })
 }
@@ -102,16 +96,12 @@ pub(crate) use configure_records;
 fn open<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
-    target_tgid: u32,
-    held_until_exec: bool,
     mode: AttachMode,
 ) -> Result<OpenMemleakSkel<'obj>> {
     let builder = MemleakSkelBuilder::default();
     let mut open = builder.open(storage).context("cannot open the BPF object")?;
     configure_records!(open, cfg);
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
-    rodata.need_exec = held_until_exec;
-    rodata.target_tgid = target_tgid;
     rodata.frame_pointers_only = cfg.frame_pointers;
 
     open.progs.memleak_session.set_autoload(mode == AttachMode::Session);

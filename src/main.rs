@@ -14,6 +14,7 @@ macro_rules! errln {
 }
 
 mod batch;
+mod cgroup;
 mod cli;
 mod collector;
 mod debuginfo;
@@ -28,7 +29,9 @@ mod output;
 mod placement;
 mod probes;
 mod procmaps;
+mod report;
 mod run;
+mod session;
 mod signals;
 mod snapshot;
 mod symbolizer;

@@ -29,8 +29,21 @@ pub struct Snapshot {
     pub sample_rate: u32,
     /// By pid; each process's stacks in rank order (first: the largest by --sort).
     pub processes: Vec<ProcessSnapshot>,
+    /// Processes that exited before this report, as their final reports left them: the text
+    /// and JSON reports printed them then; the file outputs (pprof, folded, flame graph) hold
+    /// the whole job, so they carry them on.
+    pub retired: Vec<ProcessSnapshot>,
     /// Since the start, from the BPF counters: the same for every process.
     pub losses: Losses,
+    /// What else the run could not see (processes it cannot trace), one line each.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Every process of the job: those of this report, then those retired before it.
+    pub fn whole_job(&self) -> impl Iterator<Item = &ProcessSnapshot> {
+        self.processes.iter().chain(&self.retired)
+    }
 }
 
 /// How a process ended, when it has.
@@ -297,7 +310,9 @@ impl Builder {
             kernel,
             sample_rate,
             processes: out,
+            retired: Vec::new(),
             losses,
+            warnings: Vec::new(),
         }
     }
 
@@ -307,7 +322,8 @@ impl Builder {
         if let Some(f) = self.frames.get(&id) {
             return f.clone();
         }
-        let frames: Arc<[Frame]> = symbolizer.stack(collector.frames(id).unwrap_or_default()).into();
+        let pid = collector.pid_of(id).unwrap_or(0) as i32;
+        let frames: Arc<[Frame]> = symbolizer.stack(pid, collector.frames(id).unwrap_or_default()).into();
         if !frames.iter().any(|f| f.unreadable.is_some() && f.module.is_none()) {
             self.frames.insert(id, frames.clone());
         }
@@ -375,7 +391,9 @@ pub mod tests {
                 summary: None,
                 young: (0, 0),
             }],
+            retired: Vec::new(),
             losses: Losses::default(),
+            warnings: Vec::new(),
         }
     }
 

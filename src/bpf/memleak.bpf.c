@@ -20,12 +20,23 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define RECORD_MAP_FLAGS BPF_F_NO_PREALLOC
 #include "records.bpf.h"
 
-/* Set by the loader before load. */
-const volatile bool need_exec = false; /* -c: ignore calls until the command has exec'd */
-const volatile __u32 target_tgid = 0;
+/*
+ * The processes memleak traces (pid → 0), kept by user space. The probes themselves are
+ * attached per process, so only these processes run the programs; the map tells the exec
+ * tracepoint whose records to end.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} traced SEC(".maps");
 
-/* Set by sched_process_exec for target_tgid (or by the loader when need_exec is off). */
-bool armed = false;
+/* Execs of traced processes, for user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 16);
+} proc_events SEC(".maps");
 
 #include "unwind.bpf.h"
 
@@ -90,6 +101,7 @@ static __always_inline __u32 unwind_frame_pointers(struct pt_regs *ctx, struct s
 
 static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_state *ts)
 {
+	ts->stack.pid = bpf_get_current_pid_tgid() >> 32;
 	if (frame_pointers_only)
 		ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
 	else
@@ -164,9 +176,6 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 {
 	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0, arg2 = 0, arg3 = 0;
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
-
-	if (need_exec && !armed)
-		return 1;
 
 	switch (kind) {
 	case FN_FREE:
@@ -397,19 +406,31 @@ static long drop_record(void *map, struct alloc_key *key, struct alloc_info *inf
 }
 
 /*
- * exec of the target: -c opens tracing here (the probes were attached before exec and only the
- * command's own image counts); any later exec replaces the image, so the blocks it held are
- * gone and their records end.
+ * exec of a traced process: the old image's memory is gone, so the blocks it held are too and
+ * their records end; user space is told (a process memleak does not ptrace gets its allocator
+ * found again).
  */
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_binprm *bprm)
 {
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct proc_event *e;
 
-	if (pid != target_tgid)
+	if (!bpf_map_lookup_elem(&traced, &pid))
 		return 0;
-	armed = true;
 	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
 	bpf_for_each_map_elem(&mappings, drop_mapping, &pid, 0);
+	e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
+	if (e) {
+		e->kind = PEV_EXEC;
+		e->pid = pid;
+		e->time_ns = bpf_ktime_get_ns();
+		bpf_ringbuf_submit(e, 0);
+	} else {
+		count(CNT_PROC_EVENTS_LOST);
+	}
 	return 0;
 }
+
+/* The proc_event type into BTF, for the skeleton's Rust types. */
+struct proc_event btf_proc_event __attribute__((unused));

@@ -205,7 +205,10 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
         mode: if snap.kernel { "kernel" } else { "process" },
         sample_rate: snap.sample_rate,
         losses: losses(&snap.losses),
-        warnings: super::text::loss_lines(&snap.losses, max_allocs),
+        warnings: super::text::loss_lines(&snap.losses, max_allocs)
+            .into_iter()
+            .chain(snap.warnings.iter().cloned())
+            .collect(),
         modules,
         processes,
     }

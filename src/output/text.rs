@@ -168,7 +168,7 @@ pub struct Options {
 pub fn format(time: &str, opts: &Options, snap: &Snapshot) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "[{time}] Top {} stacks with outstanding allocations:", opts.top);
-    for line in loss_lines(&snap.losses, opts.max_allocs) {
+    for line in loss_lines(&snap.losses, opts.max_allocs).iter().chain(&snap.warnings) {
         let _ = writeln!(out, "\tWARNING: {line}");
     }
     // Not a loss, but blocks the report does not show: said, so that none seems missed.
