@@ -126,6 +126,9 @@ pub struct Args {
     #[arg(short, long)]
     pub verbose: bool,
 
+    #[command(flatten)]
+    pub scan: crate::scan::options::ScanArgs,
+
     /// Print a report every this many seconds [default: 5]
     #[arg(value_name = "interval")]
     pub interval: Option<u64>,
@@ -180,6 +183,8 @@ pub struct Config {
     pub attach: AttachChoice,
     pub verbose: bool,
     pub frame_pointers: bool,
+    /// Reachability: when reports are classified, --error-exitcode, suppressions (src/scan/).
+    pub scan: crate::scan::options::ScanConfig,
 }
 
 impl Args {
@@ -234,6 +239,11 @@ impl Args {
         if self.count == Some(0) {
             bail!("count must be at least 1");
         }
+        let scan = self.scan.into_config(&crate::scan::options::Context {
+            kernel: target == Target::Kernel,
+            pid: matches!(target, Target::Pid(_)),
+            combined_only: self.combined_only,
+        })?;
         Ok(Config {
             target,
             trace: self.trace,
@@ -255,6 +265,7 @@ impl Args {
             attach: self.attach,
             verbose: self.verbose,
             frame_pointers: self.frame_pointers,
+            scan,
         })
     }
 }

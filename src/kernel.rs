@@ -118,6 +118,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
         symbolizer: Symbolizer::kernel(),
         programs: Some(programs),
         unwind: None,
+        scan: Default::default(),
     };
     follow(tracer, sigfd, &skel.maps.events, None, false)?;
     drop(links);

@@ -23,6 +23,7 @@ mod probes;
 mod procmaps;
 mod report;
 mod run;
+mod scan;
 mod symbolizer;
 mod target;
 mod unwind;

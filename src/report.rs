@@ -9,6 +9,8 @@ use crate::loader::{MAX_COMBINED, MAX_STACKS};
 pub struct StackReport<'a> {
     pub total: &'a StackTotal,
     pub frames: Vec<String>,
+    /// In a classified report (src/scan/), the class of these blocks.
+    pub class: Option<crate::scan::Class>,
 }
 
 /// The stacks a report shows: the `top` largest by `sort`, in ascending order.
@@ -113,9 +115,14 @@ pub struct Options {
 
 /// Formats one snapshot.
 pub fn format(time: &str, opts: &Options, stacks: &[StackReport], losses: &Losses) -> String {
+    format_with(time, opts, stacks, losses, &[])
+}
+
+/// Formats one snapshot with more WARNING lines (a scan's) after the losses'.
+pub fn format_with(time: &str, opts: &Options, stacks: &[StackReport], losses: &Losses, more: &[String]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "[{time}] Top {} stacks with outstanding allocations:", opts.top);
-    for line in loss_lines(losses, opts.max_allocs) {
+    for line in loss_lines(losses, opts.max_allocs).iter().chain(more) {
         let _ = writeln!(out, "\tWARNING: {line}");
     }
     for s in stacks {
@@ -126,7 +133,8 @@ pub fn format(time: &str, opts: &Options, stacks: &[StackReport], losses: &Losse
                 let _ = writeln!(out, "\taddr = {addr:x} size = {size}");
             }
         }
-        let _ = writeln!(out, "\t{} bytes in {} allocations from stack", s.total.bytes, s.total.count);
+        let class = s.class.map(|c| format!(" ({})", c.words())).unwrap_or_default();
+        let _ = writeln!(out, "\t{} bytes in {} allocations from stack{class}", s.total.bytes, s.total.count);
         if s.frames.is_empty() {
             let what = if s.total.stack_id == 0 { "[stack not stored: the stack map was full]" } else { "[no frames]" };
             let _ = writeln!(out, "\t\t{what}");
@@ -174,7 +182,7 @@ mod tests {
             "main+0x6d [/home/vagrant/allocs] (400862)".to_string(),
             "__libc_start_main+0xf0 [/usr/lib64/libc-2.21.so] (7fd460ac2790)".to_string(),
         ];
-        let stacks = [StackReport { total: &t, frames }];
+        let stacks = [StackReport { total: &t, frames, class: None }];
         let opts = Options { top: 10, show_allocs: false, max_allocs: 1 << 20 };
         let text = format("12:34:56", &opts, &stacks, &Losses::default());
         assert_eq!(
@@ -193,8 +201,8 @@ mod tests {
         let a = StackTotal { stack_id: 1, bytes: 16, count: 1, blocks: vec![(0xa0, 16)] };
         let b = StackTotal { stack_id: 2, bytes: 64, count: 2, blocks: vec![(0xc0, 32), (0xb0, 32)] };
         let stacks = [
-            StackReport { total: &a, frames: vec!["f+0x1 [/x] (1)".into()] },
-            StackReport { total: &b, frames: vec![] },
+            StackReport { total: &a, frames: vec!["f+0x1 [/x] (1)".into()], class: None },
+            StackReport { total: &b, frames: vec![], class: Some(crate::scan::Class::PossiblyLost) },
         ];
         let opts = Options { top: 3, show_allocs: true, max_allocs: 1 << 20 };
         let text = format("01:02:03", &opts, &stacks, &Losses::default());
@@ -206,7 +214,7 @@ mod tests {
              \t\tf+0x1 [/x] (1)\n\
              \taddr = b0 size = 32\n\
              \taddr = c0 size = 32\n\
-             \t64 bytes in 2 allocations from stack\n\
+             \t64 bytes in 2 allocations from stack (possibly lost)\n\
              \t\t[no frames]\n"
         );
     }
@@ -238,7 +246,7 @@ mod tests {
             ]
         );
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
-        let text = format("00:00:00", &opts, &[StackReport { total: &lost, frames: vec![] }], &l);
+        let text = format("00:00:00", &opts, &[StackReport { total: &lost, frames: vec![], class: None }], &l);
         assert!(text.contains("\t8 bytes in 1 allocations from stack\n\t\t[stack not stored"), "{text}");
     }
 }

@@ -76,6 +76,8 @@ pub enum End {
     ProcessExited,
     /// Ctrl-C, SIGTERM, or the count of reports was reached.
     Stopped,
+    /// --error-exitcode: the final report has leaks; exit with this status.
+    Leaks(i32),
 }
 
 /// The report side of a run, for either BPF object: user mode's or kernel mode's.
@@ -91,6 +93,8 @@ pub struct Tracer<'a, 'obj> {
     pub programs: Option<crate::collector::Programs<'a>>,
     /// User mode without --frame-pointers: the unwind tables.
     pub unwind: Option<Unwinder<'a, 'obj>>,
+    /// Reachability: classified reports, the exit scan (src/scan/).
+    pub scan: crate::scan::report::Session,
 }
 
 impl Tracer<'_, '_> {
@@ -107,6 +111,9 @@ impl Tracer<'_, '_> {
         // After an exit too: stacks stored since the last tick are still in the map, and their
         // addresses resolve against the last maps read (a -p process is gone by now).
         self.prepare_symbols()?;
+        if self.print_scanned(after_exit)? {
+            return Ok(());
+        }
         // After the process exited nothing can be freed any more: every block counts.
         let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
         let started = Instant::now();
@@ -133,6 +140,7 @@ impl Tracer<'_, '_> {
                     .iter()
                     .flat_map(|f| f.lines())
                     .collect(),
+                class: None,
             })
             .collect();
         let opts =
@@ -194,6 +202,9 @@ fn trace_line(e: &trace_event) -> String {
 
 pub fn run(cfg: &Config) -> Result<i32> {
     check_privileges()?;
+    for note in &cfg.scan.notes {
+        errln!("memleak: note: {note}");
+    }
     // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
     let sigfd = signal_fd()?;
     let (pid, obj, held) = match &cfg.target {
@@ -210,6 +221,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
     };
     let is_command = held.is_some();
+    let mut traced = None;
     if is_command {
         // Stop the command at its exit while its memory map still exists: the last stacks
         // are normalized there. Without ptrace the run goes on, only less exact at the end.
@@ -220,6 +232,18 @@ pub fn run(cfg: &Config) -> Result<i32> {
         if r != 0 && cfg.verbose {
             errln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
         }
+        traced = (r == 0).then_some(pid);
+    } else if cfg.scan.mode == crate::scan::options::Mode::Every {
+        // --scan: the process's exit is classified too, at its exit stop.
+        // SAFETY: PTRACE_SEIZE with an options word as data.
+        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, libc::PTRACE_O_TRACEEXIT as libc::c_ulong) };
+        if r != 0 {
+            errln!(
+                "memleak: note: cannot trace process {pid} to its exit ({}): its report after it exits will not be classified",
+                std::io::Error::last_os_error()
+            );
+        }
+        traced = (r == 0).then_some(pid);
     }
 
     let (entries, missing) = probes::resolve(&obj, &cfg.symbols_prefix)?;
@@ -292,10 +316,11 @@ pub fn run(cfg: &Config) -> Result<i32> {
         symbolizer,
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
+        scan: crate::scan::report::Session::new(is_command, traced, &obj, &cfg.symbols_prefix),
     };
     let pidfd = if is_command { None } else { pidfd_open(pid) };
     match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
-        End::CommandExited(code) => Ok(code),
+        End::CommandExited(code) | End::Leaks(code) => Ok(code),
         End::ProcessExited | End::Stopped => Ok(0),
     }
 }
@@ -344,8 +369,9 @@ pub fn follow(
             write_out(&format!("[{}] Process {pid} exited.\n", report::now_hms()))?;
             tracer.print_report(true)?;
         }
-        End::Stopped => {}
+        End::Stopped | End::Leaks(_) => {}
     }
+    let end = tracer.scan.gate(tracer.cfg, end);
     if tracer.cfg.verbose
         && let Some(u) = &tracer.unwind
     {
@@ -410,11 +436,15 @@ fn event_loop(
                 match sig {
                     libc::SIGINT | libc::SIGTERM => {
                         t.print_report(false)?;
+                        handle_foreign(t)?;
                         return Ok(End::Stopped);
                     }
-                    libc::SIGCHLD if is_command => {
+                    libc::SIGCHLD if is_command || t.scan.traced.is_some() => {
                         if let Some(code) = reap(t)? {
-                            return Ok(End::CommandExited(code));
+                            // -p: the exit is the pidfd's to tell.
+                            if is_command {
+                                return Ok(End::CommandExited(code));
+                            }
                         }
                     }
                     _ => {}
@@ -435,6 +465,7 @@ fn event_loop(
         }
         if now >= next_report {
             t.print_report(false)?;
+            handle_foreign(t)?;
             reports += 1;
             if t.cfg.count.is_some_and(|c| reports >= c) {
                 if is_command && let Some(pid) = t.pid {
@@ -482,26 +513,46 @@ fn reap(t: &mut Tracer) -> Result<Option<i32>> {
             return Ok(Some(128 + libc::WTERMSIG(status)));
         }
         if libc::WIFSTOPPED(status) {
-            let event = (status >> 16) & 0xff;
-            // SAFETY: ptrace requests on our own seized child.
-            unsafe {
-                if event == libc::PTRACE_EVENT_EXIT {
-                    // Its memory map still exists: the last chance to normalize.
-                    t.symbolizer.reread_maps();
-                    t.prepare_symbols()?;
-                    libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
-                } else if event == libc::PTRACE_EVENT_EXEC {
-                    // A new image (an exec'ing wrapper): its tables before it runs.
-                    if let Some(u) = t.unwind.as_mut() {
-                        u.load_exec();
-                    }
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
-                } else if event == libc::PTRACE_EVENT_STOP {
-                    libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
-                } else {
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
-                }
-            }
+            on_stop(t, pid, status)?;
         }
     }
+}
+
+/// Handles a ptrace stop of the traced thread.
+fn on_stop(t: &mut Tracer, pid: i32, status: i32) -> Result<()> {
+    let event = (status >> 16) & 0xff;
+    // SAFETY: ptrace requests on our own tracee, in a ptrace stop.
+    unsafe {
+        if event == libc::PTRACE_EVENT_EXIT {
+            // Its memory still exists: classify its blocks, normalize the last stacks.
+            t.scan_at_exit(pid);
+            t.symbolizer.reread_maps();
+            t.prepare_symbols()?;
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
+        } else if event == libc::PTRACE_EVENT_EXEC {
+            // A new image (an exec'ing wrapper): its tables before it runs.
+            if let Some(u) = t.unwind.as_mut() {
+                u.load_exec();
+            }
+            libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
+        } else if event == libc::PTRACE_EVENT_STOP && libc::WSTOPSIG(status) != libc::SIGTRAP {
+            // A group-stop: it stays stopped until SIGCONT.
+            libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
+        } else if event == libc::PTRACE_EVENT_STOP {
+            // A scan's interrupt, reported after the signal that came first.
+            libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
+        } else {
+            libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+        }
+    }
+    Ok(())
+}
+
+/// Stops of the traced thread that a scan met while stopping it: handled as usual.
+fn handle_foreign(t: &mut Tracer) -> Result<()> {
+    let Some(pid) = t.pid else { return Ok(()) };
+    for status in std::mem::take(&mut t.scan.foreign) {
+        on_stop(t, pid, status)?;
+    }
+    Ok(())
 }
