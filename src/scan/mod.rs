@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+mod contents;
 mod glibc;
 mod index;
 mod mark;
@@ -118,10 +119,11 @@ pub struct Stats {
     pub unreadable: u64,
     pub unreadable_ranges: u64,
     pub unreadable_examples: Vec<(u64, u64)>,
+    /// Bytes of blocks without access rights (guard pages), not read.
+    pub noaccess: u64,
     /// Device mappings left alone: (count, bytes).
     pub devices: (u64, u64),
     pub at_exit: bool,
-    pub complete: bool,
     /// Words of roots looked at (memory outside the blocks, and registers).
     pub root_words: u64,
     /// Reading the blocks and scanning the roots, inside the pause.
@@ -304,56 +306,12 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     let index = Index::new(&spans);
     let regions = memory::regions(t.pid)?;
     let mut reader = Reader::new(t.pid);
-    let mut stats = Stats { threads: threads.len(), complete: t.complete, ..Stats::default() };
+    let mut stats = Stats { threads: threads.len(), ..Stats::default() };
 
-    // Block contents: runs of nearby blocks read as one range (the few bytes of allocator
-    // headers between them cost less than another iovec).
-    let mut words = Vec::with_capacity(blocks.len());
-    let mut runs: Ranges = Vec::new();
-    let mut buf_len = 0usize;
-    for b in &blocks {
-        let (s, e) = (b.addr.next_multiple_of(8), (b.addr.saturating_add(b.size)) & !7);
-        if s >= e {
-            words.push((0, 0));
-            continue;
-        }
-        let region = memory::find(&regions, s).filter(|r| r.read && e <= r.end && !r.is_device());
-        let Some(region) = region else {
-            // Not mapped as a whole (a stale record): nothing in it can be read.
-            stats.unreadable += e - s;
-            stats.unreadable_ranges += 1;
-            words.push((0, 0));
-            continue;
-        };
-        match runs.last_mut() {
-            Some(last) if s >= last.1 && s - last.1 <= PAGE && last.1 > region.start => {
-                buf_len += ((s - last.1) / 8) as usize;
-                last.1 = e;
-            }
-            _ => runs.push((s, e)),
-        }
-        words.push((buf_len, ((e - s) / 8) as usize));
-        buf_len += ((e - s) / 8) as usize;
-    }
-    let mut buf = vec![0u64; buf_len];
-    {
-        // Never-touched pages of large runs are left as the zeros the buffer holds.
-        let mut offsets = Vec::with_capacity(runs.len());
-        let mut o = 0u64;
-        for &(s, e) in &runs {
-            offsets.push((s, o));
-            o += e - s;
-        }
-        let mut parts: Ranges = Vec::new();
-        let mut dst_parts: Vec<(usize, usize)> = Vec::new();
-        for (&(s, e), &(_, o)) in runs.iter().zip(&offsets) {
-            for (ps, pe) in populated(&mut reader, &regions, vec![(s, e)]) {
-                parts.push((ps, pe - ps));
-                dst_parts.push(((o + ps - s) as usize, (pe - ps) as usize));
-            }
-        }
-        read_scattered(&mut reader, &parts, &dst_parts, &mut buf);
-    }
+    let contents = contents::copy(&mut reader, &regions, &spans);
+    stats.noaccess = contents.noaccess;
+    stats.unreadable += contents.unmapped.0;
+    stats.unreadable_ranges += contents.unmapped.1;
 
     // Roots: every readable, writable mapping, minus the blocks, minus the allocator's own
     // memory when every block is known, minus the dead part of each thread's stack.
@@ -384,7 +342,8 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     }
     let roots = populated(&mut reader, &regions, words_only(subtract(&rw, &holes)));
 
-    let mut look = Memory { buf, words, regions, reader, vtables: RefCell::new(HashMap::new()) };
+    let mut look =
+        Memory { buf: contents.buf, words: contents.words, regions, reader, vtables: RefCell::new(HashMap::new()) };
     let mut marker = Marker::new(index, sizes, t.glibc);
     for r in threads {
         for w in gprs(r) {
@@ -401,24 +360,6 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     stats.root_words = marker.root_words;
     stats.copy = started.elapsed();
     Ok(Copy { blocks, marker, look, stats })
-}
-
-/// Reads `parts` (address, length) into `buf` at the word offsets `dst` gives.
-fn read_scattered(reader: &mut Reader, parts: &[(u64, u64)], dst: &[(usize, usize)], buf: &mut [u64]) {
-    // SAFETY: viewing the u64 buffer as bytes, same memory and lifetime.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), buf.len() * 8) };
-    // Consecutive parts that are also consecutive in the buffer are read in one call.
-    let mut i = 0;
-    while i < parts.len() {
-        let mut j = i;
-        let mut len = 0;
-        while j < parts.len() && (j == i || dst[j].0 == dst[j - 1].0 + dst[j - 1].1) && j - i < 1024 {
-            len += dst[j].1;
-            j += 1;
-        }
-        reader.read(&parts[i..j], &mut bytes[dst[i].0..dst[i].0 + len]);
-        i = j;
-    }
 }
 
 /// Streams the root ranges through a fixed buffer, word by word into the marker.

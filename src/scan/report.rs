@@ -179,7 +179,13 @@ impl Tracer<'_, '_> {
             }
         };
         if let Some(o) = &outcome {
-            warnings.extend(scan_warnings(&o.stats, self.scan.from_start));
+            warnings.extend(scan_warnings(&o.stats));
+            // (Untracked blocks are said by the loss lines already.)
+            if self.scan.from_start && (cfg.sample_rate > 1 || cfg.min_size > 0 || cfg.max_size < u64::MAX) {
+                warnings.push(
+                    "blocks sampled out or filtered by size are unknown to the scan: memory the allocator holds outside the known blocks was scanned as a root".into(),
+                );
+            }
         }
         let entries: Vec<(StackTotal, Option<Class>)> = match &outcome {
             Some(o) => by_stack_and_class(o, min_age, cfg.show_allocs),
@@ -365,15 +371,25 @@ fn stats_line(s: &Stats) -> String {
         n => format!("{n} threads"),
     };
     let ms = s.pause.as_secs_f64() * 1e3;
+    let noaccess = match s.noaccess {
+        0 => String::new(),
+        n => format!(" ({} of blocks without access rights, e.g. guard pages, not read)", human(n)),
+    };
     if s.at_exit {
-        format!("\tscanned at its exit: {} of memory, the registers of {threads}; exit held {ms:.1} ms\n", human(s.scanned))
+        format!(
+            "\tscanned at its exit: {} of memory{noaccess}, the registers of {threads}; exit held {ms:.1} ms\n",
+            human(s.scanned)
+        )
     } else {
-        format!("\tscanned {} of memory and the registers of {threads}; the process was stopped {ms:.1} ms\n", human(s.scanned))
+        format!(
+            "\tscanned {} of memory{noaccess} and the registers of {threads}; the process was stopped {ms:.1} ms\n",
+            human(s.scanned)
+        )
     }
 }
 
 /// What a scan could not do, as WARNING lines.
-fn scan_warnings(s: &Stats, from_start: bool) -> Vec<String> {
+fn scan_warnings(s: &Stats) -> Vec<String> {
     let mut w = Vec::new();
     if s.unreadable > 0 {
         let eg: Vec<String> = s.unreadable_examples.iter().map(|(a, b)| format!("{a:x}-{b:x}")).collect();
@@ -393,9 +409,6 @@ fn scan_warnings(s: &Stats, from_start: bool) -> Vec<String> {
             s.stragglers.len(),
             tids.join(" ")
         ));
-    }
-    if from_start && !s.complete {
-        w.push("some blocks are unknown (sampled out, filtered by size, or untracked): memory the allocator holds outside the known blocks was scanned as a root".into());
     }
     w
 }
