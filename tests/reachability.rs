@@ -115,7 +115,10 @@ fn parse_valgrind(text: &str) -> Valgrind {
     v
 }
 
-fn memleak_summary(r: &Report) -> (Vec<(String, u64, u64)>, Vec<(String, u64, u64)>) {
+/// (class or heuristic, bytes, allocations).
+type Totals = Vec<(String, u64, u64)>;
+
+fn memleak_summary(r: &Report) -> (Totals, Totals) {
     let s = r.leak_summary.as_ref().unwrap_or_else(|| panic!("no leak summary: {r:?}"));
     (s.classes.clone(), s.heuristics.clone())
 }

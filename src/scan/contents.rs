@@ -1,11 +1,13 @@
 //! The blocks' contents, copied out of the process in few calls: runs of nearby blocks are
 //! read as one range (the allocator's few header bytes between them cost less than another
 //! iovec), never-touched pages of large anonymous runs are not read at all (they are zeros).
+use anyhow::{Result, bail};
+
 use super::memory::{self, PAGE, Reader, Region};
 
 /// Where each block's words are in the copy, and what could not be copied.
 pub struct Contents {
-    pub buf: Vec<u64>,
+    pub buf: Buffer,
     /// Per block: (first word in `buf`, number of words).
     pub words: Vec<(usize, usize)>,
     /// Bytes of blocks in memory without access rights (guard pages of thread stacks, memory
@@ -25,7 +27,7 @@ struct Run {
     region: usize,
 }
 
-pub fn copy(reader: &mut Reader, regions: &[Region], spans: &[(u64, u64)]) -> Contents {
+pub fn copy(reader: &mut Reader, regions: &[Region], spans: &[(u64, u64)]) -> Result<Contents> {
     let mut words = Vec::with_capacity(spans.len());
     let mut runs: Vec<Run> = Vec::new();
     let mut parts: Vec<(u64, u64, usize)> = Vec::new();
@@ -88,7 +90,6 @@ pub fn copy(reader: &mut Reader, regions: &[Region], spans: &[(u64, u64)]) -> Co
     }
     parts.sort_unstable_by_key(|p| p.2);
 
-    let mut buf = vec![0u64; total];
     // Large anonymous parts: only their pages that hold anything.
     let mut reads: Vec<(u64, u64, usize)> = Vec::with_capacity(parts.len());
     for (a, len, w) in parts {
@@ -101,8 +102,66 @@ pub fn copy(reader: &mut Reader, regions: &[Region], spans: &[(u64, u64)]) -> Co
             reads.push((a, len, w));
         }
     }
+    // Pages allocated up front when most will be written; left to fault in (or stay the
+    // shared zero page, for never-touched memory) otherwise.
+    let bytes: u64 = reads.iter().map(|r| r.1).sum();
+    let mut buf = Buffer::new(total, bytes >= total as u64 * 4)?;
     read_into(reader, &reads, &mut buf);
-    Contents { buf, words, noaccess, unmapped }
+    Ok(Contents { buf, words, noaccess, unmapped })
+}
+
+/// Zeroed words in memory of their own, its pages allocated at once (MAP_POPULATE) if asked:
+/// a page fault per 4 KiB while copying a GiB cost about a fifth of the copy.
+pub struct Buffer {
+    ptr: *mut u64,
+    len: usize,
+}
+
+impl Buffer {
+    fn new(len: usize, populate: bool) -> Result<Buffer> {
+        if len == 0 {
+            return Ok(Buffer { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 });
+        }
+        // SAFETY: a fresh anonymous mapping, owned by the Buffer until dropped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 },
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            bail!("cannot map {} bytes to copy the blocks into: {}", len * 8, std::io::Error::last_os_error());
+        }
+        Ok(Buffer { ptr: p.cast(), len })
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        // SAFETY: `len` words mapped readable and writable (zeros at first) while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as above, and borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping the mapping made in new(), no longer borrowed.
+            unsafe { libc::munmap(self.ptr.cast(), self.len * 8) };
+        }
+    }
 }
 
 /// Reads each (address, length, word in `buf`), one call for up to 1024 of them when they

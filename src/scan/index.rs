@@ -11,70 +11,98 @@ struct Cluster {
     lo: u64,
     hi: u64,
     shift: u32,
-    /// For each bucket, the first block whose end lies above the bucket's start.
-    table: Vec<u32>,
+    /// Where its buckets begin in the shared table.
+    base: usize,
 }
 
 pub struct Index {
-    /// Sorted, non-overlapping: a block's look-up end never passes the next block's start.
-    pub start: Vec<u64>,
-    /// The end looked up: start + size, at least start + 1 (a zero-sized block is found by a
-    /// pointer to its start), at most the next block's start.
-    end: Vec<u64>,
+    /// (start, end) of each block, sorted, non-overlapping: the end looked up is start + size,
+    /// at least start + 1 (a zero-sized block is found by a pointer to its start), at most the
+    /// next block's start. Start and end side by side: one cache line per look-up.
+    spans: Vec<(u64, u64)>,
+    /// For each bucket of each cluster, the first block whose end lies above the bucket's start.
+    table: Vec<u32>,
     clusters: Vec<Cluster>,
     lo: u64,
     hi: u64,
+}
+
+/// Words looked up together: their table slots are fetched from memory in parallel.
+pub const BATCH: usize = 16;
+
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults and changes no state, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
 }
 
 impl Index {
     /// `blocks`: (address, size), sorted by address, addresses distinct.
     pub fn new(blocks: &[(u64, u64)]) -> Index {
         let n = blocks.len();
-        let start: Vec<u64> = blocks.iter().map(|b| b.0).collect();
-        let mut end: Vec<u64> = blocks.iter().map(|&(a, s)| a.saturating_add(s.max(1))).collect();
+        let mut spans: Vec<(u64, u64)> = blocks.iter().map(|&(a, s)| (a, a.saturating_add(s.max(1)))).collect();
         for i in 0..n.saturating_sub(1) {
-            end[i] = end[i].min(start[i + 1]);
+            spans[i].1 = spans[i].1.min(spans[i + 1].0);
         }
         let mut clusters = Vec::new();
+        let mut table = Vec::new();
         let mut first = 0;
         for i in 0..n {
-            let last = i + 1 == n || start[i + 1] - end[i] > CLUSTER_GAP;
+            let last = i + 1 == n || spans[i + 1].0 - spans[i].1 > CLUSTER_GAP;
             if last {
-                clusters.push(Self::cluster(&start, &end, first, i + 1));
+                clusters.push(Self::cluster(&spans, first, i + 1, &mut table));
                 first = i + 1;
             }
         }
-        let (lo, hi) = if n == 0 { (1, 0) } else { (start[0], end[n - 1]) };
-        Index { start, end, clusters, lo, hi }
+        let (lo, hi) = if n == 0 { (1, 0) } else { (spans[0].0, spans[n - 1].1) };
+        Index { spans, table, clusters, lo, hi }
     }
 
-    fn cluster(start: &[u64], end: &[u64], first: usize, last: usize) -> Cluster {
-        let (lo, hi) = (start[first], end[last - 1]);
+    fn cluster(spans: &[(u64, u64)], first: usize, last: usize, table: &mut Vec<u32>) -> Cluster {
+        let (lo, hi) = (spans[first].0, spans[last - 1].1);
         let count = (last - first) as u64;
-        // About two buckets per block, at least 16 bytes each.
+        // About one bucket per block, at least 16 bytes each.
         let span = hi - lo;
-        let want = (span / (2 * count)).max(16);
+        let want = (span / count).max(16);
         let shift = 63 - want.leading_zeros();
         let buckets = (span >> shift) as usize + 1;
-        let mut table = Vec::with_capacity(buckets);
+        let base = table.len();
+        table.reserve(buckets);
         let mut i = first;
         for b in 0..buckets {
             let bucket_lo = lo + ((b as u64) << shift);
-            while i < last && end[i] <= bucket_lo {
+            while i < last && spans[i].1 <= bucket_lo {
                 i += 1;
             }
             table.push(i as u32);
         }
-        Cluster { lo, hi, shift, table }
+        Cluster { lo, hi, shift, base }
     }
 
     pub fn len(&self) -> usize {
-        self.start.len()
+        self.spans.len()
     }
 
-    /// The block `p` points into (its start included, its end excluded).
-    #[inline]
-    pub fn find(&self, p: u64) -> Option<usize> {
+    /// From the first block's start to the last one's end (empty: lo > hi).
+    pub fn range(&self) -> (u64, u64) {
+        (self.lo, self.hi)
+    }
+
+    pub fn start(&self, i: usize) -> u64 {
+        self.spans[i].0
+    }
+
+    /// The end looked up (see `spans`).
+    pub fn end(&self, i: usize) -> u64 {
+        self.spans[i].1
+    }
+
+    /// The table slot of the bucket `p` falls in, if `p` is inside some cluster.
+    #[inline(always)]
+    fn slot(&self, p: u64) -> Option<usize> {
         if p < self.lo || p >= self.hi {
             return None;
         }
@@ -85,15 +113,51 @@ impl Index {
                 &self.clusters[k.checked_sub(1)?]
             }
         };
-        if p >= c.hi {
-            return None;
-        }
-        let mut i = c.table[((p - c.lo) >> c.shift) as usize] as usize;
-        let n = self.end.len();
-        while i < n && self.end[i] <= p {
+        (p < c.hi).then(|| c.base + ((p - c.lo) >> c.shift) as usize)
+    }
+
+    /// From a bucket's first candidate, the block holding `p`.
+    #[inline(always)]
+    fn resolve(&self, mut i: usize, p: u64) -> Option<usize> {
+        let n = self.spans.len();
+        while i < n && self.spans[i].1 <= p {
             i += 1;
         }
-        (i < n && self.start[i] <= p).then_some(i)
+        (i < n && self.spans[i].0 <= p).then_some(i)
+    }
+
+    /// The block `p` points into (its start included, its end excluded).
+    #[inline]
+    pub fn find(&self, p: u64) -> Option<usize> {
+        let s = self.slot(p)?;
+        self.resolve(self.table[s] as usize, p)
+    }
+
+    /// Looks up to [`BATCH`] words at once: `out[k]` is the block `words[k]` points into. The
+    /// memory the look-ups read is requested for all of them before any is used, so that their
+    /// cache misses overlap.
+    #[inline]
+    pub fn find_batch(&self, words: &[u64], out: &mut [Option<usize>; BATCH]) {
+        let mut slots = [usize::MAX; BATCH];
+        for (k, &w) in words.iter().enumerate().take(BATCH) {
+            if let Some(s) = self.slot(w) {
+                slots[k] = s;
+                prefetch(&self.table[s]);
+            }
+        }
+        let mut first = [0usize; BATCH];
+        for k in 0..words.len().min(BATCH) {
+            if slots[k] != usize::MAX {
+                let i = self.table[slots[k]] as usize;
+                first[k] = i;
+                if let Some(sp) = self.spans.get(i) {
+                    prefetch(sp);
+                }
+            }
+        }
+        for k in 0..words.len().min(BATCH) {
+            out[k] = if slots[k] == usize::MAX { None } else { self.resolve(first[k], words[k]) };
+        }
     }
 }
 
@@ -128,6 +192,15 @@ mod tests {
             assert_eq!(idx.find(p), naive(&blocks, p), "{p:#x}");
         }
         assert_eq!(Index::new(&[]).find(0x1000), None);
+        // In batches, the same answers.
+        let probes: Vec<u64> = (0x0ff0..0x3040).step_by(8).chain([0x7f00_0000_0008, u64::MAX]).collect();
+        for chunk in probes.chunks(BATCH) {
+            let mut out = [None; BATCH];
+            idx.find_batch(chunk, &mut out);
+            for (k, &p) in chunk.iter().enumerate() {
+                assert_eq!(out[k], naive(&blocks, p), "{p:#x}");
+            }
+        }
     }
 
     #[test]

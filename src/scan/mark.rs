@@ -8,7 +8,7 @@
 //!   any pointer) and is still unreached becomes indirectly lost; the leader stays definitely
 //!   lost, unless a later leader reaches it.
 //!   A block's pointer to itself reaches nothing new.
-use super::index::Index;
+use super::index::{BATCH, Index};
 use super::{Class, Heuristic};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -25,6 +25,8 @@ pub trait Lookups {
     fn words(&self, i: usize) -> &[u64];
     /// Whether the word at `addr` points at a table of function pointers (a C++ vtable).
     fn is_vtable(&self, addr: u64) -> bool;
+    /// A hint: block `i`'s words are wanted soon.
+    fn prefetch(&self, _i: usize) {}
 }
 
 pub struct Marker {
@@ -63,12 +65,44 @@ impl Marker {
     /// point there.
     #[inline]
     fn points_to(&self, w: u64) -> Option<usize> {
-        let i = self.idx.find(w)?;
-        let start = self.idx.start[i];
-        if self.glibc && w != start && w % 16 == 0 && w + 8 >= start + self.size[i] {
-            return None;
+        self.idx.find(w).filter(|&i| !self.next_chunk_header(i, w))
+    }
+
+    #[inline(always)]
+    fn next_chunk_header(&self, i: usize, w: u64) -> bool {
+        self.glibc && w.is_multiple_of(16) && w != self.idx.start(i) && w + 8 >= self.idx.end(i)
+    }
+
+    /// Every word of `words` that points into a block reaches it. Words outside the blocks'
+    /// whole range (most data) are dropped first; the others are looked up in batches.
+    fn scan(&mut self, words: &[u64], definite: bool, look: &dyn Lookups) {
+        let (lo, hi) = self.idx.range();
+        let width = hi.wrapping_sub(lo);
+        let mut batch = [0u64; BATCH];
+        let mut n = 0;
+        for &w in words {
+            if w.wrapping_sub(lo) < width {
+                batch[n] = w;
+                n += 1;
+                if n == BATCH {
+                    self.reach_batch(&batch, definite, look);
+                    n = 0;
+                }
+            }
         }
-        Some(i)
+        self.reach_batch(&batch[..n], definite, look);
+    }
+
+    fn reach_batch(&mut self, words: &[u64], definite: bool, look: &dyn Lookups) {
+        let mut out = [None; BATCH];
+        self.idx.find_batch(words, &mut out);
+        for (k, &w) in words.iter().enumerate() {
+            if let Some(i) = out[k]
+                && !self.next_chunk_header(i, w)
+            {
+                self.reach(i, w, definite, look);
+            }
+        }
     }
 
     fn push(&mut self, i: usize) {
@@ -90,16 +124,12 @@ impl Marker {
     /// Root words in bulk.
     pub fn root_words(&mut self, words: &[u64], look: &dyn Lookups) {
         self.root_words += words.len() as u64;
-        for &w in words {
-            if let Some(i) = self.points_to(w) {
-                self.reach(i, w, true, look);
-            }
-        }
+        self.scan(words, true, look);
     }
 
     /// Block `i` is pointed at by `w` from something reachable (`definite`) or only possibly so.
     fn reach(&mut self, i: usize, w: u64, definite: bool, look: &dyn Lookups) {
-        let start = self.idx.start[i];
+        let start = self.idx.start(i);
         if self.state[i] == State::Reachable {
             // Reached by its start after a heuristic: the heuristic was not needed.
             if w == start {
@@ -124,11 +154,11 @@ impl Marker {
 
     /// valgrind's heuristics for interior pointers that are idioms, all on as in its default.
     fn heuristic_for(&self, i: usize, w: u64, look: &dyn Lookups) -> Option<Heuristic> {
-        let start = self.idx.start[i];
+        let start = self.idx.start(i);
         let size = self.size[i];
         let words = look.words(i);
         // The words are only those of an 8-byte aligned block (every allocator's).
-        let word = |k: usize| if start % 8 == 0 { words.get(k).copied() } else { None };
+        let word = |k: usize| if start.is_multiple_of(8) { words.get(k).copied() } else { None };
         // std::string (old ABI): length, capacity, refcount, then the characters.
         if w == start + 24
             && let (Some(len), Some(cap)) = (word(0), word(1))
@@ -145,16 +175,16 @@ impl Marker {
                 return Some(Heuristic::Length64);
             }
             // new[] of objects with a destructor: the count, then the elements.
-            if n > 0 && size >= 8 && (size - 8) % n == 0 {
+            if n > 0 && size >= 8 && (size - 8).is_multiple_of(n) {
                 return Some(Heuristic::NewArray);
             }
         }
         // A pointer to a base class inside an object of multiple inheritance: both the object
         // and the inner part start with a vtable pointer.
-        if w % 8 == 0 && start % 8 == 0 {
+        if w.is_multiple_of(8) && start.is_multiple_of(8) {
             let inner = word(((w - start) / 8) as usize)?;
             let first = word(0)?;
-            let plausible = |v: u64| v % 8 == 0 && v >= 4096;
+            let plausible = |v: u64| v.is_multiple_of(8) && v >= 4096;
             if plausible(inner) && plausible(first) && look.is_vtable(inner) && look.is_vtable(first) {
                 return Some(Heuristic::MultipleInheritance);
             }
@@ -166,13 +196,13 @@ impl Marker {
     pub fn finish(mut self, look: &dyn Lookups) -> (Vec<Class>, Vec<Option<Heuristic>>) {
         while let Some(i) = self.stack.pop() {
             let i = i as usize;
+            // While this block is scanned, the next one's words come into the cache.
+            if let Some(&next) = self.stack.last() {
+                look.prefetch(next as usize);
+            }
             self.pending[i] = false;
             let definite = self.state[i] != State::Possible;
-            for &w in look.words(i) {
-                if let Some(j) = self.points_to(w) {
-                    self.reach(j, w, definite, look);
-                }
-            }
+            self.scan(look.words(i), definite, look);
         }
         for leader in 0..self.idx.len() {
             if self.state[leader] != State::Unreached {

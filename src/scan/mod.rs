@@ -126,6 +126,8 @@ pub struct Stats {
     pub at_exit: bool,
     /// Words of roots looked at (memory outside the blocks, and registers).
     pub root_words: u64,
+    /// Reading the allocation map, inside the pause.
+    pub map: Duration,
     /// Reading the blocks and scanning the roots, inside the pause.
     pub copy: Duration,
 }
@@ -147,7 +149,10 @@ pub fn live(t: &Target, read_blocks: impl FnOnce() -> Result<Vec<Block>>) -> Res
     let stopped = ptrace::stop_all(t.pid, t.traced)?;
     let threads: Vec<libc::user_regs_struct> = stopped.threads.iter().map(|th| th.regs).collect();
     let stragglers = stopped.stragglers.clone();
-    let copy = match read_blocks().and_then(|blocks| copy(t, &threads, blocks)) {
+    let map_start = Instant::now();
+    let blocks = read_blocks();
+    let map = map_start.elapsed();
+    let copy = match blocks.and_then(|blocks| copy(t, &threads, blocks)) {
         Ok(c) => c,
         Err(e) => {
             drop(stopped.resume());
@@ -157,6 +162,7 @@ pub fn live(t: &Target, read_blocks: impl FnOnce() -> Result<Vec<Block>>) -> Res
     let resumed = stopped.resume();
     let mut out = copy.finish(resumed.stopped);
     out.stats.stragglers = stragglers;
+    out.stats.map = map;
     out.foreign = resumed.foreign;
     Ok(out)
 }
@@ -167,9 +173,12 @@ pub fn live(t: &Target, read_blocks: impl FnOnce() -> Result<Vec<Block>>) -> Res
 pub fn at_exit(t: &Target, tid: i32, read_blocks: impl FnOnce() -> Result<Vec<Block>>) -> Result<Outcome> {
     let since = Instant::now();
     let regs = ptrace::regs(tid)?;
-    let c = copy(t, &[regs], read_blocks()?)?;
+    let blocks = read_blocks()?;
+    let map = since.elapsed();
+    let c = copy(t, &[regs], blocks)?;
     let mut out = c.finish(since.elapsed());
     out.stats.at_exit = true;
+    out.stats.map = map;
     Ok(out)
 }
 
@@ -189,7 +198,7 @@ struct Copy {
 
 /// Block contents and the process's mappings, for the marker.
 struct Memory {
-    buf: Vec<u64>,
+    buf: contents::Buffer,
     /// Per block: its words in `buf`.
     words: Vec<(usize, usize)>,
     regions: Vec<Region>,
@@ -201,6 +210,13 @@ impl Lookups for Memory {
     fn words(&self, i: usize) -> &[u64] {
         let (o, n) = self.words[i];
         &self.buf[o..o + n]
+    }
+
+    fn prefetch(&self, i: usize) {
+        // The first cache lines: most blocks are small.
+        for w in self.words(i).iter().step_by(8).take(4) {
+            index::prefetch(w);
+        }
     }
 
     /// valgrind's test: in a readable file mapping, up to 20 words of which the first two
@@ -308,7 +324,7 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     let mut reader = Reader::new(t.pid);
     let mut stats = Stats { threads: threads.len(), ..Stats::default() };
 
-    let contents = contents::copy(&mut reader, &regions, &spans);
+    let contents = contents::copy(&mut reader, &regions, &spans)?;
     stats.noaccess = contents.noaccess;
     stats.unreadable += contents.unmapped.0;
     stats.unreadable_ranges += contents.unmapped.1;
@@ -327,7 +343,8 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
             holes.push((regions[i].start, sp.saturating_sub(RED_ZONE).max(regions[i].start)));
         }
     }
-    holes.sort_unstable();
+    // Sorted already but for the few ranges pushed last: the stable sort merges them in.
+    holes.sort();
     let mut rw: Ranges = Vec::new();
     for r in &regions {
         if !(r.read && r.write) {

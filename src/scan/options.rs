@@ -98,6 +98,9 @@ impl ScanArgs {
         if self.no_scan && error_exitcode.is_some() {
             bail!("--error-exitcode needs the final report classified: it does not go with --no-scan");
         }
+        if ctx.pid && !self.scan && error_exitcode.is_some() {
+            bail!("--error-exitcode under -p needs --scan: only a command's final report is classified by default");
+        }
         let error_kinds = parse_kinds(&self.errors_for_leak_kinds)?;
         let suppressions = match &self.suppressions {
             Some(p) => Some(Suppressions::load(p)?),
@@ -108,10 +111,11 @@ impl ScanArgs {
             Mode::Off
         } else if self.scan {
             Mode::Every
+        } else if ctx.pid {
+            // Only what memleak started is classified by default.
+            Mode::Off
         } else if ctx.combined_only {
-            if !ctx.pid {
-                notes.push("--combined-only keeps no block addresses: the final report is not classified".into());
-            }
+            notes.push("--combined-only keeps no block addresses: the final report is not classified".into());
             Mode::Off
         } else {
             Mode::Final
@@ -147,6 +151,10 @@ mod tests {
         let kernel = Context { kernel: true, ..ctx() };
         assert_eq!(a.clone().into_config(&kernel).unwrap().mode, Mode::Off);
         assert!(ScanArgs { scan: true, ..a.clone() }.into_config(&kernel).is_err());
+        let pid = Context { pid: true, ..ctx() };
+        assert_eq!(a.clone().into_config(&pid).unwrap().mode, Mode::Off);
+        assert_eq!(ScanArgs { scan: true, ..a.clone() }.into_config(&pid).unwrap().mode, Mode::Every);
+        assert!(ScanArgs { error_exitcode: Some(3), ..a.clone() }.into_config(&pid).is_err());
         let combined = Context { combined_only: true, ..ctx() };
         let c = a.clone().into_config(&combined).unwrap();
         assert_eq!((c.mode, c.notes.len()), (Mode::Off, 1));

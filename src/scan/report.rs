@@ -270,12 +270,13 @@ impl Tracer<'_, '_> {
             if let Some(o) = &outcome {
                 let s = &o.stats;
                 errln!(
-                    "memleak: scan: {} blocks, {} root words, {} bytes read, {} untouched; stopped {:.1} ms (copy {:.1} ms), marked in {:.1} ms",
+                    "memleak: scan: {} blocks, {} root words, {} bytes read, {} untouched; stopped {:.1} ms (read map {:.1} ms, copy {:.1} ms), marked in {:.1} ms",
                     o.blocks.len(),
                     s.root_words,
                     s.scanned - s.untouched,
                     s.untouched,
                     s.pause.as_secs_f64() * 1e3,
+                    s.map.as_secs_f64() * 1e3,
                     s.copy.as_secs_f64() * 1e3,
                     s.mark.as_secs_f64() * 1e3
                 );
