@@ -27,6 +27,12 @@ memleak -p $(pidof allocs) -s 5
         Trace roughly every 5th allocation, to reduce overhead
 memleak -p $(pidof allocs) --sort count 1 10
         Print a report every second, ten times, stacks ordered by allocation count
+memleak --error-exitcode 1 -c ./tests
+        Run ./tests; its final report says which blocks are definitely, indirectly,
+        possibly lost or still reachable (as valgrind does); exit 1 on a leak,
+        else with the command's status
+memleak --scan -p $(pidof allocs) 60
+        Every minute, stop the process a moment and classify its blocks likewise
 memleak
         Trace the kernel's allocators (kmalloc, kmem_cache, pages) and display a
         summary of outstanding allocations every 5 seconds
@@ -447,6 +453,11 @@ mod tests {
                     "--symbols-prefix",
                     "--interval",
                     "--frame-pointers",
+                    "--scan",
+                    "--no-scan",
+                    "--error-exitcode",
+                    "--errors-for-leak-kinds",
+                    "--suppressions",
                 ] {
                     assert!(h.contains(flag), "help lacks {flag}");
                 }

@@ -162,7 +162,9 @@ fn classes_at_exit_equal_valgrinds() {
     // Entries come in valgrind's order of classes, one per class of a stack.
     let order: Vec<&str> = r.stacks.iter().map(|s| s.class.as_deref().unwrap_or("")).collect();
     let mut sorted = order.clone();
-    let rank = |c: &&str| ["definitely lost", "indirectly lost", "possibly lost", "still reachable"].iter().position(|x| x == c);
+    let rank = |c: &&str| {
+        ["definitely lost", "indirectly lost", "possibly lost", "still reachable"].iter().position(|x| x == c)
+    };
     sorted.sort_by_key(rank);
     assert_eq!(order, sorted);
     let cycle: Vec<&Stack> = r.stacks_in("lost_cycle");
@@ -312,8 +314,14 @@ fn suppressions_silence_stacks_and_say_so() {
     let all = dir.join("all.supp");
     std::fs::write(&all, "leak:lost_\nleak:self_ref\nleak:interior\n").expect("write");
     let all_arg = all.to_string_lossy().to_string();
-    let out =
-        memleak_output(&["--error-exitcode", "9", "--suppressions", &all_arg, "-c", &format!("{} exit 4", exe.display())]);
+    let out = memleak_output(&[
+        "--error-exitcode",
+        "9",
+        "--suppressions",
+        &all_arg,
+        "-c",
+        &format!("{} exit 4", exe.display()),
+    ]);
     assert_eq!(out.code(), Some(4), "{}\n{}", out.stderr, show(&out.stdout));
 
     // Without classification (--no-scan) the report still leaves them out, and says so.
@@ -418,4 +426,42 @@ fn reachability_flags_need_what_they_classify() {
         assert!(out.stderr.starts_with("memleak: ") && out.stderr.contains(needle), "{args:?}: {}", out.stderr);
         assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
     }
+}
+
+/// Under -c, --scan interrupts the thread memleak traces anyway (for the command's exit) and
+/// seizes the others; the command goes on, and its exit is classified as well.
+#[test]
+fn scans_under_c_leave_the_command_running() {
+    let cmd = format!("{} workers 3", reach().display());
+    let mut m = memleak_attached(&["--scan", "-o", "0", "-c", &cmd, "1"]);
+    m.expect("the fixture's ready line", |l| l.starts_with("ready "));
+    m.expect("a scanned report", is_summary_header);
+    let count = |m: &mut Proc| -> u64 {
+        let lines = m.command("count");
+        let l = lines.iter().find(|l| l.starts_with("count ")).expect("count line").clone();
+        l.split(' ').nth(1).expect("a number").parse().expect("count")
+    };
+    let c0 = count(&mut m);
+    m.expect("another scanned report", is_summary_header);
+    m.expect("and another", is_summary_header);
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    while count(&mut m) <= c0 {
+        assert!(Instant::now() < deadline, "the workers stopped counting");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.send("exit");
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let reports = parse_reports(&out.stdout);
+    assert!(reports.len() >= 4, "{}", show(&out.stdout));
+    for r in &reports {
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let s = r.leak_summary.as_ref().expect("every report classified");
+        if r.after_exit {
+            assert!(s.scanned.starts_with("scanned at its exit: "), "{}", s.scanned);
+        } else {
+            assert!(s.scanned.contains("the registers of 4 threads"), "{}", s.scanned);
+        }
+    }
+    assert!(reports.last().is_some_and(|r| r.after_exit));
 }

@@ -363,11 +363,11 @@ mod tests {
     fn heuristics_as_valgrind_has_them_by_default() {
         let sizes = vec![56, 48, 57, 40, 56];
         let words = vec![
-            vec![3, 1, 1, 1, 1, 1, 1],        // newarray: 3 elements of 16 bytes after a count
-            vec![40, 1, 1, 1, 1, 1],          // length64: 40 bytes follow
-            vec![5, 32, 0, 1, 1, 1, 1],       // stdstring: length 5, capacity 32, refcount
+            vec![3, 1, 1, 1, 1, 1, 1],           // newarray: 3 elements of 16 bytes after a count
+            vec![40, 1, 1, 1, 1, 1],             // length64: 40 bytes follow
+            vec![5, 32, 0, 1, 1, 1, 1],          // stdstring: length 5, capacity 32, refcount
             vec![0x40_0000, 0, 0x40_0100, 0, 0], // multiple inheritance: a vtable at 0 and 16
-            vec![0, 1, 1, 1, 1, 1, 1],        // a count of 0: none
+            vec![0, 1, 1, 1, 1, 1, 1],           // a count of 0: none
         ];
         let roots = [at(0) + 8, at(1) + 8, at(2) + 24, at(3) + 16, at(4) + 8];
         let (c, h) = classify_sized(sizes, words, &roots, false);

@@ -36,7 +36,10 @@ impl Region {
     /// A character or block device (other than /dev/zero): reading it may have effects or hang.
     pub fn is_device(&self) -> bool {
         self.inode != 0
-            && self.name.as_deref().is_some_and(|n| n.starts_with("/dev/") && n != "/dev/zero" && !n.starts_with("/dev/shm/"))
+            && self
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("/dev/") && n != "/dev/zero" && !n.starts_with("/dev/shm/"))
     }
 }
 

@@ -39,7 +39,8 @@ pub enum Class {
 }
 
 impl Class {
-    pub const ALL: [Class; 4] = [Class::DefinitelyLost, Class::IndirectlyLost, Class::PossiblyLost, Class::StillReachable];
+    pub const ALL: [Class; 4] =
+        [Class::DefinitelyLost, Class::IndirectlyLost, Class::PossiblyLost, Class::StillReachable];
 
     /// valgrind's words, as reports print them.
     pub fn words(self) -> &'static str {
@@ -176,7 +177,9 @@ pub fn at_exit(t: &Target, tid: i32, read_blocks: impl FnOnce() -> Result<Vec<Bl
     let blocks = read_blocks()?;
     let map = since.elapsed();
     let c = copy(t, &[regs], blocks)?;
-    let mut out = c.finish(since.elapsed());
+    let mut out = c.finish(Duration::ZERO);
+    // The exit is held until the marking is done too.
+    out.stats.pause = since.elapsed();
     out.stats.at_exit = true;
     out.stats.map = map;
     Ok(out)

@@ -71,7 +71,12 @@ fn read_blocks(allocs: &impl MapCore, pid: u32) -> Result<Vec<Block>> {
         let key: alloc_key = read_pod(k);
         if key.pid == pid {
             let info: alloc_info = read_pod(v);
-            out.push(Block { addr: key.addr, size: info.size, stack_id: info.stack_id, timestamp_ns: info.timestamp_ns });
+            out.push(Block {
+                addr: key.addr,
+                size: info.size,
+                stack_id: info.stack_id,
+                timestamp_ns: info.timestamp_ns,
+            });
         }
     })
     .context("reading the allocation map")?;
@@ -203,9 +208,9 @@ impl Tracer<'_, '_> {
         let mut suppressed = (0u64, 0u64);
         let mut kept = Vec::with_capacity(entries.len());
         for (total, class) in entries {
-            let f = frames.entry(total.stack_id).or_insert_with(|| {
-                self.symbolizer.stack(self.collector.frames(total.stack_id).unwrap_or_default())
-            });
+            let f = frames
+                .entry(total.stack_id)
+                .or_insert_with(|| self.symbolizer.stack(self.collector.frames(total.stack_id).unwrap_or_default()));
             if cfg.scan.suppressions.as_ref().is_some_and(|s| s.matching(f).is_some()) {
                 suppressed.0 += total.bytes;
                 suppressed.1 += total.count;
@@ -401,7 +406,10 @@ fn scan_warnings(s: &Stats) -> Vec<String> {
         ));
     }
     if s.devices.0 > 0 {
-        w.push(format!("{} bytes of {} device mappings not scanned (reading a device can have effects)", s.devices.1, s.devices.0));
+        w.push(format!(
+            "{} bytes of {} device mappings not scanned (reading a device can have effects)",
+            s.devices.1, s.devices.0
+        ));
     }
     if !s.stragglers.is_empty() {
         let tids: Vec<String> = s.stragglers.iter().map(|t| t.to_string()).collect();

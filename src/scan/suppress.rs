@@ -16,8 +16,8 @@ pub struct Suppressions {
 
 impl Suppressions {
     pub fn load(path: &Path) -> Result<Suppressions> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--suppressions: cannot read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("--suppressions: cannot read {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("--suppressions {}", path.display()))
     }
 
@@ -43,7 +43,9 @@ impl Suppressions {
                 f.symbol.as_ref().is_some_and(|(name, _)| matches(p, name))
                     || f.module.as_deref().is_some_and(|m| matches(p, m))
                     || file(&f.line).is_some_and(|s| matches(p, s))
-                    || f.inlined.iter().any(|(name, line)| matches(p, name) || file(line).is_some_and(|s| matches(p, s)))
+                    || f.inlined
+                        .iter()
+                        .any(|(name, line)| matches(p, name) || file(line).is_some_and(|s| matches(p, s)))
             })
         })
     }

@@ -373,7 +373,11 @@ pub struct LeakSummary {
 impl LeakSummary {
     /// (bytes, allocations) of a class.
     pub fn class(&self, words: &str) -> (u64, u64) {
-        self.classes.iter().find(|c| c.0 == words).map(|c| (c.1, c.2)).unwrap_or_else(|| panic!("no {words} in {self:?}"))
+        self.classes
+            .iter()
+            .find(|c| c.0 == words)
+            .map(|c| (c.1, c.2))
+            .unwrap_or_else(|| panic!("no {words} in {self:?}"))
     }
 }
 
