@@ -465,3 +465,28 @@ fn scans_under_c_leave_the_command_running() {
     }
     assert!(reports.last().is_some_and(|r| r.after_exit));
 }
+
+/// Memory that cannot be read (a shared file mapping past the file's end) is counted and said.
+#[test]
+fn unreadable_memory_is_counted_and_said() {
+    let mut f = Proc::spawn("reach workers", {
+        let mut c = Command::new(reach());
+        c.args(["workers", "1"]);
+        c
+    });
+    let pid = f.pid();
+    f.expect_line(&format!("ready {pid}"));
+    f.command("unreadable");
+    let m = memleak_attached(&["--scan", "-p", &pid.to_string(), "3600"]);
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let reports = parse_reports(&out.stdout);
+    assert_eq!(reports.len(), 1, "{}", show(&out.stdout));
+    let w = &reports[0].warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("8192 bytes in 1 ranges could not be read (at "), "{w:?}");
+    assert!(reports[0].leak_summary.is_some());
+    f.send("exit");
+    assert_eq!(f.finish().code(), Some(0));
+}

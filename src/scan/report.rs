@@ -148,22 +148,22 @@ impl Tracer<'_, '_> {
             k.add_losses(&mut losses);
         }
         let mut warnings = Vec::new();
+        // Why a report that should be classified is not.
+        let mut unclassified: Option<String> = None;
         let outcome = match (classify, self.pid) {
             (false, _) | (_, None) => None,
-            (true, Some(pid)) if after_exit => match self.scan.exit.take() {
+            (true, Some(_)) if after_exit => match self.scan.exit.take() {
                 Some(Ok(o)) => Some(o),
                 Some(Err(why)) => {
-                    warnings.push(format!("not classified: {why}"));
+                    unclassified = Some(why);
                     None
                 }
                 None => {
-                    let why = if self.scan.from_start {
-                        "the command's exit was not seen (killed by SIGKILL, or ended by a thread memleak does not trace)"
+                    unclassified = Some(if self.scan.from_start {
+                        "the command's exit was not seen (killed by SIGKILL, or ended by a thread memleak does not trace)".into()
                     } else {
-                        "the process had exited: its memory is gone"
-                    };
-                    warnings.push(format!("not classified: {why}"));
-                    let _ = pid;
+                        "the process had exited: its memory is gone".into()
+                    });
                     None
                 }
             },
@@ -177,12 +177,15 @@ impl Tracer<'_, '_> {
                         Some(o)
                     }
                     Err(e) => {
-                        warnings.push(format!("not classified: {e:#}"));
+                        unclassified = Some(format!("{e:#}"));
                         None
                     }
                 }
             }
         };
+        if let Some(why) = &unclassified {
+            warnings.push(format!("not classified: {why}"));
+        }
         if let Some(o) = &outcome {
             warnings.extend(scan_warnings(&o.stats));
             // (Untracked blocks are said by the loss lines already.)
@@ -206,6 +209,7 @@ impl Tracer<'_, '_> {
         // Symbolized once per stack: suppressions match frames, the report prints them.
         let mut frames: HashMap<u64, Vec<Frame>> = HashMap::new();
         let mut suppressed = (0u64, 0u64);
+        let mut suppressed_stacks = std::collections::HashSet::new();
         let mut kept = Vec::with_capacity(entries.len());
         for (total, class) in entries {
             let f = frames
@@ -214,6 +218,7 @@ impl Tracer<'_, '_> {
             if cfg.scan.suppressions.as_ref().is_some_and(|s| s.matching(f).is_some()) {
                 suppressed.0 += total.bytes;
                 suppressed.1 += total.count;
+                suppressed_stacks.insert(total.stack_id);
                 continue;
             }
             kept.push((total, class));
@@ -231,7 +236,7 @@ impl Tracer<'_, '_> {
         if classify {
             self.scan.verdict = Some(match &outcome {
                 Some(_) => Ok(cfg.scan.error_kinds.iter().map(|k| sums.get(k).map_or(0, |s| s.1)).sum()),
-                None => Err(warnings.last().cloned().unwrap_or_default()),
+                None => Err(unclassified.clone().unwrap_or_default()),
             });
         }
 
@@ -261,7 +266,7 @@ impl Tracer<'_, '_> {
         match &outcome {
             Some(o) => {
                 let pid = self.pid.unwrap_or(0);
-                let heur = heuristic_sums(o, min_age);
+                let heur = heuristic_sums(o, min_age, &suppressed_stacks);
                 text.push_str(&summary(&now, pid, self.scan.comm.as_deref(), &sums, &heur, suppressed, cfg));
                 text.push_str(&stats_line(&o.stats));
             }
@@ -311,13 +316,17 @@ fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> Vec<(Stack
     by.into_iter().map(|((_, c), t)| (t, Some(c))).collect()
 }
 
-fn heuristic_sums(o: &Outcome, min_age: Duration) -> Vec<(Heuristic, u64, u64)> {
+fn heuristic_sums(
+    o: &Outcome,
+    min_age: Duration,
+    suppressed: &std::collections::HashSet<u64>,
+) -> Vec<(Heuristic, u64, u64)> {
     let now = monotonic_ns();
     let min_age = min_age.as_nanos() as u64;
     let mut v: Vec<(Heuristic, u64, u64)> = Vec::new();
     for (b, h) in o.blocks.iter().zip(&o.heuristic) {
         let Some(h) = h else { continue };
-        if now.saturating_sub(b.timestamp_ns) < min_age {
+        if now.saturating_sub(b.timestamp_ns) < min_age || suppressed.contains(&b.stack_id) {
             continue;
         }
         match v.iter_mut().find(|e| e.0 == *h) {
