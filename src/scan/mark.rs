@@ -40,6 +40,9 @@ pub struct Marker {
     /// glibc's allocator keeps pointers to the next chunk's header, which can fall in the last
     /// 8 bytes of a block (see [`Marker::points_to`]).
     glibc: bool,
+    /// Blocks that are thread stacks (mappings that begin with a guard page): any pointer
+    /// into one keeps it, as valgrind, which does not count them as blocks, never reports them.
+    stacks: Vec<bool>,
     /// Root words looked at, for the statistics.
     pub root_words: u64,
 }
@@ -55,8 +58,14 @@ impl Marker {
             pending: vec![false; n],
             stack: Vec::new(),
             glibc,
+            stacks: Vec::new(),
             root_words: 0,
         }
+    }
+
+    /// Marks the blocks that are thread stacks.
+    pub fn set_thread_stacks(&mut self, stacks: Vec<bool>) {
+        self.stacks = stacks;
     }
 
     /// The block a word points into, if any. With glibc, a pointer to a 16-byte aligned
@@ -140,7 +149,11 @@ impl Marker {
         let via_start = if w == start {
             true
         } else {
-            self.heuristic[i] = self.heuristic_for(i, w, look);
+            self.heuristic[i] = if self.stacks.get(i).copied().unwrap_or(false) {
+                Some(Heuristic::ThreadStack)
+            } else {
+                self.heuristic_for(i, w, look)
+            };
             self.heuristic[i].is_some()
         };
         if via_start && definite {
@@ -382,6 +395,15 @@ mod tests {
                 None
             ]
         );
+        // A thread stack: glibc's list of cached stacks points into it.
+        let idx = Index::new(&[(at(0), 64), (at(1), 64)]);
+        let fake = Fake { words: vec![vec![0; 8], vec![0; 8]], vtables: vec![] };
+        let mut m = Marker::new(idx, vec![64, 64], false);
+        m.set_thread_stacks(vec![true, false]);
+        m.root_words(&[at(0) + 40, at(1) + 40], &fake);
+        let (c, h) = m.finish(&fake);
+        assert_eq!(c, [StillReachable, PossiblyLost]);
+        assert_eq!(h, [Some(Heuristic::ThreadStack), None]);
         // Reached by its start as well: the heuristic was not needed.
         let (c, h) = classify_sized(vec![56], vec![vec![3, 1, 1, 1, 1, 1, 1]], &[at(0) + 8, at(0)], false);
         assert_eq!((c, h), (vec![StillReachable], vec![None]));

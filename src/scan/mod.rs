@@ -70,6 +70,9 @@ pub enum Heuristic {
     Length64,
     NewArray,
     MultipleInheritance,
+    /// memleak's own: a thread's stack (a mapped block that begins with a guard page), which
+    /// glibc's lists point into.
+    ThreadStack,
 }
 
 impl Heuristic {
@@ -79,6 +82,7 @@ impl Heuristic {
             Heuristic::Length64 => "length64",
             Heuristic::NewArray => "newarray",
             Heuristic::MultipleInheritance => "multipleinheritance",
+            Heuristic::ThreadStack => "threadstack",
         }
     }
 }
@@ -365,6 +369,7 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     let mut look =
         Memory { buf: contents.buf, words: contents.words, regions, reader, vtables: RefCell::new(HashMap::new()) };
     let mut marker = Marker::new(index, sizes, t.glibc);
+    marker.set_thread_stacks(thread_stacks(&look.regions, &spans));
     for r in threads {
         for w in gprs(r) {
             marker.root_word(w, &look);
@@ -413,6 +418,19 @@ fn scan_roots(look: &mut Memory, roots: &[(u64, u64)], marker: &mut Marker) {
         }
     }
     flush(look, &mut batch, &mut filled, marker);
+}
+
+/// Blocks that are thread stacks: mapped memory that begins with a page no one can access (the
+/// guard page pthread_create maps below each stack it maps).
+fn thread_stacks(regions: &[Region], spans: &[(u64, u64)]) -> Vec<bool> {
+    spans
+        .iter()
+        .map(|&(a, size)| {
+            a % PAGE == 0
+                && size > PAGE
+                && memory::find(regions, a).is_some_and(|r| !r.read && !r.write && !r.exec && r.end < a + size)
+        })
+        .collect()
 }
 
 /// The region holding a thread's stack pointer is a stack of its own (so that below the
