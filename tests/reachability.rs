@@ -526,3 +526,42 @@ fn free_memory_of_a_threads_arena_is_no_root() {
     assert_eq!(reachable(&summary), (reachable(&vg.summary).0 + stack.2, reachable(&vg.summary).1 + 1));
     assert_eq!(summary[..3], vg.summary[..3], "the lost classes, exactly");
 }
+
+/// With --scan under -p, memleak traces the process to its exit: the report after it exits is
+/// classified too, scanned at its exit stop.
+#[test]
+fn p_with_scan_classifies_the_exit_too() {
+    let mut f = Proc::spawn("reach hold", {
+        let mut c = Command::new(reach());
+        c.arg("hold");
+        c
+    });
+    let pid = f.pid();
+    f.expect_line(&format!("ready {pid}"));
+    let m = memleak_attached(&["--scan", "--error-exitcode", "3", "-p", &pid.to_string(), "3600"]);
+    f.command("build");
+    f.send("hold");
+    f.expect_line("holding");
+    f.send("x");
+    assert_eq!(f.finish().code(), Some(0));
+    let out = m.finish();
+    // Definite leaks in the last report: --error-exitcode's status.
+    assert_eq!(out.code(), Some(3), "{}", out.stderr);
+    let r = final_report(&out.stdout);
+    let s = r.leak_summary.clone().unwrap_or_else(|| panic!("not classified: {}", show(&out.stdout)));
+    assert!(s.scanned.starts_with("scanned at its exit: "), "{}", s.scanned);
+    // As while it ran (classes_of_a_running_process_equal_valgrinds), but: r12 got its old
+    // value back on the way out, so its block is lost now; at the exit stop the holder thread
+    // is being killed and its stack, pointer unknown, is scanned whole: the dead frame's block
+    // is found there (docs/reachability.md).
+    let mine = r.classes_by_function(&reach().to_string_lossy());
+    for want in [
+        row("hold_in_register", "definitely lost", 104, 1),
+        row("dead_frame_block", "still reachable", 88, 1),
+        row("stack_block", "still reachable", 72, 1),
+        row("orphan", "still reachable", 40, 1),
+    ] {
+        assert!(mine.contains(&want), "{want:?} in {mine:?}");
+    }
+    assert_eq!(s.class("definitely lost"), (264 - 40 + 104, 7));
+}
