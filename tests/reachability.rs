@@ -565,3 +565,42 @@ fn p_with_scan_classifies_the_exit_too() {
     }
     assert_eq!(s.class("definitely lost"), (264 - 40 + 104, 7));
 }
+
+/// A thread started while memleak is attached: its stack is a mapped block memleak knows. The
+/// part above its stack pointer is a root, the dead part below is not scanned, and the stack
+/// itself is still reachable.
+#[test]
+fn a_stack_mapped_after_attach_is_scanned_from_its_pointer() {
+    let exe = reach();
+    let mut f = Proc::spawn("reach hold", {
+        let mut c = Command::new(&exe);
+        c.arg("hold");
+        c
+    });
+    let pid = f.pid();
+    f.expect_line(&format!("ready {pid}"));
+    let m = memleak_attached(&["--scan", "-o", "0", "-p", &pid.to_string(), "3600"]);
+    f.command("late");
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let reports = parse_reports(&out.stdout);
+    assert_eq!(reports.len(), 1, "{}", show(&out.stdout));
+    let mine = reports[0].classes_by_function(&exe.to_string_lossy());
+    for want in [
+        row("stack_block", "still reachable", 72, 1),
+        row("dead_frame_block", "definitely lost", 88, 1),
+        row("start_late_holder", "possibly lost", 272, 1),
+    ] {
+        assert!(mine.contains(&want), "{want:?} in {}", show(&out.stdout));
+    }
+    let stack: Vec<&Stack> = reports[0]
+        .stacks
+        .iter()
+        .filter(|s| s.names().iter().any(|n| n == "start_late_holder") && s.bytes >= 1 << 20)
+        .collect();
+    assert_eq!(stack.len(), 1, "{}", show(&out.stdout));
+    assert_eq!(stack[0].class.as_deref(), Some("still reachable"));
+    f.send("exit");
+    assert_eq!(f.finish().code(), Some(0));
+}

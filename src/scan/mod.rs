@@ -266,7 +266,7 @@ fn gprs(r: &libc::user_regs_struct) -> [u64; 16] {
 /// holds only dead frames.
 const RED_ZONE: u64 = 128;
 
-/// Memory to read: (address, length), sorted, disjoint.
+/// Memory to scan: (start, end), sorted, disjoint.
 type Ranges = Vec<(u64, u64)>;
 
 /// `ranges` minus `holes` (both sorted; holes may overlap each other).
@@ -305,7 +305,7 @@ fn words_only(ranges: Ranges) -> Ranges {
         .collect()
 }
 
-/// Splits ranges of untouched-capable memory into the pages that hold anything.
+/// Splits large ranges of anonymous memory into the pages that hold anything.
 fn populated(reader: &mut Reader, regions: &[Region], ranges: Ranges) -> Ranges {
     let mut out = Vec::new();
     for (s, e) in ranges {
@@ -331,7 +331,7 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     let mut reader = Reader::new(t.pid);
     let mut stats = Stats { threads: threads.len(), ..Stats::default() };
 
-    let contents = contents::copy(&mut reader, &regions, &spans)?;
+    let mut contents = contents::copy(&mut reader, &regions, &spans)?;
     stats.noaccess = contents.noaccess;
     stats.unreadable += contents.unmapped.0;
     stats.unreadable_ranges += contents.unmapped.1;
@@ -364,12 +364,27 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
         }
         rw.push((r.start, r.end));
     }
-    let roots = populated(&mut reader, &regions, words_only(subtract(&rw, &holes)));
+    let mut roots = populated(&mut reader, &regions, words_only(subtract(&rw, &holes)));
+
+    // A live thread whose stack is a block (mapped after memleak attached): its live part is a
+    // root, and what lies below its stack pointer is not scanned even when the block is reached.
+    let stacks = thread_stacks(&regions, &spans);
+    for r in threads {
+        let Some(i) = index.find(r.rsp).filter(|&i| stacks[i]) else { continue };
+        let (start, end) = (spans[i].0, spans[i].0 + spans[i].1);
+        let live = r.rsp.saturating_sub(RED_ZONE).max(start).next_multiple_of(8);
+        let (o, n) = contents.words[i];
+        let skip = (((live - start.next_multiple_of(8)) / 8) as usize).min(n);
+        contents.words[i] = (o + skip, n - skip);
+        if live < end & !7 {
+            roots.push((live, end & !7));
+        }
+    }
 
     let mut look =
         Memory { buf: contents.buf, words: contents.words, regions, reader, vtables: RefCell::new(HashMap::new()) };
     let mut marker = Marker::new(index, sizes, t.glibc);
-    marker.set_thread_stacks(thread_stacks(&look.regions, &spans));
+    marker.set_thread_stacks(stacks);
     for r in threads {
         for w in gprs(r) {
             marker.root_word(w, &look);
