@@ -9,7 +9,8 @@ fn skeleton(name: &str) {
     let src = format!("src/bpf/{name}.bpf.c");
     SkeletonBuilder::new()
         .source(&src)
-        .clang_args(["-Wall", "-Wno-unused-function", "-O2", "-g"])
+        // v3: atomic fetch-and-add with its result (unwind object ids), Linux 5.12+.
+        .clang_args(["-Wall", "-Wno-unused-function", "-O2", "-g", "-mcpu=v3"])
         .build_and_generate(out.join(format!("{name}.skel.rs")))
         .unwrap_or_else(|e| panic!("building {src}: {e:#}"));
     println!("cargo:rerun-if-changed={src}");

@@ -117,8 +117,9 @@ pub struct Args {
     #[arg(long)]
     pub frame_pointers: bool,
 
-    /// Most allocations tracked at once; more are counted as untracked (kernel memory: 96 bytes
-    /// per outstanding allocation, plus 16 bytes per slot of this size rounded to a power of two)
+    /// Most allocations tracked at once, up to 134217728; more are counted as untracked (kernel
+    /// memory: 96 bytes per outstanding allocation, plus 16 bytes per slot of this size rounded
+    /// to a power of two)
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_allocs: u32,
 
@@ -241,6 +242,13 @@ impl Args {
         }
         if self.max_allocs == 0 {
             bail!("--max-allocs must be at least 1");
+        }
+        if self.max_allocs > crate::loader::MAX_ALLOCS_LIMIT {
+            bail!(
+                "--max-allocs {}: the kernel's hash maps hold at most {} entries",
+                self.max_allocs,
+                crate::loader::MAX_ALLOCS_LIMIT
+            );
         }
         if self.count == Some(0) {
             bail!("count must be at least 1");
@@ -423,11 +431,32 @@ mod tests {
             (&["-p", "1", "-z", "-5"][..], "unexpected argument '-5'"),
             (&["-p", "1", "-s", "x"][..], "invalid value 'x'"),
             (&["-p", "1", "--max-allocs", "0"][..], "--max-allocs"),
+            (
+                &["-p", "1", "--max-allocs", "134217729"][..],
+                "--max-allocs 134217729: the kernel's hash maps hold at most 134217728 entries",
+            ),
+            (&["-p", "1", "--max-allocs", "4294967296"][..], "invalid value '4294967296'"),
+            (&["-p", "1", "18446744073709551616"][..], "invalid value '18446744073709551616'"),
+            (&["-p", "1", "-o", "18446744073709551616"][..], "invalid value"),
+            (&["-p", "2147483648"][..], "invalid value '2147483648'"),
         ] {
             let m = err(args);
             assert!(m.contains(needle), "{args:?}: {m:?} lacks {needle:?}");
             assert!(!m.contains('\n'), "{args:?}: not one line: {m:?}");
         }
+    }
+
+    /// The largest numbers each option takes are accepted and kept as given (the run saturates
+    /// what it computes from them: an interval past the end of time never comes round).
+    #[test]
+    fn huge_numbers_are_taken_as_given() {
+        let max = u64::MAX.to_string();
+        let c = ok(&["-p", "1", "-o", &max, "-z", &max, "-Z", &max, "-s", "4294967295", &max, &max]);
+        assert_eq!(c.min_age, Duration::from_millis(u64::MAX));
+        assert_eq!((c.min_size, c.max_size, c.sample_rate), (u64::MAX, u64::MAX, u32::MAX));
+        assert_eq!((c.interval, c.count), (Duration::from_secs(u64::MAX), Some(u64::MAX)));
+        let c = ok(&["-p", "2147483647", "-T", &usize::MAX.to_string(), "--max-allocs", "134217728"]);
+        assert_eq!((c.target, c.top, c.max_allocs), (Target::Pid(i32::MAX), usize::MAX, 1 << 27));
     }
 
     #[test]

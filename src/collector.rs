@@ -9,6 +9,7 @@ use libbpf_rs::MapCore;
 
 use crate::batch;
 use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
+use crate::symbolizer::RawFrame;
 
 /// One stack's outstanding allocations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,7 +74,7 @@ pub struct Snapshot {
 
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
-    stacks: HashMap<u64, Vec<u64>>,
+    stacks: HashMap<u64, Vec<RawFrame>>,
 }
 
 impl Collector {
@@ -82,7 +83,7 @@ impl Collector {
     }
 
     /// The frames of a stack read by [`Collector::refresh_stacks`].
-    pub fn frames(&self, stack_id: u64) -> Option<&[u64]> {
+    pub fn frames(&self, stack_id: u64) -> Option<&[RawFrame]> {
         self.stacks.get(&stack_id).map(Vec::as_slice)
     }
 
@@ -95,7 +96,7 @@ impl Collector {
             if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
                 let st: stack = read_pod(v);
                 let depth = (st.depth as usize).min(st.ips.len());
-                e.insert(st.ips[..depth].to_vec());
+                e.insert(st.ips[..depth].iter().zip(&st.locs).map(|(&ip, &loc)| RawFrame { ip, loc }).collect());
                 new.push(id);
             }
         })
@@ -128,7 +129,8 @@ impl Collector {
         blocks: bool,
     ) -> Result<Vec<StackTotal>> {
         let now = monotonic_ns();
-        let min_age = min_age.as_nanos() as u64;
+        // An age past u64 nanoseconds (585 years) hides every block, as it should.
+        let min_age = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
         let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
         batch::for_each(allocs, |k, v| {
             let key: alloc_key = read_pod(k);
@@ -139,7 +141,7 @@ impl Collector {
             let t = by_stack
                 .entry(info.stack_id)
                 .or_insert_with(|| StackTotal { stack_id: info.stack_id, ..Default::default() });
-            t.bytes += info.size;
+            t.bytes = t.bytes.saturating_add(info.size);
             t.count += 1;
             if blocks {
                 t.blocks.push((key.addr, info.size));

@@ -2,7 +2,7 @@
 //! percpu allocator) through their tracepoints, attached by BTF (tp_btf: no tracefs needed).
 //! The records are read and reported by the same collector and report code as user mode's.
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result, bail};
 use libbpf_rs::btf::{Btf, BtfKind, BtfType, types::FuncProto};
@@ -15,6 +15,7 @@ use crate::kmem_skel::types::bss;
 use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
 use crate::loader::{configure_records, page_size};
 use crate::run::{Tracer, follow, write_out};
+use crate::signals::Signals;
 use crate::symbolizer::Symbolizer;
 
 /// The tracepoint argument layouts of the running kernel (see kmem.bpf.c).
@@ -59,13 +60,13 @@ fn params<'b>(btf: &'b Btf, name: &str) -> Result<Vec<BtfType<'b>>> {
         .collect()
 }
 
-pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
+pub fn run(cfg: &Config, signals: &mut Signals) -> Result<i32> {
     let btf = Btf::from_vmlinux().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     let layout = Layout::of(&btf)?;
     drop(btf);
 
     let mut storage = MaybeUninit::uninit();
-    let mut skel = open(&mut storage, cfg, layout)?.load().context("cannot load the BPF programs")?;
+    let mut skel = open(&mut storage, cfg, layout)?.load().map_err(|e| crate::loader::load_error(e, cfg.max_allocs))?;
 
     let p = &skel.progs;
     let progs: Vec<(&ProgramMut, Role)> = if cfg.percpu {
@@ -108,6 +109,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
     }
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
 
+    signals.arm()?;
     write_out("Attaching to kernel allocators, Ctrl+C to quit.\n")?;
     let tracer = Tracer {
         cfg,
@@ -120,7 +122,7 @@ pub fn run(cfg: &Config, sigfd: &OwnedFd) -> Result<i32> {
         unwind: None,
         scan: Default::default(),
     };
-    follow(tracer, sigfd, &skel.maps.events, None, false)?;
+    follow(tracer, signals, &skel.maps.events, None, false)?;
     drop(links);
     Ok(0)
 }
@@ -245,13 +247,29 @@ mod tests {
         }
     }
 
+    /// The parameter names of the function the kernel generates for tracepoint `tp`
+    /// (`__bpf_trace_<tp>` or `__probestub_<tp>`, with the TP_PROTO's names): evidence
+    /// independent of the unnamed prototype Layout::of reads.
+    fn named_params(btf: &Btf, tp: &str) -> Vec<String> {
+        use libbpf_rs::btf::types::Func;
+        let func = [format!("__bpf_trace_{tp}"), format!("__probestub_{tp}")]
+            .iter()
+            .find_map(|n| btf.type_by_name::<Func>(n))
+            .unwrap_or_else(|| panic!("no generated function of tracepoint {tp} in the kernel's BTF"));
+        let proto = func.next_type().and_then(|t| FuncProto::try_from(t).ok()).expect("a prototype");
+        proto.iter().map(|p| p.name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect()
+    }
+
+    /// The layouts read from the running kernel's tracepoint prototypes agree with the names of
+    /// their parameters: `s` (struct kmem_cache *) third in kmem_cache_alloc's, `call_site`
+    /// first in percpu_alloc_percpu's.
     #[test]
     fn running_kernel_layout() {
         let btf = Btf::from_vmlinux().expect("kernel BTF");
         let l = Layout::of(&btf).expect("known layouts");
-        // The kernel this project runs on (6.18) has the newer layouts of both.
-        if crate::loader::kernel_at_least(6, 2) {
-            assert_eq!(l, Layout { cache_alloc_has_cache: true, percpu_has_call_site: true });
-        }
+        let cache = named_params(&btf, "kmem_cache_alloc");
+        let percpu = named_params(&btf, "percpu_alloc_percpu");
+        assert_eq!(l.cache_alloc_has_cache, cache.get(3).map(String::as_str) == Some("s"), "{cache:?}");
+        assert_eq!(l.percpu_has_call_site, percpu.get(1).map(String::as_str) == Some("call_site"), "{percpu:?}");
     }
 }

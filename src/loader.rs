@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::OpenObject;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
-use crate::cli::{AttachChoice, Config};
+use crate::cli::Config;
 use crate::probes::AttachMode;
 use crate::skel::{MemleakSkel, MemleakSkelBuilder, OpenMemleakSkel};
 
@@ -14,28 +14,67 @@ pub const MAX_STACKS: u32 = 32_768;
 pub const MAX_COMBINED: u32 = 32_768;
 pub const TRACE_RINGBUF: u32 = 4 << 20;
 
+/// The most entries a hash map can have: the kernel rounds the size up to a power of two of
+/// 16-byte buckets whose total must fit in 32 bits (more fails with E2BIG). Checked here:
+/// 2^27 loads, 2^27 + 1 does not.
+pub const MAX_ALLOCS_LIMIT: u32 = 1 << 27;
+/// Kernel memory of the allocation map (docs/design.md, measured with `-v`): 16 bytes per
+/// bucket, the size rounded up to a power of two, taken at start; 96 bytes per outstanding
+/// allocation.
+const BUCKET_BYTES: u64 = 16;
+const RECORD_BYTES: u64 = 96;
+/// Above this --max-allocs, memleak says how much kernel memory the map takes.
+const LARGE_MAP: u32 = 10_000_000;
+
+/// (bytes taken at start, bytes more when full) of an allocation map of `n` entries.
+pub fn allocs_map_memory(n: u32) -> (u64, u64) {
+    (u64::from(n).next_power_of_two() * BUCKET_BYTES, u64::from(n) * RECORD_BYTES)
+}
+
+/// With a large --max-allocs, says on stderr what the allocation map will take, before it does.
+pub fn note_map_memory(max_allocs: u32) {
+    if max_allocs <= LARGE_MAP {
+        return;
+    }
+    let (start, full) = allocs_map_memory(max_allocs);
+    errln!(
+        "memleak: note: --max-allocs {max_allocs} takes {} of kernel memory at start (the allocation map's buckets), and {} more when the map is full ({RECORD_BYTES} bytes per outstanding allocation)",
+        human(start),
+        human(full)
+    );
+}
+
+fn human(bytes: u64) -> String {
+    const MIB: f64 = (1 << 20) as f64;
+    let mib = bytes as f64 / MIB;
+    if mib >= 1024.0 { format!("{:.1} GiB", mib / 1024.0) } else { format!("{mib:.0} MiB") }
+}
+
+/// Names the likely cause of a failed load: E2BIG from a map larger than the kernel allows.
+pub fn load_error(e: libbpf_rs::Error, max_allocs: u32) -> anyhow::Error {
+    if e.kind() == libbpf_rs::ErrorKind::TooBig {
+        return anyhow::anyhow!(
+            "cannot load the BPF programs: the kernel refuses an allocation map of {max_allocs} entries (--max-allocs): {e}"
+        );
+    }
+    anyhow::Error::new(e).context("cannot load the BPF programs")
+}
+
 pub struct Loaded<'obj> {
     pub skel: MemleakSkel<'obj>,
     pub mode: AttachMode,
 }
 
-/// Opens, configures and loads the object; uses uprobe sessions where the kernel has them.
+/// Opens, configures and loads the object for attach mode `mode` (features.rs chose it).
 pub fn load<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
     target_tgid: u32,
     held_until_exec: bool,
+    mode: AttachMode,
 ) -> Result<Loaded<'obj>> {
-    let mode = match cfg.attach {
-        AttachChoice::Session => AttachMode::Session,
-        AttachChoice::Multi => AttachMode::Multi,
-        AttachChoice::Classic => AttachMode::Classic,
-        AttachChoice::Auto if kernel_at_least(6, 13) => AttachMode::Session,
-        AttachChoice::Auto if kernel_at_least(6, 6) => AttachMode::Multi,
-        AttachChoice::Auto => AttachMode::Classic,
-    };
     let open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
-    let skel = open.load().context("cannot load the BPF programs")?;
+    let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
     Ok(Loaded { skel, mode })
 }
 
@@ -83,16 +122,23 @@ fn open<'obj>(
     Ok(open)
 }
 
-/// Whether the running kernel is at least `major.minor`: uprobe sessions came in 6.13,
-/// uprobe_multi links in 6.6.
-pub fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    let (maj, min) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (maj, min) >= (major, minor)
-}
-
 pub fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_map_memory() {
+        // The default: 16 MiB of buckets (measured: 16778112 bytes with -v).
+        assert_eq!(allocs_map_memory(1 << 20), (16 << 20, 96 << 20));
+        // 20 M rounds up to 2^25 buckets: 512 MiB (measured: 536871808 bytes).
+        assert_eq!(allocs_map_memory(20_000_000).0, 512 << 20);
+        assert_eq!(allocs_map_memory(MAX_ALLOCS_LIMIT), (2 << 30, 12 << 30));
+        assert_eq!(human(512 << 20), "512 MiB");
+        assert_eq!(human(1_920_000_000), "1.8 GiB");
+    }
 }

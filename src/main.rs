@@ -15,15 +15,22 @@ macro_rules! errln {
 mod batch;
 mod cli;
 mod collector;
+mod debuginfo;
+mod demangle;
+mod features;
 mod kernel;
+mod ldso;
 mod loader;
+mod objects;
 mod objfile;
+mod output;
 mod placement;
 mod probes;
 mod procmaps;
 mod report;
 mod run;
 mod scan;
+mod signals;
 mod symbolizer;
 mod target;
 mod unwind;
@@ -37,8 +44,9 @@ mod kmem_skel {
     include!(concat!(env!("OUT_DIR"), "/kmem.skel.rs"));
 }
 
-/// Frames a stack holds at most: `struct stack` of memleak.h is a u64 header then the frames.
-pub const MAX_STACK_DEPTH: usize = std::mem::size_of::<skel::types::stack>() / 8 - 1;
+/// Frames a stack holds at most: the length of `struct stack`'s ips (memleak.h).
+// SAFETY: the plain C struct is valid all zeroes; only the length of its array is read.
+pub const MAX_STACK_DEPTH: usize = unsafe { std::mem::zeroed::<skel::types::stack>() }.ips.len();
 
 use std::io::Write;
 

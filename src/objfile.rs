@@ -41,6 +41,38 @@ pub fn open_regular(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Opens a file a process has mapped through its /proc/PID/map_files/START-END link, which
+/// names the very file mapped whatever its path names now, and checks that it is a regular file
+/// of the (dev, inode) the mapping was seen with (`dev` as stat's st_dev). The link is opened
+/// with O_PATH first, which runs no driver's open: a device mapping is refused unopened.
+pub fn open_mapped(link: &Path, dev: u64, ino: u64) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(link)
+        .with_context(|| format!("cannot open {}", link.display()))?;
+    let md = handle.metadata().with_context(|| format!("cannot stat {}", link.display()))?;
+    // NotFound, as for a mapping gone: the file asked for is not mapped there any more.
+    let remapped = || {
+        Err(std::io::Error::new(std::io::ErrorKind::NotFound, "another file is mapped there now"))
+            .with_context(|| link.display().to_string())
+    };
+    if (md.dev(), md.ino()) != (dev, ino) {
+        return remapped();
+    }
+    if !md.file_type().is_file() {
+        bail!("{}: not a regular file", link.display());
+    }
+    // The O_PATH descriptor names the same inode: reopened for reading, it cannot be swapped.
+    let f = open_regular(&fd_path(&handle))?;
+    let again = f.metadata().with_context(|| format!("cannot stat {}", link.display()))?;
+    if (again.dev(), again.ino()) != (dev, ino) {
+        return remapped();
+    }
+    Ok(f)
+}
+
 /// Reads all of `f` (named `what` in errors), refusing more than `limit` bytes.
 pub fn read_bounded(f: &File, limit: u64, what: &Path) -> Result<Vec<u8>> {
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);

@@ -25,19 +25,32 @@ impl Mapping {
         self.inode != 0 && self.path.as_ref().is_some_and(|p| p.is_absolute())
     }
 
-    /// A path memleak can open the mapped file by: its own path when that names the very file
-    /// mapped (same device and inode) in memleak's mount namespace; otherwise (a process in a
-    /// container or chroot, a file deleted or replaced since) /proc/PID/map_files/START-END,
-    /// which exists only while the process lives.
-    pub fn openable(&self, pid: i32) -> Option<PathBuf> {
-        use std::os::unix::fs::MetadataExt;
-        let path = self.path.as_deref().filter(|_| self.is_file())?;
-        if fs::metadata(path).is_ok_and(|md| md.dev() == self.dev && md.ino() == self.inode) {
-            return Some(path.to_path_buf());
+    /// The mapped file, opened through /proc/PID/map_files/START-END (which exists only while
+    /// the process lives and maps it): never by its path, which the process may have replaced
+    /// since (a symlink to a root-only file, a FIFO); also right for a process in another mount
+    /// namespace and for a deleted file. Regular files of the mapping's (dev, inode) only.
+    pub fn open(&self, pid: i32) -> Result<fs::File> {
+        if self.inode == 0 {
+            anyhow::bail!("not a file mapping");
         }
-        let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end));
-        via.exists().then_some(via)
+        crate::objfile::open_mapped(&self.map_files(pid), self.dev, self.inode)
     }
+
+    /// Its /proc/PID/map_files link.
+    pub fn map_files(&self, pid: i32) -> PathBuf {
+        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", self.start, self.end))
+    }
+
+    /// The file's device as the kernel encodes it in BPF (`s_dev`: major << 20 | minor).
+    pub fn kernel_dev(&self) -> u32 {
+        kernel_dev(self.dev)
+    }
+}
+
+/// A device number as stat's st_dev gives it, in the kernel's internal encoding (what BPF reads
+/// from a superblock's s_dev).
+pub fn kernel_dev(dev: u64) -> u32 {
+    (libc::major(dev) << 20) | libc::minor(dev)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -115,14 +128,19 @@ mod tests {
     }
 
     #[test]
-    fn a_mapped_file_is_opened_by_its_path_or_through_proc() {
+    fn a_mapped_file_is_opened_through_map_files_only_if_it_is_the_same_file() {
+        use std::os::unix::fs::MetadataExt;
         let me = std::process::id() as i32;
         let maps = ProcMaps::read(me).expect("own maps");
         let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
         let m = maps.mappings.iter().find(|m| m.path.as_deref() == Some(exe.as_path())).expect("own executable mapped");
-        assert_eq!(m.openable(me), Some(exe.clone()), "the same inode at its path: the path");
+        let f = m.open(me).expect("own executable through map_files");
+        assert_eq!(f.metadata().unwrap().ino(), m.inode);
         let other = Mapping { inode: m.inode + 1, ..m.clone() };
-        let via = other.openable(me).expect("map_files");
-        assert_eq!(via, PathBuf::from(format!("/proc/{me}/map_files/{:x}-{:x}", m.start, m.end)));
+        let e = other.open(me).expect_err("another inode");
+        assert!(format!("{e:#}").contains("another file is mapped there now"), "{e:#}");
+        let gone = Mapping { start: 0x1000, end: 0x2000, ..m.clone() };
+        assert!(gone.open(me).is_err());
+        assert_eq!(kernel_dev(libc::makedev(0xfe, 1)), (0xfe << 20) | 1);
     }
 }

@@ -1,7 +1,6 @@
 //! The run: set the target up, attach, then report every interval until the target exits,
-//! the count is reached, or Ctrl-C/SIGTERM.
-use std::cell::Cell;
-use std::io::Write;
+//! the count is reached, or Ctrl-C/SIGTERM/SIGHUP.
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -12,10 +11,13 @@ use libbpf_rs::{MapMut, RingBufferBuilder};
 
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
+use crate::features::Features;
+pub use crate::output::write_out;
+use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
 use crate::symbolizer::Symbolizer;
-use crate::unwind::{self, UnwindTables, Unwinder};
-use crate::{loader, probes, report, target};
+use crate::unwind::{UnwindTables, Unwinder};
+use crate::{ldso, loader, probes, report, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
@@ -23,9 +25,12 @@ const TICK: Duration = Duration::from_secs(1);
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
+const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Fails with what is needed when this process cannot load and attach BPF programs.
-fn check_privileges() -> Result<()> {
+/// `process`: a process is traced, whose files memleak opens through /proc/PID/map_files,
+/// which takes CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE.
+fn check_privileges(process: bool) -> Result<()> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
         .lines()
@@ -33,32 +38,12 @@ fn check_privileges() -> Result<()> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |c: u32| eff & (1u64 << c) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && (!process || has(CAP_CHECKPOINT_RESTORE))) {
         return Ok(());
     }
     bail!(
-        "memleak needs root, or the capabilities CAP_BPF and CAP_PERFMON (plus CAP_SYS_PTRACE for other users' processes)"
+        "memleak needs root, or the capabilities CAP_BPF and CAP_PERFMON (and CAP_CHECKPOINT_RESTORE to trace a process: its files are read through /proc/PID/map_files; plus CAP_SYS_PTRACE for other users' processes)"
     )
-}
-
-/// Blocks the signals the loop reads from a signalfd.
-fn signal_fd() -> Result<OwnedFd> {
-    // SAFETY: plain libc calls on a local, zero-initialized sigset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD] {
-            libc::sigaddset(&mut set, s);
-        }
-        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigprocmask");
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("signalfd");
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
 }
 
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
@@ -74,7 +59,7 @@ pub enum End {
     CommandExited(i32),
     /// The -p process exited.
     ProcessExited,
-    /// Ctrl-C, SIGTERM, or the count of reports was reached.
+    /// Ctrl-C, SIGTERM, SIGHUP, or the count of reports was reached.
     Stopped,
     /// --error-exitcode: the final report has leaks; exit with this status.
     Leaks(i32),
@@ -102,8 +87,8 @@ impl Tracer<'_, '_> {
     /// their addresses live, so that they stay symbolizable after it exits.
     fn prepare_symbols(&mut self) -> Result<()> {
         let new = self.collector.refresh_stacks(self.stacks)?;
-        let addrs: Vec<u64> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
-        self.symbolizer.normalize(addrs);
+        let frames: Vec<_> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
+        self.symbolizer.normalize(frames);
         Ok(())
     }
 
@@ -153,13 +138,18 @@ impl Tracer<'_, '_> {
                 read.as_secs_f64() * 1e3,
                 (started.elapsed() - read).as_secs_f64() * 1e3
             );
-            errln!(
-                "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
-                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
-                map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
-            );
+            self.say_map_memory();
         }
         Ok(())
+    }
+
+    /// -v: the kernel memory the record maps take.
+    pub fn say_map_memory(&self) {
+        errln!(
+            "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
+            map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
+            map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
+        );
     }
 }
 
@@ -182,16 +172,6 @@ fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachM
     crate::collector::Programs { progs: attached.into_iter().map(|p| (p.as_fd(), Both)).collect() }
 }
 
-pub fn write_out(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Ok(()) => Ok(()),
-        // The reader went away (| head): stop quietly.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        Err(e) => Err(e).context("writing the report"),
-    }
-}
-
 fn trace_line(e: &trace_event) -> String {
     if e.kind == event_kind::EV_ALLOC.0 {
         format!("alloc exited, size = {}, result = {:x}", e.size, e.addr)
@@ -201,25 +181,55 @@ fn trace_line(e: &trace_event) -> String {
 }
 
 pub fn run(cfg: &Config) -> Result<i32> {
-    check_privileges()?;
+    check_privileges(!matches!(cfg.target, Target::Kernel))?;
     for note in &cfg.scan.notes {
         errln!("memleak: note: {note}");
     }
-    // Blocked before the command is forked, so that its SIGCHLD cannot be missed.
-    let sigfd = signal_fd()?;
-    let (pid, obj, held) = match &cfg.target {
-        Target::Kernel => return crate::kernel::run(cfg, &sigfd),
+    // SIGCHLD is read before the command is forked, so that its exit cannot be missed; the
+    // stop signals end memleak at once until tracing starts (signals.rs).
+    let mut signals = Signals::new()?;
+    loader::note_map_memory(cfg.max_allocs);
+    let probed = Instant::now();
+    let features = Features::probe();
+    if cfg.verbose {
+        errln!("memleak: kernel features ({:.1} ms): {features:?}", probed.elapsed().as_secs_f64() * 1e3);
+    }
+    if cfg.target == Target::Kernel {
+        features.require_kernel_mode()?;
+        return crate::kernel::run(cfg, &mut signals);
+    }
+    // How to attach and walk stacks on this kernel; a fallback says why.
+    let plan = features.plan(cfg.attach, cfg.frame_pointers)?;
+    for note in &plan.notes {
+        errln!("memleak: note: {note}");
+    }
+    if cfg.verbose {
+        for line in &plan.verbose {
+            errln!("memleak: {line}");
+        }
+    }
+    let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
+    let (pid, obj, held, order) = match &cfg.target {
+        Target::Kernel => return crate::kernel::run(cfg, &mut signals),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
-            (*pid, target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?, None)
+            target::check_access(*pid)?;
+            let obj = target::allocator_object(*pid, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            (*pid, obj, None, None)
         }
         Target::Command(argv) => {
             let prog = target::resolve_program(&argv[0])?;
-            let obj = target::allocator_object_for_command(&prog, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
+            // What it will load, found without running anything of its choosing.
+            let launch = ldso::Launch::command(target::command_credentials())?;
+            let order = ldso::load_order(&prog, &launch)?;
+            target::report_load_order(&order, cfg.verbose);
+            let obj = target::allocator_object_for_command(&order, cfg.obj.as_deref(), &cfg.symbols_prefix)?;
             let held = target::HeldChild::spawn(&prog, argv)?;
-            (held.pid, obj, Some(held))
+            (held.pid, obj, Some(held), Some(order))
         }
     };
+    // After the command is forked: it keeps the limits it was given.
+    crate::objects::raise_fd_limit();
     let is_command = held.is_some();
     let mut traced = None;
     if is_command {
@@ -246,42 +256,42 @@ pub fn run(cfg: &Config) -> Result<i32> {
         traced = (r == 0).then_some(pid);
     }
 
-    let (entries, missing) = probes::resolve(&obj, &cfg.symbols_prefix)?;
+    let (entries, missing) = probes::resolve(&obj.path, &cfg.symbols_prefix)?;
     if entries.is_empty() {
         bail!(
             "{} defines none of the allocator functions ({}malloc, {}free, ...)",
-            obj.display(),
+            obj.shown.display(),
             cfg.symbols_prefix,
             cfg.symbols_prefix
         );
     }
     if !missing.is_empty() {
-        errln!("memleak: note: {} has no {}: not traced", obj.display(), missing.join(", "));
+        errln!("memleak: note: {} has no {}: not traced", obj.shown.display(), missing.join(", "));
     }
 
     let mut storage = MaybeUninit::uninit();
-    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command)?;
+    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode)?;
     let skel = &loaded.skel;
+    let mut symbolizer = Symbolizer::new(Some(pid));
     let unwind = if cfg.frame_pointers {
         None
     } else {
-        let mut tables = UnwindTables::new(skel, cfg.verbose)?;
-        if let Target::Command(argv) = &cfg.target {
+        let tables = UnwindTables::new(skel, cfg.verbose)?;
+        let mut u = Unwinder { skel, tables, met: Rc::new(RefCell::new(Vec::new())), pid };
+        match &order {
             // Before it runs: the tables of what it maps at start are there for its first call.
-            for p in unwind::startup_objects(&target::resolve_program(&argv[0])?) {
-                tables.preload(skel, &p);
+            Some(order) => u.preload(&mut symbolizer.objects, order),
+            None => {
+                u.tables.sync_process(skel, &mut symbolizer.objects, pid);
             }
-        } else {
-            tables.sync_process(skel, pid);
         }
-        let mut u = Unwinder { skel, tables, wakeup: Rc::new(Cell::new(false)), pid };
         u.report_failures();
         Some(u)
     };
-    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj, &entries)?;
+    let _links = probes::attach(&skel.progs, loaded.mode, pid, &obj.path, &entries)?;
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     if cfg.verbose {
-        errln!("memleak: attached to {} ({:?} mode):", obj.display(), loaded.mode);
+        errln!("memleak: attached to {} ({:?} mode):", obj.shown.display(), loaded.mode);
         for e in &entries {
             let p = &e.placement;
             errln!(
@@ -295,12 +305,15 @@ pub fn run(cfg: &Config) -> Result<i32> {
             );
         }
     }
-    let mut symbolizer = Symbolizer::new(Some(pid));
     if !is_command {
         // The maps of the running process, read before it can exit (the line below tells
         // scripts the probes are in place), kept in case it exits before its stacks are read.
         symbolizer.reread_maps();
     }
+    // Before the line below: a process that exits as soon as it is told memleak is attached
+    // would otherwise be gone before its pidfd exists, and its exit never seen.
+    let pidfd = if is_command { None } else { pidfd_open(pid) };
+    signals.arm()?;
     write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
     if let Some(held) = held {
         held.release()?;
@@ -316,10 +329,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
         symbolizer,
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
-        scan: crate::scan::report::Session::new(is_command, traced, &obj, &cfg.symbols_prefix),
+        scan: crate::scan::report::Session::new(is_command, traced, &obj.shown, &cfg.symbols_prefix),
     };
-    let pidfd = if is_command { None } else { pidfd_open(pid) };
-    match follow(tracer, &sigfd, &skel.maps.events, pidfd.as_ref(), is_command)? {
+    match follow(tracer, &signals, &skel.maps.events, pidfd.as_ref(), is_command)? {
         End::CommandExited(code) | End::Leaks(code) => Ok(code),
         End::ProcessExited | End::Stopped => Ok(0),
     }
@@ -329,7 +341,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
 /// the -t lines from `events` as they come.
 pub fn follow(
     mut tracer: Tracer,
-    sigfd: &OwnedFd,
+    signals: &Signals,
     events: &MapMut,
     pidfd: Option<&OwnedFd>,
     is_command: bool,
@@ -344,9 +356,9 @@ pub fn follow(
             })?;
         }
         if let Some(u) = &tracer.unwind {
-            let wakeup = u.wakeup.clone();
-            b.add(&u.skel.maps.unwind_wakeup, move |_: &[u8]| {
-                wakeup.set(true);
+            let met = u.met.clone();
+            b.add(&u.skel.maps.unwind_wakeup, move |data: &[u8]| {
+                met.borrow_mut().push(read_pod(data));
                 0
             })?;
         }
@@ -355,7 +367,7 @@ pub fn follow(
         None
     };
 
-    let end = event_loop(&mut tracer, sigfd, pidfd, ring.as_ref(), is_command)?;
+    let end = event_loop(&mut tracer, signals, pidfd, ring.as_ref(), is_command)?;
     if let Some(r) = &ring {
         let _ = r.consume();
     }
@@ -393,22 +405,40 @@ pub fn follow(
     Ok(end)
 }
 
+/// The next time a period of `every` falls due after `now`; None if that is past the end of
+/// time (an interval of 2^64 seconds never comes round).
+fn next_after(due: Instant, every: Duration, now: Instant) -> Option<Instant> {
+    let next = due.checked_add(every)?;
+    if next >= now { Some(next) } else { now.checked_add(every) }
+}
+
+/// Milliseconds for poll until `wake` (rounded up, so that it does not wake early and spin),
+/// -1 for never.
+fn poll_timeout(wake: Option<Instant>, now: Instant) -> i32 {
+    let Some(wake) = wake else { return -1 };
+    let left = wake.saturating_duration_since(now);
+    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+}
+
 fn event_loop(
     t: &mut Tracer,
-    sigfd: &OwnedFd,
+    signals: &Signals,
     pidfd: Option<&OwnedFd>,
     ring: Option<&libbpf_rs::RingBuffer>,
     is_command: bool,
 ) -> Result<End> {
     let start = Instant::now();
-    let mut next_report = start + t.cfg.interval;
-    let mut next_tick = start + TICK;
+    let mut next_report = start.checked_add(t.cfg.interval);
+    // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
+    let mut next_tick = if t.pid.is_some() { start.checked_add(TICK) } else { None };
     let mut reports = 0u64;
     loop {
-        let now = Instant::now();
-        let wake = next_report.min(next_tick);
-        let timeout = wake.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as i32;
-        let mut fds = vec![libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let wake = match (next_report, next_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = poll_timeout(wake, Instant::now());
+        let mut fds = vec![libc::pollfd { fd: signals.raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(p) = pidfd {
             fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -424,23 +454,26 @@ fn event_loop(
             r.consume().context("reading trace events")?;
         }
         if let Some(u) = t.unwind.as_mut()
-            && u.wakeup.replace(false)
+            && u.woken()
         {
-            // A new object is in use (dlopen, exec): load its table, and record where the new
-            // stacks' addresses live now, not at the next tick (it may be unloaded by then).
-            u.sync();
+            // A file not opened yet is in use (dlopen, exec): open it now, while it is mapped
+            // (it may be unloaded by the next tick), and load its table.
+            u.sync(&mut t.symbolizer.objects);
             t.prepare_symbols()?;
         }
         if fds[0].revents & libc::POLLIN != 0 {
-            for sig in read_signals(sigfd) {
+            for sig in signals.read() {
                 match sig {
-                    libc::SIGINT | libc::SIGTERM => {
+                    s if signals::STOP.contains(&s) => {
+                        if is_command && let Some(code) = grace(t, signals)? {
+                            return Ok(End::CommandExited(code));
+                        }
                         t.print_report(false)?;
                         handle_foreign(t)?;
                         return Ok(End::Stopped);
                     }
                     libc::SIGCHLD if is_command || t.scan.traced.is_some() => {
-                        if let Some(code) = reap(t)? {
+                        if let Child::Exited(code) = reap(t)? {
                             // -p: the exit is the pidfd's to tell.
                             if is_command {
                                 return Ok(End::CommandExited(code));
@@ -455,15 +488,18 @@ fn event_loop(
             return Ok(End::ProcessExited);
         }
         let now = Instant::now();
-        // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
-        if now >= next_tick && t.pid.is_some() {
+        if let Some(tick) = next_tick
+            && now >= tick
+        {
             if let Some(u) = t.unwind.as_mut() {
-                u.sync();
+                u.tick(&mut t.symbolizer.objects);
             }
             t.prepare_symbols()?;
-            next_tick = now + TICK;
+            next_tick = now.checked_add(TICK);
         }
-        if now >= next_report {
+        if let Some(due) = next_report
+            && now >= due
+        {
             t.print_report(false)?;
             handle_foreign(t)?;
             reports += 1;
@@ -473,57 +509,85 @@ fn event_loop(
                 }
                 return Ok(End::Stopped);
             }
-            next_report += t.cfg.interval;
-            if next_report < now {
-                next_report = now + t.cfg.interval;
-            }
+            next_report = next_after(due, t.cfg.interval, now);
         }
     }
 }
 
-fn read_signals(sigfd: &OwnedFd) -> Vec<i32> {
-    let mut sigs = Vec::new();
-    loop {
-        // SAFETY: signalfd_siginfo is plain data; read writes at most its size.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads into the local struct of `size` bytes.
-        let n = unsafe { libc::read(sigfd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-        if n != size as isize {
-            return sigs;
-        }
-        sigs.push(info.ssi_signo as i32);
-    }
-}
+/// How long a -c command has, after memleak got a stop signal, to show that it is dying too
+/// (a terminal's Ctrl-C reaches the whole process group).
+const GRACE: Duration = Duration::from_millis(300);
+/// How long memleak waits for a command seen dying (a fatal signal pending or being
+/// delivered, or in its exit stop) to be gone.
+const DYING_WAIT: Duration = Duration::from_secs(10);
 
-/// Handles the command's state changes; returns its exit code once it has exited.
-fn reap(t: &mut Tracer) -> Result<Option<i32>> {
+/// After a stop signal under -c: waits briefly for the command, reaping it as usual; its exit
+/// code if it exited (then the run ends as when it exits by itself), None if it lives on.
+fn grace(t: &mut Tracer, signals: &Signals) -> Result<Option<i32>> {
     let Some(pid) = t.pid else { return Ok(None) };
+    let start = Instant::now();
+    let mut dying = false;
+    loop {
+        match reap(t)? {
+            Child::Exited(code) => return Ok(Some(code)),
+            Child::Dying => dying = true,
+            Child::Running => {}
+        }
+        dying = dying || signals::Masks::of(pid).is_some_and(|m| m.dying());
+        let limit = if dying { DYING_WAIT } else { GRACE };
+        let now = Instant::now();
+        let end = start + limit;
+        if now >= end {
+            return Ok(None);
+        }
+        signals.wait(poll_timeout(Some(end), now));
+        // Another stop signal changes nothing; SIGCHLD is handled by the reap above.
+        let _ = signals.read();
+    }
+}
+
+/// A -c command's state after its changes were handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Child {
+    Running,
+    /// In its exit stop, or given a signal that ends it.
+    Dying,
+    /// Exited with this code (128+N if killed by signal N).
+    Exited(i32),
+}
+
+/// Handles the command's state changes.
+fn reap(t: &mut Tracer) -> Result<Child> {
+    let Some(pid) = t.pid else { return Ok(Child::Running) };
+    let mut state = Child::Running;
     loop {
         let mut status = 0;
         // SAFETY: waitpid on our own child, writing to a local.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
         if r <= 0 {
-            return Ok(None);
+            return Ok(state);
         }
         if libc::WIFEXITED(status) {
-            return Ok(Some(libc::WEXITSTATUS(status)));
+            return Ok(Child::Exited(libc::WEXITSTATUS(status)));
         }
         if libc::WIFSIGNALED(status) {
-            return Ok(Some(128 + libc::WTERMSIG(status)));
+            return Ok(Child::Exited(128 + libc::WTERMSIG(status)));
         }
-        if libc::WIFSTOPPED(status) {
-            on_stop(t, pid, status)?;
+        if libc::WIFSTOPPED(status) && on_stop(t, pid, status)? {
+            state = Child::Dying;
         }
     }
 }
 
-/// Handles a ptrace stop of the traced thread.
-fn on_stop(t: &mut Tracer, pid: i32, status: i32) -> Result<()> {
+/// Handles a ptrace stop of the traced thread; true if it is dying (its exit stop, or a
+/// signal on its way that ends it).
+fn on_stop(t: &mut Tracer, pid: i32, status: i32) -> Result<bool> {
     let event = (status >> 16) & 0xff;
+    let mut dying = false;
     // SAFETY: ptrace requests on our own tracee, in a ptrace stop.
     unsafe {
         if event == libc::PTRACE_EVENT_EXIT {
+            dying = true;
             // Its memory still exists: classify its blocks, normalize the last stacks.
             t.scan_at_exit(pid);
             t.symbolizer.reread_maps();
@@ -532,20 +596,26 @@ fn on_stop(t: &mut Tracer, pid: i32, status: i32) -> Result<()> {
         } else if event == libc::PTRACE_EVENT_EXEC {
             // A new image (an exec'ing wrapper): its tables before it runs.
             if let Some(u) = t.unwind.as_mut() {
-                u.load_exec();
+                u.load_exec(&mut t.symbolizer.objects);
             }
             libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
         } else if event == libc::PTRACE_EVENT_STOP && libc::WSTOPSIG(status) != libc::SIGTRAP {
             // A group-stop: it stays stopped until SIGCONT.
             libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
         } else if event == libc::PTRACE_EVENT_STOP {
-            // A scan's interrupt, reported after the signal that came first.
+            // An interrupt (a scan's, reported after a signal that came first), or the end of
+            // a group-stop: it goes on.
             libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
         } else {
-            libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status) as libc::c_ulong);
+            // A signal on its way to the command: delivered as it would be untraced.
+            let sig = libc::WSTOPSIG(status);
+            if signals::Masks::of(pid).is_some_and(|m| m.kills(sig)) {
+                dying = true;
+            }
+            libc::ptrace(libc::PTRACE_CONT, pid, 0, sig as libc::c_ulong);
         }
     }
-    Ok(())
+    Ok(dying)
 }
 
 /// Stops of the traced thread that a scan met while stopping it: handled as usual.
@@ -555,4 +625,25 @@ fn handle_foreign(t: &mut Tracer) -> Result<()> {
         on_stop(t, pid, status)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_saturate_at_the_end_of_time() {
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(next_after(now, s, now), Some(now + s));
+        // A late report: the next one is a period after now, not in the past.
+        assert_eq!(next_after(now, s, now + 5 * s), Some(now + 6 * s));
+        // memleak -c true 18446744073709551615: no report ever, no overflow.
+        assert_eq!(next_after(now, Duration::from_secs(u64::MAX), now), None);
+        assert_eq!(poll_timeout(None, now), -1);
+        assert_eq!(poll_timeout(Some(now), now + s), 0);
+        // Rounded up: poll never returns just before the due time and spins.
+        assert_eq!(poll_timeout(Some(now + Duration::from_micros(1500)), now), 2);
+        assert_eq!(poll_timeout(Some(now + Duration::from_secs(1 << 40)), now), i32::MAX);
+    }
 }

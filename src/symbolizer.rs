@@ -1,34 +1,53 @@
-//! Symbolizer: turns stack addresses into `function+0xoff [module] (addr)` frames.
+//! Symbolizer: turns stack frames into `function+0xoff [module] (addr)` lines.
 //!
-//! An address is normalized to (file, file offset) while the process lives, from its
-//! /proc/PID/maps; symbols then come from the file with blazesym. So a report printed after
-//! the process has exited is symbolized as well as the ones before.
+//! A frame the table unwinder located says which object held it and at which file offset
+//! (`struct stack` locs): it is symbolized from that object, opened through
+//! /proc/PID/map_files when the process mapped it and held since (src/objects.rs), whatever
+//! the process maps at that address later (a library unloaded, another one loaded there). Other
+//! frames (--frame-pointers, code in no file, kernel mode) are normalized to (object, file
+//! offset) from /proc/PID/maps while the process lives. Either way, a report printed after the
+//! process has exited is symbolized as well as the ones before.
 //!
-//! With DWARF (in the file, or a separate debug file under /usr/lib/debug found by build-id or
-//! .gnu_debuglink) a frame gains ` file:line`, and functions inlined at the address print as
-//! frames of their own before it. C++ and Rust names are demangled. Every address is a return
-//! address: it is looked up at address - 1, the call, and printed as it is.
+//! With DWARF (in the object, or a separate debug file found by build-id: src/debuginfo.rs) a
+//! frame gains ` file:line`, and functions inlined at the address print as frames of their own
+//! before it. Mangled C++ and Rust names are demangled (src/demangle.rs). Every address is a
+//! return address: it is looked up at address - 1, the call, and printed as it is. A frame of
+//! an object memleak could not read prints `[unknown] [module] (addr) [not readable: why]`.
 //! Kernel mode: addresses are kernel text, symbolized from /proc/kallsyms.
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blazesym::MaybeDefault;
 use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blaze};
 
-use crate::procmaps::{Mapping, ProcMaps};
+use crate::debuginfo::{self, Dwarf};
+use crate::demangle::demangle;
+use crate::objects::{Objects, State};
+use crate::procmaps::ProcMaps;
 
-/// Where an address lives in its file.
+/// A frame as stored: its return address and, when the unwinder located it, its object id and
+/// file offset (`id << 32 | offset`, 0 if not located).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RawFrame {
+    pub ip: u64,
+    pub loc: u64,
+}
+
+impl RawFrame {
+    /// (object id, file offset), when located.
+    fn located(&self) -> Option<(u32, u64)> {
+        let id = (self.loc >> 32) as u32;
+        (id != 0).then_some((id, self.loc & 0xffff_ffff))
+    }
+}
+
+/// Where an address lives in its file, as /proc/PID/maps showed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    File {
-        /// As the process sees it (what reports print).
-        path: Arc<Path>,
-        /// Where memleak reads it: `path`, or an open descriptor of the mapped file.
-        source: Arc<Path>,
-        offset: u64,
-    },
+enum Location {
+    /// In object `obj` (an index in [`Objects`]) at a file offset.
+    File { obj: usize, offset: u64 },
     /// Mapped, but not from a file we can read (anonymous memory, JIT code, [vdso]).
     Other { name: Option<Arc<Path>> },
     /// In no mapping we saw.
@@ -47,6 +66,8 @@ pub struct Frame {
     pub line: Option<String>,
     /// Functions inlined at this address, innermost first, each with its own `file:line`.
     pub inlined: Vec<(String, Option<String>)>,
+    /// Why its module could not be read, if it could not.
+    pub unreadable: Option<String>,
 }
 
 impl Frame {
@@ -77,7 +98,24 @@ impl std::fmt::Display for Frame {
         if let Some(line) = &self.line {
             write!(f, " {line}")?;
         }
+        if let Some(why) = &self.unreadable {
+            write!(f, " [not readable: {why}]")?;
+        }
         Ok(())
+    }
+}
+
+/// How one object is read: its ELF symbols through its descriptor, its DWARF from where
+/// [`debuginfo::find`] says.
+struct Reader {
+    elf: PathBuf,
+    dwarf: Dwarf,
+}
+
+impl Reader {
+    /// Whether its symbols come from DWARF (else from the ELF symbol tables already).
+    fn dwarf_separate_or_own(&self) -> bool {
+        !matches!(self.dwarf, Dwarf::None)
     }
 }
 
@@ -87,13 +125,12 @@ pub struct Symbolizer {
     kernel: bool,
     maps: ProcMaps,
     locations: HashMap<u64, Location>,
-    frames: HashMap<u64, Frame>,
+    /// Symbolized frames by (object, file offset) or, for those in no object, by address.
+    frames: HashMap<(Option<usize>, u64), Frame>,
     blaze: Blaze,
-    /// Where each mapped file (by device and inode) is read from.
-    sources: HashMap<(u64, u64), Arc<Path>>,
-    /// Files that memleak cannot open by their path (another mount namespace, deleted), held
-    /// open so that they stay readable after the process exits.
-    held: Vec<std::fs::File>,
+    /// Every object the process mapped that memleak opened (or could not).
+    pub objects: Objects,
+    readers: HashMap<usize, Reader>,
 }
 
 impl Symbolizer {
@@ -104,9 +141,10 @@ impl Symbolizer {
             maps: ProcMaps::default(),
             locations: HashMap::new(),
             frames: HashMap::new(),
-            sources: HashMap::new(),
-            held: Vec::new(),
-            blaze: Blaze::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build(),
+            objects: Objects::default(),
+            readers: HashMap::new(),
+            // Names are demangled here, only the mangled ones (src/demangle.rs).
+            blaze: Blaze::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(false).build(),
         }
     }
 
@@ -115,13 +153,14 @@ impl Symbolizer {
         Symbolizer { kernel: true, ..Symbolizer::new(None) }
     }
 
-    /// Records where each address lives, while the process is alive. Reads /proc/PID/maps again
-    /// when an address is outside every mapping seen so far.
-    pub fn normalize(&mut self, addrs: impl IntoIterator<Item = u64>) {
+    /// Records where each frame not located by the unwinder lives, while the process is alive.
+    /// Reads /proc/PID/maps again when an address is outside every mapping seen so far.
+    pub fn normalize(&mut self, frames: impl IntoIterator<Item = RawFrame>) {
         let Some(pid) = self.pid else { return };
         let mut reread = false;
-        for addr in addrs {
-            if self.locations.contains_key(&addr) {
+        for f in frames {
+            let addr = f.ip;
+            if f.located().is_some() || self.locations.contains_key(&addr) {
                 continue;
             }
             if self.maps.find(addr).is_none() && !reread {
@@ -129,13 +168,9 @@ impl Symbolizer {
                 reread = true;
             }
             let loc = match self.maps.find(addr) {
-                Some(m) if m.is_file() => {
+                Some(m) if m.is_file() && m.executable => {
                     let m = m.clone();
-                    Location::File {
-                        source: self.source(pid, &m),
-                        path: m.path.clone().expect("a file mapping has a path"),
-                        offset: addr - m.start + m.offset,
-                    }
+                    Location::File { obj: self.objects.open_mapping(pid, &m), offset: addr - m.start + m.offset }
                 }
                 Some(m) => Location::Other { name: m.path.clone() },
                 None => Location::Unmapped,
@@ -144,85 +179,96 @@ impl Symbolizer {
         }
     }
 
-    /// Where to read a mapped file: its path when that names it; else the file opened through
-    /// /proc/PID/map_files while the process lives, and read as /proc/self/fd/N from then on.
-    fn source(&mut self, pid: i32, m: &Mapping) -> Arc<Path> {
-        let shown = m.path.clone().expect("a file mapping has a path");
-        if let Some(s) = self.sources.get(&(m.dev, m.inode)) {
-            return s.clone();
-        }
-        let source = match m.openable(pid) {
-            Some(p) if p.as_path() == &*shown => shown,
-            Some(p) => match std::fs::File::open(&p) {
-                Ok(f) => {
-                    let path = crate::objfile::fd_path(&f);
-                    self.held.push(f);
-                    Arc::from(path.as_path())
-                }
-                Err(_) => shown,
-            },
-            None => shown,
-        };
-        self.sources.insert((m.dev, m.inode), source.clone());
-        source
-    }
-
-    /// Rereads the process's maps (call while it lives, e.g. at its exit stop), and opens what
-    /// their files need while they can be opened. An exited process has no maps left: the last
-    /// ones seen stay.
+    /// Rereads the process's maps (call while it lives, e.g. at its exit stop), and opens the
+    /// files of its code while they can be opened. An exited process has no maps left: the
+    /// last ones seen stay.
     pub fn reread_maps(&mut self) {
         let Some(pid) = self.pid else { return };
         let Ok(m) = ProcMaps::read(pid) else { return };
         if m.mappings.is_empty() {
             return;
         }
-        for mapping in m.mappings.iter().filter(|m| m.is_file()) {
-            self.source(pid, mapping);
+        for mapping in m.mappings.iter().filter(|m| m.is_file() && m.executable) {
+            self.objects.open_mapping(pid, mapping);
         }
         self.maps = m;
     }
 
-    /// The frame for `addr`; addresses never normalized print as unknown.
-    pub fn frame(&mut self, addr: u64) -> Frame {
-        if let Some(f) = self.frames.get(&addr) {
-            return f.clone();
-        }
+    /// The frame of `f`; addresses never normalized nor located print as unknown.
+    pub fn frame(&mut self, f: RawFrame) -> Frame {
+        let addr = f.ip;
         if self.kernel {
+            if let Some(fr) = self.frames.get(&(None, addr)) {
+                return fr.clone();
+            }
             let frame =
                 Frame { addr, symbol: self.kernel_symbol(addr), module: Some("kernel".into()), ..Frame::default() };
-            self.frames.insert(addr, frame.clone());
+            self.frames.insert((None, addr), frame.clone());
             return frame;
         }
-        let frame = match self.locations.get(&addr).cloned() {
-            Some(Location::File { path, source, offset }) => {
-                let mut frame = self.symbol_in_file(&source, offset).unwrap_or_default();
-                frame.addr = addr;
-                frame.module = Some(path.to_string_lossy().into_owned());
-                frame
-            }
-            Some(Location::Other { name }) => Frame {
-                addr,
-                module: name.map(|n| n.to_string_lossy().into_owned()).or(Some("anon".into())),
-                ..Frame::default()
+        let place = match f.located() {
+            Some((id, offset)) => match self.objects.by_id(id) {
+                Some(obj) => Some((obj, offset)),
+                None => {
+                    return Frame { addr, unreadable: Some(crate::objects::UNMAPPED.into()), ..Frame::default() };
+                }
             },
-            Some(Location::Unmapped) | None => Frame { addr, ..Frame::default() },
+            None => match self.locations.get(&addr) {
+                Some(Location::File { obj, offset }) => Some((*obj, *offset)),
+                Some(Location::Other { name }) => {
+                    let module = name.as_ref().map(|n| n.to_string_lossy().into_owned()).or(Some("anon".into()));
+                    return Frame { addr, module, ..Frame::default() };
+                }
+                Some(Location::Unmapped) | None => return Frame { addr, ..Frame::default() },
+            },
         };
-        self.frames.insert(addr, frame.clone());
+        let (obj, offset) = place.expect("located or normalized to a file");
+        let key = (Some(obj), offset);
+        let mut frame = match self.frames.get(&key) {
+            Some(fr) => fr.clone(),
+            None => {
+                let fr = self.in_object(obj, offset);
+                self.frames.insert(key, fr.clone());
+                fr
+            }
+        };
+        frame.addr = addr;
         frame
     }
 
     /// The frames of a stack, innermost first. A kernel stack starts inside the tracing
     /// machinery (the BPF program, the tracepoint's runner): those frames are left out.
-    pub fn stack(&mut self, addrs: &[u64]) -> Vec<Frame> {
-        let mut frames: Vec<Frame> = addrs.iter().map(|&a| self.frame(a)).collect();
+    pub fn stack(&mut self, frames: &[RawFrame]) -> Vec<Frame> {
+        let mut out: Vec<Frame> = frames.iter().map(|&f| self.frame(f)).collect();
         if self.kernel {
-            let skip = frames
+            let skip = out
                 .iter()
                 .take_while(|f| f.symbol.as_ref().is_some_and(|(name, _)| is_tracing_machinery(name)))
                 .count();
-            frames.drain(..skip);
+            out.drain(..skip);
         }
-        frames
+        out
+    }
+
+    /// The frame at `offset` in object `obj` (its address left to fill).
+    fn in_object(&mut self, obj: usize, offset: u64) -> Frame {
+        let o = self.objects.get(obj);
+        let module = Some(o.display_name());
+        let why = match &o.state {
+            State::Open(_) => None,
+            State::Unreadable { why, .. } => Some(why.clone()),
+        };
+        if why.is_some() {
+            return Frame { module, unreadable: why, ..Frame::default() };
+        }
+        if !self.readers.contains_key(&obj) {
+            let file = self.objects.get(obj).file().expect("open");
+            let reader = Reader { elf: crate::objfile::fd_path(file), dwarf: debuginfo::find(file) };
+            self.readers.insert(obj, reader);
+        }
+        let mut frame = self.symbol_in_file(&self.readers[&obj], offset).unwrap_or_default();
+        frame.module = module;
+        frame
     }
 
     fn kernel_symbol(&self, addr: u64) -> Option<(String, u64)> {
@@ -241,25 +287,48 @@ impl Symbolizer {
 
     /// The symbol, line and inlined functions of the call before the return address at
     /// `offset`.
-    fn symbol_in_file(&self, path: &Path, offset: u64) -> Option<Frame> {
+    fn symbol_in_file(&self, r: &Reader, offset: u64) -> Option<Frame> {
         let call = offset.checked_sub(1)?;
-        let lookup = |debug_syms: bool| {
+        let lookup = |path: &Path, debug_syms: bool, input: Input<u64>| {
             let mut elf = Elf::new(path);
             elf.debug_syms = debug_syms;
-            match self.blaze.symbolize_single(&Source::Elf(elf), Input::FileOffset(call)) {
+            match self.blaze.symbolize_single(&Source::Elf(elf), input) {
                 Ok(Symbolized::Sym(sym)) => Some(sym),
                 _ => None,
             }
         };
-        let sym = lookup(true)?;
+        // A separate debug file has the full symbol table (locals too): asked first.
+        let separate = match &r.dwarf {
+            Dwarf::Separate { file, segments } => {
+                debuginfo::vaddr(segments, call).map(|va| (crate::objfile::fd_path(file), va))
+            }
+            _ => None,
+        };
+        let elf_only = || {
+            separate
+                .as_ref()
+                .and_then(|(path, va)| lookup(path, false, Input::VirtOffset(*va)))
+                .or_else(|| lookup(&r.elf, false, Input::FileOffset(call)))
+        };
+        let sym = match (&r.dwarf, &separate) {
+            (Dwarf::Own, _) => lookup(&r.elf, true, Input::FileOffset(call)),
+            (Dwarf::Separate { .. }, Some((path, va))) => lookup(path, true, Input::VirtOffset(*va)),
+            _ => None,
+        };
+        let sym = sym.or_else(elf_only)?;
         // Debug info (e.g. libc6-dbg) can give a function without its address (addr 0,
-        // offset = the whole file offset; seen inside glibc's pthread_create): the ELF
-        // symbol tables then know the name and offset better; the lines still come from DWARF.
-        let (name, off) =
-            match (sym.addr == 0 || sym.size.is_some_and(|size| sym.offset >= size)).then(|| lookup(false)).flatten() {
-                Some(elf) => (elf.name.to_string(), elf.offset),
-                None => (sym.name.to_string(), sym.offset),
-            };
+        // offset = the whole file offset; seen inside glibc's pthread_create), or the start of
+        // a function whose cold part, far away, holds the address (__pthread_once_slow+0x8e057):
+        // the ELF symbol tables then know the name and offset better (`f.cold+0x17`); the
+        // lines still come from DWARF.
+        let elf = (r.dwarf_separate_or_own()).then(elf_only).flatten();
+        let better = |e: &blazesym::symbolize::Sym| {
+            sym.addr == 0 || sym.size.is_some_and(|size| sym.offset >= size) || e.offset < sym.offset
+        };
+        let (name, off) = match elf.filter(better) {
+            Some(e) => (demangle(&e.name).into_owned(), e.offset),
+            None => (demangle(&sym.name).into_owned(), sym.offset),
+        };
         let line = |c: &CodeInfo| c.line.map(|l| format!("{}:{l}", c.to_path().display()));
         Some(Frame {
             addr: 0,
@@ -270,8 +339,9 @@ impl Symbolizer {
                 .inlined
                 .iter()
                 .rev()
-                .map(|f| (f.name.to_string(), f.code_info.as_ref().and_then(line)))
+                .map(|f| (demangle(&f.name).into_owned(), f.code_info.as_ref().and_then(line)))
                 .collect(),
+            unreadable: None,
         })
     }
 }
@@ -299,11 +369,19 @@ mod tests {
         let f = Frame { addr: 0x10, ..Frame::default() };
         assert_eq!(f.to_string(), "[unknown] [unknown] (10)");
         let f = Frame {
+            addr: 0x7f00,
+            module: Some("/a/lib.so".into()),
+            unreadable: Some("not a regular file".into()),
+            ..Frame::default()
+        };
+        assert_eq!(f.to_string(), "[unknown] [/a/lib.so] (7f00) [not readable: not a regular file]");
+        let f = Frame {
             addr: 0x400862,
             symbol: Some(("main".into(), 0x6d)),
             module: Some("/a/allocs".into()),
             line: Some("/src/allocs.c:12".into()),
             inlined: vec![("helper".into(), Some("/src/allocs.c:5".into()))],
+            unreadable: None,
         };
         assert_eq!(
             f.lines(),
@@ -331,7 +409,7 @@ mod tests {
             return;
         }
         let mut s = Symbolizer::kernel();
-        let f = s.frame(addr + 4);
+        let f = s.frame(RawFrame { ip: addr + 4, loc: 0 });
         assert_eq!(f.symbol, Some(("kfree".to_string(), 4)));
         assert_eq!(f.to_string(), format!("kfree+0x4 [kernel] ({:x})", addr + 4));
     }
@@ -346,8 +424,8 @@ mod tests {
         let me = std::process::id() as i32;
         let addr = a_known_function as *const () as u64 + 2;
         let mut s = Symbolizer::new(Some(me));
-        s.normalize([addr]);
-        let f = s.frame(addr);
+        s.normalize([RawFrame { ip: addr, loc: 0 }]);
+        let f = s.frame(RawFrame { ip: addr, loc: 0 });
         let (name, off) = f.symbol.expect("own symbol found");
         assert!(name.contains("a_known_function"), "{name}");
         assert_eq!(off, 2);

@@ -1,17 +1,17 @@
 //! The traced process: checking a -p pid, finding the object that holds its allocator, and
 //! running a -c command held before exec until the probes are in place.
 use std::ffi::CString;
-use std::fs;
+use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::probes;
+use crate::ldso::{self, LoadOrder};
 use crate::procmaps::{Mapping, ProcMaps};
+use crate::{objfile, probes};
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -43,27 +43,94 @@ pub fn check_pid(pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// The object whose allocator functions to probe in a running process: -O if given, else the
-/// libc it has mapped, else its executable if that defines malloc (a static binary).
-pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
-    if let Some(obj) = obj {
-        return check_obj(obj);
-    }
-    // Opened by a path valid in memleak's mount namespace: the process may be in a container.
-    let maps = ProcMaps::read(pid)?;
-    let openable = |m: &Mapping| {
-        let shown = m.path.as_deref().unwrap_or(Path::new("?")).display().to_string();
-        m.openable(pid).with_context(|| format!("cannot open {shown}, mapped by process {pid}"))
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Checks that memleak may read process `pid`'s memory as the kernel's ptrace access check
+/// (PTRACE_MODE_READ_FSCREDS) decides it: the same user (real, effective and saved ids all
+/// memleak's filesystem ids) and a dumpable process, or CAP_SYS_PTRACE. Tracing a process
+/// exposes its data, so memleak asks the kernel that question before attaching anything:
+/// opening /proc/PID/environ makes exactly that check. A -c command, memleak's own child, needs
+/// none. Fails with one line naming what is missing.
+pub fn check_access(pid: i32) -> Result<()> {
+    let err = match fs::File::open(format!("/proc/{pid}/environ")) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("no such process: {pid}"),
+        Err(e) => e,
     };
+    if err.raw_os_error() != Some(libc::EACCES) && err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err).with_context(|| format!("cannot check access to process {pid} (/proc/{pid}/environ)"));
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let own = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    bail!("{}", access_denied(pid, &status, &own))
+}
+
+/// Why the kernel refused access to `pid`, from its status and memleak's own.
+fn access_denied(pid: i32, status: &str, own: &str) -> String {
+    let ids = |s: &str, key: &str| -> Vec<u32> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let (uid, gid) = (ids(status, "Uid:"), ids(status, "Gid:"));
+    let (my_uid, my_gid) = (ids(own, "Uid:"), ids(own, "Gid:"));
+    let cap_eff = own
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has_ptrace = cap_eff & (1 << CAP_SYS_PTRACE) != 0;
+    // The effective ids: a set-uid program's real uid is its caller's.
+    let target_uid = uid.get(1).map_or("?".to_string(), |u| u.to_string());
+    // The kernel compares memleak's filesystem ids (the 4th) with the target's real,
+    // effective and saved ids (the first three).
+    let my_fsuid = my_uid.get(3).copied();
+    let my_fsgid = my_gid.get(3).copied();
+    let same_uid = my_fsuid.is_some_and(|u| uid.iter().take(3).all(|x| *x == u));
+    let same_gid = my_fsgid.is_some_and(|g| gid.iter().take(3).all(|x| *x == g));
+    let show = |v: Option<u32>| v.map_or("?".to_string(), |u| u.to_string());
+    if has_ptrace {
+        // An LSM, or a target in a user namespace memleak's capabilities do not cover.
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}): the kernel denies access to its memory although memleak has CAP_SYS_PTRACE (a security module, or another user namespace)"
+        )
+    } else if !same_uid {
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}): memleak runs as uid {} without CAP_SYS_PTRACE",
+            show(my_fsuid)
+        )
+    } else if !same_gid {
+        let target_gid = gid.get(1).map_or("?".to_string(), |g| g.to_string());
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}, gid {target_gid}): memleak runs as gid {} without CAP_SYS_PTRACE",
+            show(my_fsgid)
+        )
+    } else {
+        format!(
+            "cannot trace pid {pid} (uid {target_uid}): it is not dumpable (set-uid, or prctl PR_SET_DUMPABLE 0) and memleak runs without CAP_SYS_PTRACE"
+        )
+    }
+}
+
+/// The object whose allocator functions to probe in a running process: -O if given, else the
+/// libc it has mapped, else its executable if that defines malloc (a static binary). The
+/// process's own objects are opened through /proc/PID/map_files, never by their paths, which
+/// it may have replaced (and which may name other files in memleak's mount namespace).
+pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<Allocator> {
+    if let Some(obj) = obj {
+        return check_obj(obj).map(Allocator::at);
+    }
+    let maps = ProcMaps::read(pid)?;
     let files = || maps.mappings.iter().filter(|m| m.is_file());
     if let Some(libc) = files().find(|m| m.path.as_deref().is_some_and(is_libc)) {
-        return openable(libc);
+        return Allocator::mapped(pid, libc);
     }
     let exe = fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("cannot read /proc/{pid}/exe"))?;
     if let Some(m) = files().find(|m| m.path.as_deref() == Some(exe.as_path())) {
-        let path = openable(m)?;
-        if probes::defines(&path, &format!("{prefix}malloc")) {
-            return Ok(path);
+        let o = Allocator::mapped(pid, m)?;
+        if probes::defines(&o.path, &format!("{prefix}malloc")) {
+            return Ok(o);
         }
     }
     bail!(
@@ -71,35 +138,91 @@ pub fn allocator_object(pid: i32, obj: Option<&Path>, prefix: &str) -> Result<Pa
     )
 }
 
-/// For -c: the libc the command will load, as its dynamic linker resolves it (ld.so --list
-/// with the command's environment), or the executable itself when it is static.
-pub fn allocator_object_for_command(prog: &Path, obj: Option<&Path>, prefix: &str) -> Result<PathBuf> {
+/// The object whose allocator functions are probed.
+pub struct Allocator {
+    /// The path it is read and attached by: a path, or /proc/self/fd/N of a file held.
+    pub path: PathBuf,
+    /// The path shown to the user.
+    pub shown: PathBuf,
+    /// The file found for a -c command, held so that `path` names this very file.
+    _held: Option<File>,
+}
+
+impl Allocator {
+    pub fn at(path: PathBuf) -> Allocator {
+        Allocator { shown: path.clone(), path, _held: None }
+    }
+
+    fn held(o: &ldso::Object) -> Result<Allocator> {
+        let file = o.file.try_clone().context("dup")?;
+        Ok(Allocator { path: objfile::fd_path(&file), shown: o.path.clone(), _held: Some(file) })
+    }
+
+    /// A -p process's own object, opened through /proc/PID/map_files (never by its path).
+    fn mapped(pid: i32, m: &Mapping) -> Result<Allocator> {
+        let shown = m.path.as_deref().unwrap_or(Path::new("?")).to_path_buf();
+        let file = m.open(pid).with_context(|| format!("cannot open {}, mapped by process {pid}", shown.display()))?;
+        Ok(Allocator { path: objfile::fd_path(&file), shown, _held: Some(file) })
+    }
+}
+
+/// For -c: -O if given, else the libc the command loads (found as its dynamic linker will
+/// find it, without running anything: `ldso`), or the executable itself when it is static.
+pub fn allocator_object_for_command(order: &LoadOrder, obj: Option<&Path>, prefix: &str) -> Result<Allocator> {
     if let Some(obj) = obj {
-        return check_obj(obj);
+        return check_obj(obj).map(Allocator::at);
     }
-    let elf = script_interpreter(prog)?.unwrap_or_else(|| prog.to_path_buf());
-    let Some(interp) = probes::interpreter(&elf)? else {
-        if probes::defines(&elf, &format!("{prefix}malloc")) {
-            return Ok(elf);
+    let exe = order.executable();
+    if order.interpreter.is_none() {
+        let a = Allocator::held(exe)?;
+        if probes::defines(&a.path, &format!("{prefix}malloc")) {
+            return Ok(a);
         }
-        bail!("{} is statically linked without {prefix}malloc: name the allocator's object with -O", elf.display());
-    };
-    let out = Command::new(&interp)
-        .arg("--list")
-        .arg(&elf)
-        .output()
-        .with_context(|| format!("cannot run the dynamic linker {}", interp.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines() {
-        // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f...)"
-        if let Some((_, rest)) = line.split_once("=> ") {
-            let path = rest.split(" (").next().unwrap_or("").trim();
-            if is_libc(Path::new(path)) {
-                return Ok(PathBuf::from(path));
-            }
+        bail!(
+            "{} is statically linked without {prefix}malloc: name the allocator's object with -O",
+            exe.path.display()
+        );
+    }
+    match order.objects.iter().find(|o| is_libc(&o.path)) {
+        Some(libc) => Allocator::held(libc),
+        None => bail!("{} does not load libc: name the allocator's object with -O", exe.path.display()),
+    }
+}
+
+/// Says what the dynamic linker will not find or do as memleak found it (always), and with
+/// -v the objects the command loads, in symbol lookup order.
+pub fn report_load_order(order: &LoadOrder, verbose: bool) {
+    for n in &order.notes {
+        errln!("memleak: note: {n}");
+    }
+    for m in &order.missing {
+        let (name, by) = (m.name.to_string_lossy(), m.needed_by.display());
+        if m.preload {
+            errln!("memleak: note: {by} object {name}: {}: the dynamic linker ignores it", m.why);
+        } else {
+            errln!("memleak: note: {name}, needed by {by}: {}: the dynamic linker will not start the program", m.why);
         }
     }
-    bail!("{} does not load libc: name the allocator's object with -O", elf.display())
+    if !verbose {
+        return;
+    }
+    for s in &order.scripts {
+        errln!("memleak: {} is run by its #! interpreter", s.display());
+    }
+    let secure = if order.secure { " (secure mode)" } else { "" };
+    errln!("memleak: {} loads, in symbol lookup order{secure}:", order.executable().path.display());
+    for o in &order.objects {
+        let preload = if o.preload { ", preloaded" } else { "" };
+        errln!("memleak:   {} ({}{preload})", o.path.display(), o.found.describe());
+    }
+    if let Some(i) = &order.interpreter {
+        errln!("memleak:   interpreter {}", i.path.display());
+    }
+}
+
+/// The credentials a -c command runs with, when not memleak's own (under sudo).
+pub fn command_credentials() -> Option<ldso::Credentials> {
+    sudo_user().map(|(uid, gid, groups)| ldso::Credentials { uid, gid, groups })
 }
 
 fn check_obj(obj: &Path) -> Result<PathBuf> {
@@ -114,20 +237,6 @@ fn check_obj(obj: &Path) -> Result<PathBuf> {
 fn is_libc(path: &Path) -> bool {
     let name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
     name.starts_with(b"libc.so") || name.starts_with(b"libc-") || name.starts_with(b"libc.musl")
-}
-
-/// The interpreter of a `#!` script, whose process is the one traced.
-fn script_interpreter(prog: &Path) -> Result<Option<PathBuf>> {
-    let mut head = [0u8; 256];
-    let n = fs::File::open(prog)
-        .and_then(|mut f| f.read(&mut head))
-        .with_context(|| format!("cannot read {}", prog.display()))?;
-    if n < 2 || &head[..2] != b"#!" {
-        return Ok(None);
-    }
-    let line = head[2..n].split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    Ok(line.split_whitespace().next().map(PathBuf::from))
 }
 
 /// Resolves a command name as execvp would, so that a missing program is reported up front.
@@ -266,17 +375,102 @@ impl HeldChild {
         // SAFETY: writes one byte from a live stack variable to our pipe.
         let n = unsafe { libc::write(self.go.as_raw_fd(), (&b as *const u8).cast(), 1) };
         if n != 1 {
-            return Err(std::io::Error::last_os_error()).context("releasing the command");
+            let e = std::io::Error::last_os_error();
+            // It died before it was released (a Ctrl-C to the whole group): the run's loop
+            // reaps it and reports its status.
+            if e.raw_os_error() == Some(libc::EPIPE) {
+                return Ok(self.pid);
+            }
+            return Err(e).context("releasing the command");
         }
         // The error pipe closes on a successful exec (O_CLOEXEC) or carries errno.
         let mut f = fs::File::from(self.exec_err);
         let mut e = [0u8; 4];
-        match f.read(&mut e) {
-            Ok(4) => {
-                let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(e));
-                bail!("cannot run the command: {err}")
+        loop {
+            let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one live pollfd.
+            if unsafe { libc::poll(&mut p, 1, 20) } == 0 {
+                // Asked to stop while its exec takes long: the run's loop ends the run.
+                if crate::signals::stop_requested() {
+                    return Ok(self.pid);
+                }
+                // A signal stopped it before its exec, in memleak's ptrace: let it go on.
+                resume_stopped(self.pid);
+                continue;
             }
-            _ => Ok(self.pid),
+            return match f.read(&mut e) {
+                Ok(4) => {
+                    let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(e));
+                    bail!("cannot run the command: {err}")
+                }
+                _ => Ok(self.pid),
+            };
         }
+    }
+}
+
+/// Lets a held child that a signal stopped under memleak's ptrace (signal-delivery or group
+/// stop) go on as it would untraced; leaves any other state to the run's loop.
+fn resume_stopped(pid: i32) {
+    // SAFETY: waitid and ptrace on our own child, writing to a local siginfo.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL;
+        if libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) != 0 || info.si_pid() != pid {
+            return;
+        }
+        if info.si_code != libc::CLD_TRAPPED {
+            return;
+        }
+        let status = info.si_status();
+        let event = status >> 8;
+        if event != 0 && event != libc::PTRACE_EVENT_STOP {
+            return; // its exec or exit stop: the loop's to handle
+        }
+        let mut wstatus = 0;
+        if libc::waitpid(pid, &mut wstatus, libc::WNOHANG | libc::__WALL) != pid || !libc::WIFSTOPPED(wstatus) {
+            return;
+        }
+        if (wstatus >> 16) & 0xff == libc::PTRACE_EVENT_STOP {
+            libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
+        } else {
+            libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(wstatus) as libc::c_ulong);
+        }
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::access_denied;
+
+    fn status(uid: &str, gid: &str, cap_eff: &str) -> String {
+        format!("Name:\tx\nUid:\t{uid}\nGid:\t{gid}\nCapEff:\t{cap_eff}\n")
+    }
+
+    #[test]
+    fn the_refusal_names_what_is_missing() {
+        let root = status("0\t0\t0\t0", "0\t0\t0\t0", "000001ffffffffff");
+        let nobody = status("65534\t65534\t65534\t65534", "65534\t65534\t65534\t65534", "000000c000000000");
+        assert_eq!(
+            access_denied(7, &root, &nobody),
+            "cannot trace pid 7 (uid 0): memleak runs as uid 65534 without CAP_SYS_PTRACE"
+        );
+        // Same user, another group.
+        let other_group = status("65534\t65534\t65534\t65534", "100\t100\t100\t100", "0");
+        assert_eq!(
+            access_denied(7, &other_group, &nobody),
+            "cannot trace pid 7 (uid 65534, gid 100): memleak runs as gid 65534 without CAP_SYS_PTRACE"
+        );
+        // Same ids: the process made itself not dumpable.
+        assert!(access_denied(7, &nobody, &nobody).contains("not dumpable"));
+        // A set-uid program keeps the caller's real uid but not the saved and effective ones.
+        let setuid = status("65534\t0\t0\t0", "65534\t65534\t65534\t65534", "0");
+        assert_eq!(
+            access_denied(7, &setuid, &nobody),
+            "cannot trace pid 7 (uid 0): memleak runs as uid 65534 without CAP_SYS_PTRACE"
+        );
+        // With CAP_SYS_PTRACE (bit 19) something else refused.
+        let with_ptrace = status("65534\t65534\t65534\t65534", "65534\t65534\t65534\t65534", "0000000000080000");
+        assert!(access_denied(7, &root, &with_ptrace).contains("although memleak has CAP_SYS_PTRACE"));
     }
 }

@@ -83,22 +83,33 @@ fn script_whose_interpreter_does_not_exist() {
     fails(&["-c", script.to_str().expect("utf-8")], "cannot open /nonexistent/interpreter");
 }
 
-/// The exec itself fails (-c under sudo, a program the user may not run): memleak says so
-/// and exits non-zero after having attached.
+/// -c under sudo, a program the user may not run. One the user may read but not execute: the
+/// exec itself fails, memleak says so and exits non-zero after having attached. One in a
+/// directory the user may not enter: memleak, which opens the command's files as the user,
+/// refuses before running anything.
 #[test]
 fn command_that_cannot_be_executed_as_the_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let run = |prog: &std::path::Path| {
+        let mut cmd = memleak_command(&["-c", prog.to_str().expect("utf-8")]);
+        cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+        let out = Proc::spawn("memleak", cmd).finish();
+        assert_eq!(out.code(), Some(1), "{}", out.stderr);
+        out.stderr.trim_end().to_string()
+    };
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("not-executable");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let prog = dir.join("true");
+    std::fs::copy("/bin/true", &prog).expect("copy /bin/true");
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o744)).expect("chmod");
+    assert_eq!(run(&prog), "memleak: cannot run the command: Permission denied (os error 13)");
+
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("private");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let prog = dir.join("true");
     std::fs::copy("/bin/true", &prog).expect("copy /bin/true");
-    let mut cmd = memleak_command(&["-c", prog.to_str().expect("utf-8")]);
-    cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
-    let out = Proc::spawn("memleak", cmd).finish();
-    let err = out.stderr.trim_end();
-    assert_eq!(out.code(), Some(1), "{err}");
-    assert_eq!(err, "memleak: cannot run the command: Permission denied (os error 13)");
+    assert_eq!(run(&prog), format!("memleak: cannot open {}: Permission denied (os error 13)", prog.display()));
 }
 
 #[test]
@@ -121,6 +132,8 @@ fn bad_arguments() {
         (&["-p", "1", "--bogus"][..], "unexpected argument '--bogus'"),
         (&["-p", "1", "-q"][..], "unexpected argument '-q'"),
         (&["-p", "abc"][..], "invalid value 'abc'"),
+        (&["-p", "1", "--max-allocs", "268435456"][..], "the kernel's hash maps hold at most 134217728 entries"),
+        (&["-p", "1", "--max-allocs", "134217729"][..], "--max-allocs 134217729: the kernel's hash maps hold at most"),
     ] {
         let out = memleak_output(args);
         assert_one_line_error(&out, needle);
@@ -147,8 +160,9 @@ fn without_root_or_capabilities() {
     // Root without the capabilities: the bounding set drops them before exec.
     let capless = ["--bounding-set=-sys_admin,-bpf,-perfmon"];
     assert_one_line_error(&unprivileged(&capless, &["-p", &pid]), needed);
-    // With CAP_BPF and CAP_PERFMON (and CAP_SYS_PTRACE, ptrace for -c) but not CAP_SYS_ADMIN,
-    // the check lets it through and the run works.
+    // With CAP_BPF and CAP_PERFMON (and CAP_CHECKPOINT_RESTORE for /proc/PID/map_files,
+    // CAP_SYS_PTRACE, ptrace for -c) but not CAP_SYS_ADMIN, the check lets it through and the
+    // run works.
     let caps = ["--bounding-set=-sys_admin"];
     let mut m = {
         let mut cmd = Command::new("setpriv");
@@ -161,6 +175,71 @@ fn without_root_or_capabilities() {
     let out = m.finish();
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert_eq!(parse_reports(&out.stdout)[0].summary(), expected(&[("do_malloc", 99, 3)]));
+}
+
+/// An ordinary user holding CAP_BPF and CAP_PERFMON may load BPF, but not read another user's
+/// process: memleak asks the kernel's ptrace access check first and says what is missing,
+/// with or without -O (which skips reading the process's maps).
+#[test]
+fn another_users_process_needs_cap_sys_ptrace() {
+    let mut f = allocs_fixture(&[]);
+    let pid = f.pid().to_string();
+    let nobody_with_bpf = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all,+bpf,+perfmon,+checkpoint_restore",
+        "--ambient-caps=+bpf,+perfmon,+checkpoint_restore",
+    ];
+    let needed = format!("cannot trace pid {pid} (uid 0): memleak runs as uid 65534 without CAP_SYS_PTRACE");
+    assert_one_line_error(&unprivileged(&nobody_with_bpf, &["-p", &pid]), &needed);
+    let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    assert_one_line_error(&unprivileged(&nobody_with_bpf, &["-p", &pid, "-O", libc]), &needed);
+    // Nothing was attached: the process allocates untraced and goes on.
+    f.command("malloc 8 1");
+    f.send("exit 0");
+    assert_eq!(f.finish().code(), Some(0));
+}
+
+/// The same user's own process needs no CAP_SYS_PTRACE: the check lets it through. It needs
+/// CAP_CHECKPOINT_RESTORE, which opening /proc/PID/map_files takes.
+#[test]
+fn own_process_needs_bpf_perfmon_and_checkpoint_restore() {
+    let exe = fixture("allocs");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&exe);
+    let mut f = Proc::spawn("allocs", cmd);
+    let pid = f.pid().to_string();
+    f.expect_line(&format!("ready {pid}"));
+    let bpf_only = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all,+bpf,+perfmon",
+        "--ambient-caps=+bpf,+perfmon",
+    ];
+    assert_one_line_error(
+        &unprivileged(&bpf_only, &["-p", &pid]),
+        "memleak needs root, or the capabilities CAP_BPF and CAP_PERFMON (and CAP_CHECKPOINT_RESTORE",
+    );
+    let mut m = {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+bpf,+perfmon,+checkpoint_restore",
+            "--ambient-caps=+bpf,+perfmon,+checkpoint_restore",
+        ]);
+        cmd.arg(memleak_bin()).args(["-o", "0", "-p", &pid, "60"]);
+        Proc::spawn("memleak", cmd)
+    };
+    m.expect("Attaching", |l| l.starts_with("Attaching to pid "));
+    f.command("malloc 21 2");
+    m.signal(libc::SIGINT);
+    let out = m.finish();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(parse_reports(&out.stdout)[0].summary(), expected(&[("do_malloc", 42, 2)]));
 }
 
 /// Help and version are not errors.

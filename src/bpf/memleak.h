@@ -49,11 +49,18 @@ struct combined_info {
 	__u64 count;
 };
 
-/* A stack (user, or kernel in kernel mode): return addresses, innermost first. Keyed by a 64-bit hash of its frames. */
+/*
+ * A stack (user, or kernel in kernel mode): return addresses, innermost first. Keyed by a 64-bit
+ * hash of its frames. The table unwinder also records where each frame was when the stack was
+ * captured: locs[i] = object id << 32 | file offset (struct unwind_object's id; 0 when unknown:
+ * --frame-pointers, kernel stacks, code in no file). User space then symbolizes the frame from
+ * that object, however the process's mappings have changed since.
+ */
 struct stack {
 	__u32 depth;
 	__u32 truncated; /* 1 if the walk stopped at MAX_STACK_DEPTH */
 	__u64 ips[MAX_STACK_DEPTH];
+	__u64 locs[MAX_STACK_DEPTH];
 };
 
 /* Why something went untracked. Each is a slot of the global counters array. */
@@ -124,12 +131,36 @@ struct unwind_obj_key {
 	__u64 ino;
 };
 
+/*
+ * Every file whose code a walk met, or that user space registered: its table (npages 0: none)
+ * and its id in stack frames. Ids below UNWIND_USER_IDS are given by the BPF side when it meets
+ * a file first, the others by user space when it registers one first.
+ */
 struct unwind_object {
 	__s64 vaddr_minus_offset; /* p_vaddr - p_offset of its executable PT_LOAD */
 	__u32 page_base;          /* index of its first page in unwind_pages */
 	__u32 first_page;         /* p_vaddr >> UNWIND_PAGE_SHIFT of that page */
 	__u32 npages;
+	__u32 id;
+	__u32 state; /* enum unwind_object_state */
 	__u32 pad;
+};
+
+#define UNWIND_USER_IDS 0x80000000u
+
+enum unwind_object_state {
+	UNW_OBJ_NEW = 0,        /* not opened by user space yet: a walk meeting it wakes user space */
+	UNW_OBJ_OPENED = 1,     /* user space holds the file */
+	UNW_OBJ_UNREADABLE = 2, /* user space cannot read it (its frames say why) */
+};
+
+/* The wake-up: a walk met code of a file user space has not opened, mapped at [start, end). */
+struct unwind_met {
+	__u32 dev;
+	__u32 id;
+	__u64 ino;
+	__u64 start;
+	__u64 end;
 };
 
 enum event_kind {

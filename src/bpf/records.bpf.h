@@ -97,6 +97,7 @@ static __always_inline __u64 stack_hash(const struct stack *st)
 		if (i >= st->depth)
 			break;
 		h = (h ^ st->ips[i]) * 0x100000001b3ULL;
+		h = (h ^ st->locs[i]) * 0x100000001b3ULL; /* the same address in another object */
 		h ^= h >> 29;
 	}
 	h ^= h >> 32;

@@ -55,21 +55,33 @@ struct {
 	__type(value, __u32);
 } unwind_generation SEC(".maps");
 
-/* Wakes user space when a walk meets code of an object without a table (dlopen, exec). */
+/*
+ * Wakes user space when a walk meets code of a file it has not opened yet (dlopen, exec): it
+ * opens the file through /proc/PID/map_files while it is mapped, and builds its table.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4096);
 } unwind_wakeup SEC(".maps");
 
+/* The last object id the BPF side gave (struct unwind_object). */
+__u32 unwind_last_id = 0;
+
+enum unwind_object_state btf_unwind_object_state __attribute__((unused));
+struct unwind_met btf_unwind_met __attribute__((unused));
+
 /* An executable mapping seen during this walk. */
 struct unwind_vma {
 	__u64 start;
 	__u64 end;
-	__s64 adj; /* address + adj = the object's virtual address */
+	__s64 adj;      /* address + adj = the object's virtual address */
+	__s64 file_adj; /* address + file_adj = the file offset */
 	__u32 page_base;
 	__u32 first_page;
 	__u32 npages; /* 0: no table for this object */
 	__u32 stale;  /* the mappings may have changed since: check again when possible */
+	__u32 obj;    /* the object's id; 0: not a file, or the objects map is full */
+	__u32 pad;
 };
 
 #define UNWIND_VMA_CACHE 4
@@ -104,7 +116,7 @@ struct unwind_scratch {
 	__u32 mm_seq; /* the mm's mapping sequence when the cache was filled */
 	__u32 generation; /* unwind_generation then */
 	__u32 busy;   /* bpf_find_vma could not take the mmap lock */
-	__u32 pad;
+	__u32 guess;  /* pc came from the frame-pointer fallback: the stop reason if it is wrong */
 	__u64 mm;     /* the mm the cache describes (an exec keeps the task, not the mm) */
 	struct unwind_vma vmas[UNWIND_VMA_CACHE];
 };
@@ -193,6 +205,19 @@ static __always_inline struct unwind_vma *unwind_shared_lookup(struct unwind_scr
 	return NULL;
 }
 
+/* The entry of a file met for the first time, with a new id; NULL when the map is full. */
+static __always_inline struct unwind_object *unwind_new_object(struct unwind_obj_key *key)
+{
+	struct unwind_object init = {};
+
+	init.id = __sync_fetch_and_add(&unwind_last_id, 1) + 1;
+	if (init.id >= UNWIND_USER_IDS)
+		return NULL;
+	/* Another thread may have added it meanwhile (EEXIST): its id stands. */
+	bpf_map_update_elem(&unwind_objects, key, &init, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&unwind_objects, key);
+}
+
 /*
  * The executable mapping holding pc, from the cache or the kernel; NULL if none. bpf_find_vma
  * only try-locks the mmap lock: while another thread maps or unmaps, a stale cache entry is
@@ -233,17 +258,32 @@ static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch 
 	}
 	v->start = f.start;
 	v->end = f.end;
+	v->file_adj = (__s64)(f.pgoff << 12) - (__s64)f.start;
 	v->npages = 0;
 	v->stale = 0;
+	v->obj = 0;
 	if (!f.has_file)
 		return v;
 	key.dev = f.dev;
 	key.ino = f.ino;
 	obj = bpf_map_lookup_elem(&unwind_objects, &key);
+	if (!obj)
+		obj = unwind_new_object(&key);
 	if (!obj) {
 		unwind_count(CNT_NO_TABLE_SEEN);
-		/* Full: user space has been woken already. */
-		bpf_ringbuf_output(&unwind_wakeup, &key, sizeof(key), 0);
+		return v;
+	}
+	v->obj = obj->id;
+	if (obj->state == UNW_OBJ_NEW) {
+		/* Until user space has opened it, each walk that looks it up wakes it again (a
+		 * library unloaded before user space woke may be mapped again later). Full: user
+		 * space has been woken already. */
+		struct unwind_met met = { .dev = f.dev, .id = obj->id, .ino = f.ino, .start = f.start, .end = f.end };
+
+		bpf_ringbuf_output(&unwind_wakeup, &met, sizeof(met), 2 /* BPF_RB_FORCE_WAKEUP */);
+	}
+	if (!obj->npages) {
+		unwind_count(CNT_NO_TABLE_SEEN);
 		return v;
 	}
 	v->adj = (__s64)(f.pgoff << 12) - (__s64)f.start + obj->vaddr_minus_offset;
@@ -292,6 +332,27 @@ static __always_inline __u32 unwind_rule_index(struct unwind_vma *v, __u64 pc)
 	return row ? (*row & 0xffff) : 0;
 }
 
+/* Records where frame i (return address pc, found in mapping v) was: object id and file offset. */
+static __always_inline void unwind_locate(struct stack *st, __u32 i, struct unwind_vma *v, __u64 pc)
+{
+	__u64 off;
+
+	if (i >= MAX_STACK_DEPTH)
+		return;
+	st->locs[i] = 0;
+	/*
+	 * A stale entry (the mmap lock was busy) is taken as it is, as for the walk itself: wrong
+	 * only if that range was remapped to another file since; leaving it out would split the
+	 * stack from its twins.
+	 */
+	if (!v || !v->obj)
+		return;
+	off = pc + v->file_adj;
+	if (off >> 32)
+		return; /* beyond 4 GiB: left to user space's view of the mappings */
+	st->locs[i] = (__u64)v->obj << 32 | off;
+}
+
 /* One frame: finds the caller of the frame at u->pc. Returns 1 to stop the loop. */
 static long unwind_step(__u64 i, void *data)
 {
@@ -306,10 +367,20 @@ static long unwind_step(__u64 i, void *data)
 	/* A return address may be just past the function's last instruction: look up the call. */
 	lookup_pc = u->first ? pc : pc - 1;
 	v = unwind_find_vma(u, lookup_pc);
+	/* pc is the previous step's return address, frame depth - 1: where it is, now. */
+	if (!u->first)
+		unwind_locate(st, u->depth - 1, v, pc);
 	if (!v) {
 		u->stop = u->busy ? CNT_STOP_VMA_BUSY : CNT_STOP_NOT_MAPPED;
+		/* A frame-pointer guess that points at no code (rbp held no frame pointer): not a
+		 * frame; the walk ended in the code before it. */
+		if (u->guess && !u->busy && u->depth) {
+			u->depth--;
+			u->stop = u->guess;
+		}
 		return 1;
 	}
+	u->guess = 0;
 	if (v->npages) {
 		idx = unwind_rule_index(v, lookup_pc);
 		if (idx)
@@ -333,6 +404,7 @@ static long unwind_step(__u64 i, void *data)
 			}
 			cfa = bp + 16;
 			bp = frame[0];
+			u->guess = v->npages ? CNT_STOP_NO_CFI : CNT_STOP_NO_TABLE;
 		}
 	} else {
 		switch (rule->cfa) {
@@ -440,6 +512,7 @@ static __always_inline __u32 unwind_tables(struct pt_regs *ctx, struct unwind_sc
 	u->depth = 0;
 	u->stop = 0;
 	u->busy = 0;
+	u->guess = 0;
 	u->first = 1;
 	/* The cached mappings stay valid while the process maps and unmaps nothing. */
 	if (unwind_mappings_changed(u))

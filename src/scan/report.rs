@@ -224,6 +224,7 @@ impl Tracer<'_, '_> {
             kept.push((total, class));
         }
 
+        let allocs: u64 = kept.iter().map(|(t, _)| t.count).sum::<u64>() + suppressed.1;
         // Totals by class over what the report covers.
         let mut sums: HashMap<Class, (u64, u64)> = HashMap::new();
         for (t, c) in &kept {
@@ -291,7 +292,14 @@ impl Tracer<'_, '_> {
                     s.mark.as_secs_f64() * 1e3
                 );
             }
-            errln!("memleak: report: {} entries, in {:.1} ms", stacks.len(), started.elapsed().as_secs_f64() * 1e3);
+            errln!(
+                "memleak: report: {} allocations in {} stacks, {} entries printed, in {:.1} ms",
+                allocs,
+                frames.len(),
+                stacks.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            self.say_map_memory();
         }
         Ok(true)
     }

@@ -127,7 +127,7 @@ mod tests {
             symbol: Some((name.into(), 4)),
             module: Some(module.into()),
             line: line.map(String::from),
-            inlined: vec![],
+            ..Frame::default()
         };
         assert_eq!(s.matching(&[f("main", "/bin/x", None), f("lost_direct", "/bin/x", None)]), Some(0));
         assert_eq!(s.matching(&[f("g", "/usr/lib/libfoo.so", None)]), Some(1));

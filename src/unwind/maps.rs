@@ -1,8 +1,12 @@
 //! Feeds the unwind tables of a process's executable mappings into the BPF maps, and keeps
 //! them current as objects are mapped (dlopen, exec). Each object is processed once per run,
 //! keyed by build-id; the BPF side finds it by the (dev, inode) of the file its code maps.
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+//! Files are read through the descriptors of the run's objects (src/objects.rs), and every
+//! file registered gets its id in stack frames, with or without a table.
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -10,8 +14,10 @@ use libbpf_rs::{MapCore, MapFlags};
 use object::Object;
 
 use super::table::{self, Rule};
+use crate::objects::{Key, Objects, State};
+use crate::procmaps::{Mapping, ProcMaps};
 use crate::skel::MemleakSkel;
-use crate::skel::types::{unwind_obj_key, unwind_object, unwind_page};
+use crate::skel::types::{unwind_met, unwind_obj_key, unwind_object, unwind_object_state, unwind_page};
 
 /// Capacities of the maps (src/bpf/unwind.bpf.h sets the same).
 const MAX_ROWS: u32 = 1 << 21;
@@ -36,9 +42,12 @@ pub struct UnwindTables {
     next_row: u32,
     next_page: u32,
     /// Objects placed (or that failed: None) by identity.
-    objects: HashMap<ObjectId, Option<Placed>>,
-    /// (dev, ino) already registered in the BPF objects map.
-    registered: HashMap<(u32, u64), ()>,
+    by_build_id: HashMap<ObjectId, Option<Placed>>,
+    /// Files registered in the BPF objects map for good: opened (with or without a table), or
+    /// unreadable for a reason that will not pass.
+    registered: HashSet<Key>,
+    /// How often each file met was chased (see [`UnwindTables::chase`]).
+    chases: HashMap<Key, u32>,
     last_maps: String,
     verbose: bool,
     generation: u32,
@@ -56,8 +65,9 @@ impl UnwindTables {
             rules: HashMap::new(),
             next_row: 0,
             next_page: 0,
-            objects: HashMap::new(),
-            registered: HashMap::new(),
+            by_build_id: HashMap::new(),
+            registered: HashSet::new(),
+            chases: HashMap::new(),
             last_maps: String::new(),
             verbose,
             generation: 0,
@@ -85,71 +95,159 @@ impl UnwindTables {
         Ok(i as u16)
     }
 
-    /// Loads the tables of the executable mappings of `pid` not loaded yet. Cheap when
-    /// /proc/PID/maps did not change. Returns whether something new was registered.
-    pub fn sync_process(&mut self, skel: &MemleakSkel, pid: i32) -> bool {
+    /// Opens and registers the files of the executable mappings of `pid` not registered yet.
+    /// Cheap when /proc/PID/maps did not change. Returns whether something new was registered.
+    pub fn sync_process(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32) -> bool {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return false };
         if text == self.last_maps {
             return false;
         }
         let mut added = false;
-        for line in text.lines() {
-            let Some(m) = parse_exec_mapping(line) else { continue };
-            if self.registered.contains_key(&(m.dev, m.ino)) {
-                continue;
+        for m in ProcMaps::parse(&text).mappings.iter().filter(|m| m.executable && m.is_file()) {
+            // Also for the registered ones: they take the name the process sees them by.
+            let i = objects.open_mapping(pid, m);
+            if !self.registered.contains(&(m.kernel_dev(), m.inode)) {
+                added |= self.register(skel, objects, i);
             }
-            // Through /proc: works for other mount namespaces and for deleted files.
-            let via_proc = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.range));
-            let path = if via_proc.exists() { via_proc } else { PathBuf::from(&m.path) };
-            added |= self.add_object(skel, &path, &m.path, m.dev, m.ino);
         }
         self.last_maps = text;
         added
     }
 
-    /// Loads the table of a file before any process maps it (-c: the command's objects).
-    pub fn preload(&mut self, skel: &MemleakSkel, path: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(md) = std::fs::metadata(path) else { return false };
-        let dev = md.dev();
-        let kdev = (libc::major(dev) << 20) | libc::minor(dev);
-        if self.registered.contains_key(&(kdev, md.ino())) {
-            return false;
+    /// Registers a file opened before any process maps it (-c: the command's objects), named
+    /// `name` (its path as the command will see it).
+    pub fn preload(&mut self, skel: &MemleakSkel, objects: &mut Objects, file: File, name: &Path) -> bool {
+        match objects.add_file(file, name) {
+            Ok(i) if !self.registered.contains(&objects.get(i).key) => self.register(skel, objects, i),
+            Ok(_) => false,
+            Err(e) => {
+                self.failures.push(format!("{e:#}"));
+                false
+            }
         }
-        let name = path.to_string_lossy().into_owned();
-        self.add_object(skel, path, &name, kdev, md.ino())
     }
 
-    fn add_object(&mut self, skel: &MemleakSkel, path: &Path, name: &str, dev: u32, ino: u64) -> bool {
-        self.registered.insert((dev, ino), ());
-        let data = match std::fs::read(path) {
-            Ok(d) => d,
-            Err(e) => {
-                self.failures.push(format!("{name}: cannot read: {e}"));
-                return false;
-            }
-        };
-        let id = object_id(&data, path);
-        let placed = match self.objects.get(&id) {
-            Some(p) => *p,
-            None => {
-                let p = match self.place(skel, &data) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        self.failures.push(format!("{name}: no unwind table: {e:#}"));
-                        None
-                    }
-                };
-                self.objects.insert(id, p);
-                p
-            }
-        };
-        let Some(p) = placed else { return false };
-        let key = unwind_obj_key { dev, pad: 0, ino };
-        if let Err(e) = skel.maps.unwind_objects.update(pod_bytes(&key), pod_bytes(&p.obj), MapFlags::ANY) {
-            self.failures.push(format!("{name}: cannot register its table: {e}"));
+    /// A walk met a file not opened yet (the BPF side's wake-up): opens it through its mapping
+    /// while that lasts, and registers it.
+    pub fn met(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32, ev: &unwind_met) -> bool {
+        let key = (ev.dev, ev.ino);
+        let i = objects.met(key, ev.id);
+        if self.registered.contains(&key) {
             return false;
         }
+        objects.open_mapping(pid, &met_mapping(ev));
+        self.register(skel, objects, i)
+    }
+
+    /// Files met that could not be opened (unmapped, or another file there, by the time we
+    /// looked): a library unloaded is often mapped again soon, at the same place (a
+    /// dlopen/dlclose loop). Tries their ranges again for up to 2 ms, at most 50 times per file.
+    pub fn chase(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32, met: &[unwind_met]) {
+        let pending = |objects: &Objects, ev: &unwind_met| {
+            objects.by_key((ev.dev, ev.ino)).is_some_and(|i| objects.get(i).file().is_none())
+        };
+        let mut chased: Vec<&unwind_met> = Vec::new();
+        for ev in met {
+            let n = self.chases.entry((ev.dev, ev.ino)).or_insert(0);
+            if pending(objects, ev) && *n < 50 && !chased.iter().any(|c| (c.dev, c.ino) == (ev.dev, ev.ino)) {
+                *n += 1;
+                chased.push(ev);
+            }
+        }
+        let deadline = Instant::now() + std::time::Duration::from_millis(2);
+        while !chased.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            for ev in &chased {
+                if let Some(i) = objects.by_key((ev.dev, ev.ino)) {
+                    objects.open_mapping(pid, &met_mapping(ev));
+                    self.register(skel, objects, i);
+                }
+            }
+            chased.retain(|ev| pending(objects, ev));
+        }
+    }
+
+    /// Files the BPF side met but never told of (its wake-up buffer was full): from the
+    /// objects map, each opened if the process still maps it.
+    pub fn catch_up(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32) {
+        let mut met = Vec::new();
+        let r = crate::batch::for_each(&skel.maps.unwind_objects, |k, v| {
+            let key: unwind_obj_key = crate::collector::read_pod(k);
+            let obj: unwind_object = crate::collector::read_pod(v);
+            if obj.state == unwind_object_state::UNW_OBJ_NEW.0 && objects.by_key((key.dev, key.ino)).is_none() {
+                met.push(((key.dev, key.ino), obj.id));
+            }
+        });
+        if r.is_err() || met.is_empty() {
+            return;
+        }
+        for &(key, id) in &met {
+            objects.met(key, id);
+        }
+        let Ok(maps) = ProcMaps::read(pid) else { return };
+        for m in maps.mappings.iter().filter(|m| m.is_file()) {
+            if let Some(&(key, _)) = met.iter().find(|(key, _)| *key == (m.kernel_dev(), m.inode)) {
+                let i = objects.open_mapping(pid, m);
+                if !self.registered.contains(&key) {
+                    self.register(skel, objects, i);
+                }
+            }
+        }
+    }
+
+    /// Writes object `i`'s entry in the BPF objects map: its id, whether it is open, and its
+    /// table when it has one. Returns whether a table was added.
+    fn register(&mut self, skel: &MemleakSkel, objects: &mut Objects, i: usize) -> bool {
+        let o = objects.get(i);
+        let (key, name) = (o.key, o.display_name());
+        let (state, placed) = match &o.state {
+            State::Open(f) => (unwind_object_state::UNW_OBJ_OPENED, self.table_of(skel, f, &name)),
+            State::Unreadable { why, retry: false } => {
+                self.failures.push(format!("{name}: not readable: {why}"));
+                (unwind_object_state::UNW_OBJ_UNREADABLE, None)
+            }
+            // It may be mapped again: the BPF side keeps waking us when it meets it.
+            State::Unreadable { retry: true, .. } => return false,
+        };
+        self.registered.insert(key);
+        let bkey = unwind_obj_key { dev: key.0, pad: 0, ino: key.1 };
+        let mut value = placed.map(|p| p.obj).unwrap_or(unwind_object {
+            vaddr_minus_offset: 0,
+            page_base: 0,
+            first_page: 0,
+            npages: 0,
+            id: 0,
+            state: 0,
+            pad: 0,
+        });
+        value.state = state.0;
+        // The id the BPF side gave, if it met the file first; else ours. It only inserts.
+        let map = &skel.maps.unwind_objects;
+        let existing = |map: &libbpf_rs::MapMut| {
+            map.lookup(pod_bytes(&bkey), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .map(|v| crate::collector::read_pod::<unwind_object>(&v).id)
+        };
+        let written = match existing(map).or(Some(objects.get(i).id).filter(|&id| id != 0)) {
+            Some(id) => {
+                value.id = id;
+                map.update(pod_bytes(&bkey), pod_bytes(&value), MapFlags::ANY)
+            }
+            None => {
+                value.id = objects.new_user_id();
+                map.update(pod_bytes(&bkey), pod_bytes(&value), MapFlags::NO_EXIST).or_else(|_| {
+                    value.id = existing(map).unwrap_or(value.id);
+                    map.update(pod_bytes(&bkey), pod_bytes(&value), MapFlags::ANY)
+                })
+            }
+        };
+        if let Err(e) = written {
+            self.failures.push(format!("{name}: cannot register it: {e}"));
+            return false;
+        }
+        objects.set_id(i, value.id);
+        let Some(p) = placed else { return false };
         // Walks that cached "no table" for this file look again.
         self.generation = self.generation.wrapping_add(1);
         let _ = skel.maps.unwind_generation.update(&0u32.to_ne_bytes(), &self.generation.to_ne_bytes(), MapFlags::ANY);
@@ -162,6 +260,35 @@ impl UnwindTables {
             );
         }
         true
+    }
+
+    /// The table of an open object: built once per build-id, None when it has none.
+    fn table_of(&mut self, skel: &MemleakSkel, mut f: &File, name: &str) -> Option<Placed> {
+        let data = f
+            .seek(SeekFrom::Start(0))
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::objfile::read_bounded(f, crate::objfile::MAX_OBJECT_SIZE, Path::new(name)))
+            .and_then(|d| crate::objfile::check_elf(&d, Path::new(name)).map(|_| d));
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => {
+                self.failures.push(format!("{name}: cannot read: {e:#}"));
+                return None;
+            }
+        };
+        let id = object_id(&data);
+        if let Some(p) = self.by_build_id.get(&id) {
+            return *p;
+        }
+        let p = match self.place(skel, &data) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.failures.push(format!("{name}: no unwind table: {e:#}"));
+                None
+            }
+        };
+        self.by_build_id.insert(id, p);
+        p
     }
 
     /// Builds an object's table and writes it into free space of the maps.
@@ -199,6 +326,8 @@ impl UnwindTables {
             page_base: self.next_page,
             first_page: first_page as u32,
             npages,
+            id: 0,
+            state: 0,
             pad: 0,
         };
         self.next_page += npages;
@@ -207,6 +336,20 @@ impl UnwindTables {
         self.rows_total += u64::from(nrows);
         self.build_secs += start.elapsed().as_secs_f64();
         Ok(Placed { obj, rows: nrows, unsupported_bytes: t.unsupported_bytes })
+    }
+}
+
+/// The mapping a wake-up describes. No path: the range may map another file by now; the object
+/// is named after the file opened, if it is the one met.
+fn met_mapping(ev: &unwind_met) -> Mapping {
+    Mapping {
+        start: ev.start,
+        end: ev.end,
+        offset: 0,
+        executable: true,
+        path: None,
+        dev: libc::makedev(ev.dev >> 20, ev.dev & 0xfffff),
+        inode: ev.ino,
     }
 }
 
@@ -226,7 +369,7 @@ fn pod_bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
-fn object_id(data: &[u8], path: &Path) -> ObjectId {
+fn object_id(data: &[u8]) -> ObjectId {
     if let Ok(f) = object::File::parse(data)
         && let Ok(Some(id)) = f.build_id()
     {
@@ -236,48 +379,5 @@ fn object_id(data: &[u8], path: &Path) -> ObjectId {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     data.hash(&mut h);
-    let _ = path;
     [b"h:".as_slice(), &h.finish().to_ne_bytes()].concat()
-}
-
-struct ExecMapping {
-    range: String,
-    dev: u32,
-    ino: u64,
-    path: String,
-}
-
-/// An executable file mapping of /proc/PID/maps, with the kernel's dev_t of its file.
-fn parse_exec_mapping(line: &str) -> Option<ExecMapping> {
-    let mut it = line.split_ascii_whitespace();
-    let range = it.next()?;
-    let perms = it.next()?;
-    let _off = it.next()?;
-    let dev = it.next()?;
-    let ino: u64 = it.next()?.parse().ok()?;
-    let path = it.collect::<Vec<_>>().join(" ");
-    if perms.as_bytes().get(2) != Some(&b'x') || ino == 0 || !path.starts_with('/') {
-        return None;
-    }
-    let (maj, min) = dev.split_once(':')?;
-    let (maj, min) = (u32::from_str_radix(maj, 16).ok()?, u32::from_str_radix(min, 16).ok()?);
-    Some(ExecMapping { range: range.to_string(), dev: (maj << 20) | min, ino, path })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_executable_file_mappings_only() {
-        let m = parse_exec_mapping(
-            "7f570ee25000-7f570ef7b000 r-xp 00026000 fe:00 326279                     /usr/lib/x86_64-linux-gnu/libc.so.6",
-        )
-        .expect("libc text");
-        assert_eq!((m.dev, m.ino), (0xfe << 20, 326279));
-        assert_eq!(m.range, "7f570ee25000-7f570ef7b000");
-        assert_eq!(m.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
-        assert!(parse_exec_mapping("7f57-7f58 r--p 00000000 fe:00 326279 /usr/lib/libc.so.6").is_none());
-        assert!(parse_exec_mapping("7ffd5a3f0000-7ffd5a3f2000 r-xp 00000000 00:00 0 [vdso]").is_none());
-    }
 }
