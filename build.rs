@@ -22,4 +22,6 @@ fn main() {
     println!("cargo:rerun-if-changed=src/bpf/memleak.h");
     println!("cargo:rerun-if-changed=src/bpf/kernel_types.h");
     println!("cargo:rerun-if-changed=src/bpf/unwind.bpf.h");
+    println!("cargo:rerun-if-changed=src/bpf/records.bpf.h");
+    println!("cargo:rerun-if-changed=src/bpf/ranges.bpf.h");
 }

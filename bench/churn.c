@@ -7,8 +7,16 @@
  *                             1000-byte block from leak_one().
  *   churn hold N [SECONDS]    allocates N blocks of 32 bytes from one stack, keeps them, prints
  *                             "holding N", then sleeps
+ *   churn maps N [wait]       N times: mmap 16 pages, munmap the last 4 (a trim: a pass over
+ *                             the mapping records), munmap the rest (found by its start); prints
+ *                             "ns_per_map X"
+ *   churn bigpairs N [wait]   N malloc(256 KiB)/free pairs served by mmap (free's munmap ends
+ *                             no record: a pass); prints "ns_per_bigpair X"
+ *   With "wait", then waits for a line on stdin (for a tracer to read its statistics).
  */
+#include <malloc.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +55,15 @@ static void *churn(void *arg)
 	return NULL;
 }
 
+static void wait_line(int wait)
+{
+	char line[16];
+
+	fflush(stdout);
+	if (wait && !fgets(line, sizeof(line), stdin))
+		return;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 3 && !strcmp(argv[1], "pairs")) {
@@ -74,6 +91,31 @@ int main(int argc, char **argv)
 		sleep(secs);
 		return keep[0] == NULL;
 	}
-	fprintf(stderr, "usage: churn pairs N [THREADS [LEAK_EVERY]] | churn hold N [SECONDS]\n");
+	if (argc >= 3 && !strcmp(argv[1], "maps")) {
+		long n = atol(argv[2]), page = sysconf(_SC_PAGESIZE);
+		double t0 = now_ns();
+		for (long i = 0; i < n; i++) {
+			char *p = mmap(NULL, 16 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (p == MAP_FAILED || munmap(p + 12 * page, 4 * page) || munmap(p, 12 * page))
+				return 1;
+		}
+		printf("ns_per_map %.1f\n", (now_ns() - t0) / n);
+		wait_line(argc > 3);
+		return 0;
+	}
+	if (argc >= 3 && !strcmp(argv[1], "bigpairs")) {
+		long n = atol(argv[2]);
+		/* A fixed threshold: glibc would otherwise raise it after the first free. */
+		mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+		double t0 = now_ns();
+		for (long i = 0; i < n; i++) {
+			void *volatile p = malloc(256 * 1024);
+			free(p);
+		}
+		printf("ns_per_bigpair %.1f\n", (now_ns() - t0) / n);
+		wait_line(argc > 3);
+		return 0;
+	}
+	fprintf(stderr, "usage: churn pairs N [THREADS [LEAK_EVERY]] | churn hold N [SECONDS] | churn maps N | churn bigpairs N\n");
 	return 2;
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::MapCore;
 
 use crate::batch;
-use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, stack};
+use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, map_info, stack};
 use crate::symbolizer::RawFrame;
 
 /// One stack's outstanding allocations.
@@ -41,6 +41,12 @@ pub struct Losses {
     /// Stacks unwound from the tables, and how many of them stopped early, by reason.
     pub unwinds: u64,
     pub unwind_stops: UnwindStops,
+    /// User mode: allocation calls whose return was never seen (their blocks untracked).
+    pub returns_missed: u64,
+    /// User mode: mappings (or pieces) the mapping map had no room for.
+    pub mappings_map_full: u64,
+    /// User mode: unmaps or mprotects that overlapped more mappings than one call handles.
+    pub range_overflows: u64,
 }
 
 /// Why table unwinds stopped before the outermost frame (src/bpf/unwind.bpf.h).
@@ -70,6 +76,8 @@ impl UnwindStops {
 pub struct Snapshot {
     pub stacks: Vec<StackTotal>,
     pub losses: Losses,
+    /// Blocks left out for being younger than the minimum age: (count, bytes).
+    pub young: (u64, u64),
 }
 
 pub struct Collector {
@@ -114,41 +122,36 @@ impl Collector {
         blocks: bool,
         combined: bool,
     ) -> Result<Snapshot> {
-        let stacks = if combined {
-            Self::read_combined(maps.combined)?
-        } else {
-            Self::read_allocs(maps.allocs, pid, min_age, blocks)?
+        let mut snap = Snapshot { stacks: Vec::new(), losses: read_losses(maps.counters), young: (0, 0) };
+        if combined {
+            snap.stacks = Self::read_combined(maps.combined)?;
+            return Ok(snap);
+        }
+        let mut by = ByStack {
+            pid,
+            now: monotonic_ns(),
+            min_age: u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX),
+            blocks,
+            ..Default::default()
         };
-        Ok(Snapshot { stacks, losses: read_losses(maps.counters) })
-    }
-
-    fn read_allocs(
-        allocs: &impl MapCore,
-        pid: Option<u32>,
-        min_age: Duration,
-        blocks: bool,
-    ) -> Result<Vec<StackTotal>> {
-        let now = monotonic_ns();
-        // An age past u64 nanoseconds (585 years) hides every block, as it should.
-        let min_age = u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX);
-        let mut by_stack: HashMap<u64, StackTotal> = HashMap::new();
-        batch::for_each(allocs, |k, v| {
-            let key: alloc_key = read_pod(k);
-            let info: alloc_info = read_pod(v);
-            if pid.is_some_and(|p| p != key.pid) || now.saturating_sub(info.timestamp_ns) < min_age {
-                return;
-            }
-            let t = by_stack
-                .entry(info.stack_id)
-                .or_insert_with(|| StackTotal { stack_id: info.stack_id, ..Default::default() });
-            t.bytes = t.bytes.saturating_add(info.size);
-            t.count += 1;
-            if blocks {
-                t.blocks.push((key.addr, info.size));
-            }
+        batch::for_each(maps.allocs, |k, v| {
+            let (key, info): (alloc_key, alloc_info) = (read_pod(k), read_pod(v));
+            by.add(key.pid, key.addr, info.size, info.timestamp_ns, info.stack_id);
         })
         .context("reading the allocation map")?;
-        Ok(by_stack.into_values().collect())
+        if let Some(mappings) = maps.mappings {
+            batch::for_each(mappings, |k, v| {
+                let (key, info): (alloc_key, map_info) = (read_pod(k), read_pod(v));
+                // PROT_NONE pages are address space, not memory.
+                if info.reserved == 0 {
+                    by.add(key.pid, key.addr, info.size, info.timestamp_ns, info.stack_id);
+                }
+            })
+            .context("reading the mapping map")?;
+        }
+        snap.young = by.young;
+        snap.stacks = by.totals.into_values().collect();
+        Ok(snap)
     }
 
     /// What went untracked since the start, from an object's counters.
@@ -166,6 +169,36 @@ impl Collector {
         })
         .context("reading the combined map")?;
         Ok(out)
+    }
+}
+
+/// Outstanding blocks summed by stack as the maps are read.
+#[derive(Default)]
+struct ByStack {
+    pid: Option<u32>,
+    now: u64,
+    min_age: u64,
+    blocks: bool,
+    totals: HashMap<u64, StackTotal>,
+    young: (u64, u64),
+}
+
+impl ByStack {
+    fn add(&mut self, pid: u32, addr: u64, size: u64, timestamp_ns: u64, stack_id: u64) {
+        if self.pid.is_some_and(|p| p != pid) {
+            return;
+        }
+        if self.now.saturating_sub(timestamp_ns) < self.min_age {
+            self.young.0 += 1;
+            self.young.1 = self.young.1.saturating_add(size);
+            return;
+        }
+        let t = self.totals.entry(stack_id).or_insert_with(|| StackTotal { stack_id, ..Default::default() });
+        t.bytes = t.bytes.saturating_add(size);
+        t.count += 1;
+        if self.blocks {
+            t.blocks.push((addr, size));
+        }
     }
 }
 
@@ -208,6 +241,8 @@ fn recursion_misses(fd: BorrowedFd) -> u64 {
 /// The maps of either BPF object (user mode's or kernel mode's) that a snapshot reads.
 pub struct RecordMaps<'a, M: MapCore> {
     pub allocs: &'a M,
+    /// User mode's mapping records (mmap, mremap, mprotect); kernel mode has none.
+    pub mappings: Option<&'a M>,
     pub combined: &'a M,
     /// The object's `counters` array (enum counter) in its mmapped .bss.
     pub counters: &'a [u64],
@@ -235,6 +270,9 @@ fn read_losses(counters: &[u64]) -> Losses {
             vma_busy: get(counter::CNT_STOP_VMA_BUSY),
         },
         frees_failed: get(counter::CNT_FREE_FAILED),
+        returns_missed: get(counter::CNT_RETURN_MISSED),
+        mappings_map_full: get(counter::CNT_MAPPINGS_FULL),
+        range_overflows: get(counter::CNT_RANGE_OVERFLOW),
         ..Default::default()
     }
 }

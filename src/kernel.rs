@@ -113,7 +113,12 @@ pub fn run(cfg: &Config, signals: &mut Signals) -> Result<i32> {
     write_out("Attaching to kernel allocators, Ctrl+C to quit.\n")?;
     let tracer = Tracer {
         cfg,
-        maps: RecordMaps { allocs: &skel.maps.allocs, combined: &skel.maps.combined, counters: &bss.counters },
+        maps: RecordMaps {
+            allocs: &skel.maps.allocs,
+            mappings: None,
+            combined: &skel.maps.combined,
+            counters: &bss.counters,
+        },
         stacks: &skel.maps.stacks,
         pid: None,
         collector: Collector::new(),

@@ -24,6 +24,7 @@ pub const ENTRY_POINTS: &[(&str, fn_kind)] = &[
     ("mmap", fn_kind::FN_MMAP),
     ("munmap", fn_kind::FN_MUNMAP),
     ("mremap", fn_kind::FN_MREMAP),
+    ("mprotect", fn_kind::FN_MPROTECT),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +40,9 @@ pub struct EntryPoint {
 }
 
 impl EntryPoint {
-    /// free and munmap need no return probe.
+    /// free, munmap and mprotect need no return probe.
     pub fn needs_return(&self) -> bool {
-        self.kind != fn_kind::FN_FREE && self.kind != fn_kind::FN_MUNMAP
+        !matches!(self.kind, fn_kind::FN_FREE | fn_kind::FN_MUNMAP | fn_kind::FN_MPROTECT)
     }
 }
 

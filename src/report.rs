@@ -67,6 +67,26 @@ pub fn loss_lines(l: &Losses, max_allocs: u32) -> Vec<String> {
             l.frees_failed
         ));
     }
+    if l.returns_missed > 0 {
+        out.push(format!(
+            "{} allocation calls untracked: another allocation call began on their thread before their return was seen (a longjmp out of the allocator, or a signal handler that allocated)",
+            l.returns_missed
+        ));
+    }
+    if l.mappings_map_full > 0 {
+        out.push(format!(
+            "{} mappings or pieces of mappings untracked: the mapping map is full ({} entries)",
+            l.mappings_map_full,
+            crate::skel::types::limits::MAX_MAPPINGS.0
+        ));
+    }
+    if l.range_overflows > 0 {
+        out.push(format!(
+            "{} munmap or mprotect calls overlapped more than {} mappings: the rest of their range was left as it was",
+            l.range_overflows,
+            crate::skel::types::limits::RANGE_MAX_RECORDS.0
+        ));
+    }
     if l.truncated_stacks > 0 {
         out.push(format!("{} stacks truncated at {} frames", l.truncated_stacks, crate::MAX_STACK_DEPTH));
     }
@@ -111,6 +131,8 @@ pub struct Options {
     pub top: usize,
     pub show_allocs: bool,
     pub max_allocs: u32,
+    /// Blocks left out for being younger than -o: (count, bytes, -o in ms).
+    pub young: (u64, u64, u64),
 }
 
 /// Formats one snapshot.
@@ -124,6 +146,11 @@ pub fn format_with(time: &str, opts: &Options, stacks: &[StackReport], losses: &
     let _ = writeln!(out, "[{time}] Top {} stacks with outstanding allocations:", opts.top);
     for line in loss_lines(losses, opts.max_allocs).iter().chain(more) {
         let _ = writeln!(out, "\tWARNING: {line}");
+    }
+    // Not a loss, but blocks the report does not show: said, so that none seems missed.
+    let (n, bytes, ms) = opts.young;
+    if n > 0 {
+        let _ = writeln!(out, "\tNOTE: {n} allocations ({bytes} bytes) younger than {ms} ms not shown (-o)");
     }
     for s in stacks {
         if opts.show_allocs {
@@ -183,7 +210,7 @@ mod tests {
             "__libc_start_main+0xf0 [/usr/lib64/libc-2.21.so] (7fd460ac2790)".to_string(),
         ];
         let stacks = [StackReport { total: &t, frames, class: None }];
-        let opts = Options { top: 10, show_allocs: false, max_allocs: 1 << 20 };
+        let opts = Options { top: 10, show_allocs: false, max_allocs: 1 << 20, young: (0, 0, 0) };
         let text = format("12:34:56", &opts, &stacks, &Losses::default());
         assert_eq!(
             text,
@@ -204,7 +231,7 @@ mod tests {
             StackReport { total: &a, frames: vec!["f+0x1 [/x] (1)".into()], class: None },
             StackReport { total: &b, frames: vec![], class: Some(crate::scan::Class::PossiblyLost) },
         ];
-        let opts = Options { top: 3, show_allocs: true, max_allocs: 1 << 20 };
+        let opts = Options { top: 3, show_allocs: true, max_allocs: 1 << 20, young: (0, 0, 0) };
         let text = format("01:02:03", &opts, &stacks, &Losses::default());
         assert_eq!(
             text,
@@ -222,7 +249,7 @@ mod tests {
     #[test]
     fn losses_are_never_silent() {
         let l = Losses { allocs_map_full: 3, stacks_map_full: 2, trace_events_lost: 1, ..Default::default() };
-        let opts = Options { top: 10, show_allocs: false, max_allocs: 1000 };
+        let opts = Options { top: 10, show_allocs: false, max_allocs: 1000, young: (0, 0, 0) };
         let text = format("00:00:00", &opts, &[], &l);
         assert!(text.contains("WARNING: 3 allocations untracked: the allocation map is full (1000 entries"), "{text}");
         assert!(text.contains("WARNING: 2 allocations without a stack"), "{text}");
@@ -244,6 +271,21 @@ mod tests {
             [
                 "4 of 400 stacks (1.00%) end early: 3 in an object without an unwind table yet, 1 at unreadable stack memory"
             ]
+        );
+        let r = Losses { returns_missed: 2, mappings_map_full: 3, range_overflows: 1, ..Default::default() };
+        let text = format("00:00:00", &opts, &[], &r);
+        assert!(text.contains("\tWARNING: 2 allocation calls untracked: another allocation call began"), "{text}");
+        assert!(
+            text.contains("\tWARNING: 3 mappings or pieces of mappings untracked: the mapping map is full"),
+            "{text}"
+        );
+        assert!(text.contains("\tWARNING: 1 munmap or mprotect calls overlapped more than 64 mappings"), "{text}");
+        let young = Options { young: (100, 10_000_000, 500), ..opts };
+        let text = format("00:00:00", &young, &[], &Losses::default());
+        assert_eq!(
+            text,
+            "[00:00:00] Top 10 stacks with outstanding allocations:\n\
+             \tNOTE: 100 allocations (10000000 bytes) younger than 500 ms not shown (-o)\n"
         );
         let lost = StackTotal { stack_id: 0, bytes: 8, count: 1, blocks: vec![] };
         let text = format("00:00:00", &opts, &[StackReport { total: &lost, frames: vec![], class: None }], &l);

@@ -128,8 +128,12 @@ impl Tracer<'_, '_> {
                 class: None,
             })
             .collect();
-        let opts =
-            report::Options { top: self.cfg.top, show_allocs: self.cfg.show_allocs, max_allocs: self.cfg.max_allocs };
+        let opts = report::Options {
+            top: self.cfg.top,
+            show_allocs: self.cfg.show_allocs,
+            max_allocs: self.cfg.max_allocs,
+            young: (snap.young.0, snap.young.1, min_age.as_millis() as u64),
+        };
         let text = report::format(&report::now_hms(), &opts, &stacks, &snap.losses);
         write_out(&text)?;
         if self.cfg.verbose {
@@ -322,7 +326,12 @@ pub fn run(cfg: &Config) -> Result<i32> {
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
     let tracer = Tracer {
         cfg,
-        maps: RecordMaps { allocs: &skel.maps.allocs, combined: &skel.maps.combined, counters: &bss.counters },
+        maps: RecordMaps {
+            allocs: &skel.maps.allocs,
+            mappings: Some(&skel.maps.mappings),
+            combined: &skel.maps.combined,
+            counters: &bss.counters,
+        },
         stacks: &skel.maps.stacks,
         pid: Some(pid),
         collector: Collector::new(),

@@ -82,6 +82,8 @@ impl Memleak {
                 let Some(r) = cur.as_mut() else { continue };
                 if let Some(w) = line.strip_prefix("\tWARNING: ") {
                     r.warnings.push(w.to_string());
+                } else if line.starts_with("\tNOTE: ") {
+                    // Blocks younger than -o, left out on purpose.
                 } else if let Some(f) = line.strip_prefix("\t\t") {
                     r.stacks.last_mut().expect("a frame follows a stack line").frames.push(f.to_string());
                 } else if let Some(a) = line.strip_prefix("\taddr = ") {

@@ -69,9 +69,19 @@ struct seqcount {
 	unsigned sequence;
 } __attribute__((preserve_access_index));
 
+/* The process's uprobe page: a return-probed call's return address is replaced by vaddr. */
+struct xol_area {
+	unsigned long vaddr;
+} __attribute__((preserve_access_index));
+
+struct uprobes_state {
+	struct xol_area *xol_area;
+} __attribute__((preserve_access_index));
+
 /* Changes whenever the mappings may change (mmap write lock; CONFIG_PER_VMA_LOCK). */
 struct mm_struct {
 	struct seqcount mm_lock_seq;
+	struct uprobes_state uprobes_state;
 } __attribute__((preserve_access_index));
 
 struct task_struct {

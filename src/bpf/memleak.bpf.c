@@ -5,7 +5,7 @@
  *
  * One program serves every entry point; the BPF cookie says which function fired. On kernels
  * with uprobe sessions (6.13+) it runs as a session through one uprobe_multi link: the entry
- * decides whether the return probe runs (free and munmap need none). Linux 6.6 to 6.12 get an
+ * decides whether the return probe runs (free, munmap and mprotect need none). Linux 6.6 to 6.12 get an
  * entry and a return uprobe_multi link, older kernels classic uprobes and uretprobes: the same
  * code (on_entry, on_return) in the other program types below.
  */
@@ -36,7 +36,9 @@ bool armed = false;
 struct task_state {
 	__u64 outer_sp;  /* rsp at entry of the allocation call in flight (0: none) */
 	__u64 size;
-	__u64 arg;       /* realloc/mremap: the old block; posix_memalign: memptr */
+	__u64 arg;       /* realloc/mremap: the old block; posix_memalign: memptr; mmap: prot | flags << 32 */
+	__u64 arg2;      /* mremap: the old size */
+	__u64 arg3;      /* mremap: its flags */
 	__u64 stack_id;
 	__u32 kind;
 	__u32 record;    /* the new block passes the size filters and sampling */
@@ -50,6 +52,8 @@ struct {
 	__type(key, int);
 	__type(value, struct task_state);
 } task_states SEC(".maps");
+
+#include "ranges.bpf.h"
 
 /* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
 
@@ -94,22 +98,94 @@ static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_stat
 }
 
 /*
+ * Whether the allocation call that entered with rsp == outer_sp is still in flight. Every such
+ * call takes its return probe, for which the kernel replaced the return address at [outer_sp]
+ * by its uprobe trampoline (the start of the process's uprobe page); once the call has
+ * returned, `ret` has consumed that slot and the stack below the caller is soon used again. A
+ * state whose slot holds anything else is one whose return was never seen: a longjmp out of
+ * the allocator, or a return instance the kernel could not keep.
+ */
+static __always_inline bool outer_in_flight(__u64 outer_sp)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u64 slot = 0, trampoline = BPF_CORE_READ(task, mm, uprobes_state.xol_area, vaddr);
+
+	if (!trampoline || bpf_probe_read_user(&slot, sizeof(slot), (void *)outer_sp))
+		return false;
+	return slot == trampoline;
+}
+
+/* munmap(addr, len): its pages' records end; entry only, like free. */
+static __always_inline void on_munmap(__u32 pid, __u64 addr, __u64 len)
+{
+	if ((addr & (PAGE_SIZE_ - 1)) || !len || len > (1ULL << 47))
+		return; /* EINVAL: nothing is unmapped */
+	range_update(addr, addr + PAGE_UP(len), 0, pid, RANGE_OP(RANGE_UNMAP, FN_MUNMAP));
+}
+
+/*
+ * mprotect(addr, len, prot), entry only: PROT_NONE takes pages out of the totals (kept as
+ * reserved); access given to reserved pages counts them from now, with this call's stack.
+ * One made inside an allocator call (glibc growing a thread's arena) belongs to that call.
+ */
+static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 addr, __u64 len, __u32 prot)
+{
+	struct task_state *ts;
+	__u64 sp = PT_REGS_SP(ctx), end, stack_id;
+
+	if ((addr & (PAGE_SIZE_ - 1)) || !len || len > (1ULL << 47))
+		return;
+	end = addr + PAGE_UP(len);
+	ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0, 0);
+	if (ts && ts->outer_sp && sp <= ts->outer_sp && outer_in_flight(ts->outer_sp))
+		return;
+	if (prot == PROT_NONE_) {
+		range_update(addr, end, 0, pid, RANGE_OP(RANGE_RESERVE, FN_MPROTECT));
+		return;
+	}
+	/* Only reserved pages change: most mprotect calls (W^X flips, RELRO) touch none. */
+	if (!(range_update(addr, end, 0, pid, RANGE_OP(RANGE_FIND, FN_MPROTECT)) & 2))
+		return;
+	if (!ts)
+		ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0,
+					  BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!ts) {
+		count(CNT_STATE_FAILED);
+		return;
+	}
+	stack_id = capture_stack(ctx, ts);
+	range_update(addr, end, stack_id, pid, RANGE_OP(RANGE_COMMIT, FN_MPROTECT));
+}
+
+/*
  * Entry of any probed function. Returns 0 when the return probe must run, 1 when it need not.
  */
 static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 {
-	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0;
+	__u64 sp = PT_REGS_SP(ctx), size = 0, arg = 0, arg2 = 0, arg3 = 0;
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
 
 	if (need_exec && !armed)
 		return 1;
 
 	switch (kind) {
 	case FN_FREE:
-	case FN_MUNMAP:
 		arg = PT_REGS_PARM1(ctx);
 		if (!arg)
 			return 1;
-		break;
+		/*
+		 * free and munmap end records and need no per-thread state: one made from inside
+		 * another allocator call (realloc(p, 0)'s free, free's munmap of a mapped chunk)
+		 * only ends what the outer call would end anyway, or finds nothing.
+		 */
+		record_free(pid, arg, kind);
+		return 1;
+	case FN_MUNMAP:
+		on_munmap(pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+		return 1;
+	case FN_MPROTECT:
+		on_mprotect(ctx, pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (__u32)PT_REGS_PARM3(ctx));
+		return 1;
 	case FN_MALLOC:
 	case FN_VALLOC:
 	case FN_PVALLOC:
@@ -119,8 +195,11 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 		size = PT_REGS_PARM1(ctx) * PT_REGS_PARM2(ctx);
 		break;
 	case FN_ALIGNED_ALLOC:
+		size = PT_REGS_PARM2(ctx);
+		break;
 	case FN_MMAP:
 		size = PT_REGS_PARM2(ctx);
+		arg = (__u32)PT_REGS_PARM3(ctx) | ((__u64)(__u32)PT_REGS_PARM4(ctx) << 32);
 		break;
 	case FN_POSIX_MEMALIGN:
 		arg = PT_REGS_PARM1(ctx);
@@ -136,19 +215,11 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 		break;
 	case FN_MREMAP:
 		arg = PT_REGS_PARM1(ctx);
+		arg2 = PT_REGS_PARM2(ctx);
 		size = PT_REGS_PARM3(ctx);
+		arg3 = PT_REGS_PARM4(ctx);
 		break;
 	default:
-		return 1;
-	}
-
-	/*
-	 * free and munmap end a record and need no per-thread state: one made from inside another
-	 * allocator call (realloc(p, 0)'s free, free's munmap of a mapped chunk) only ends what the
-	 * outer call would end anyway, or finds nothing.
-	 */
-	if (kind == FN_FREE || kind == FN_MUNMAP) {
-		record_free(bpf_get_current_pid_tgid() >> 32, arg, kind);
 		return 1;
 	}
 
@@ -158,23 +229,71 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u32 kind)
 		count(CNT_STATE_FAILED);
 		return 1;
 	}
-	/*
-	 * An allocation made from inside another allocator call (malloc's mmap, realloc's malloc,
-	 * reallocarray's tail jump to realloc) is part of that call: count it once. The outer call
-	 * is in flight until its return probe clears outer_sp, and this one is at the same depth
-	 * (a tail call) or deeper on the stack.
-	 */
-	if (ts->outer_sp && sp <= ts->outer_sp)
-		return 1;
+	if (ts->outer_sp) {
+		/*
+		 * An allocation made from inside another allocator call (malloc's mmap, realloc's
+		 * malloc, reallocarray's tail jump to realloc) is part of that call: count it once.
+		 * It is at the same depth (a tail call) or deeper, and the outer call is still in
+		 * flight: checked, not assumed, so that a call whose return was never seen cannot
+		 * hide every later call of its thread.
+		 */
+		if (sp <= ts->outer_sp && outer_in_flight(ts->outer_sp))
+			return 1;
+		/* The state's call never returned as seen (or a signal handler on its own stack
+		 * interrupted it): its block is untracked, and said. */
+		count(CNT_RETURN_MISSED);
+	}
 	ts->outer_sp = sp;
 	ts->kind = kind;
 	ts->size = size;
 	ts->arg = arg;
-	ts->record = sampled_in(size);
-	if (ts->record)
-		ts->stack_id = capture_stack(ctx, ts);
+	ts->arg2 = arg2;
+	ts->arg3 = arg3;
+	if (kind == FN_MMAP && (__u32)arg == PROT_NONE_) {
+		/* A reservation: address space, never counted, kept whatever its size. */
+		ts->record = 1;
+		ts->stack_id = 0;
+	} else {
+		ts->record = sampled_in(size);
+		if (ts->record)
+			ts->stack_id = capture_stack(ctx, ts);
+	}
 	/* Always: the return probe is what ends the call, even one not recorded. */
 	return 0;
+}
+
+/* mmap's return: the new pages (MAP_FIXED replaced whatever was there). */
+static __always_inline void mmap_returned(struct task_state *ts, __u32 pid, __u64 addr)
+{
+	__u64 len = PAGE_UP(ts->size);
+	__u32 prot = (__u32)ts->arg, flags = ts->arg >> 32;
+
+	if (flags & MAP_FIXED_)
+		range_update(addr, addr + len, 0, pid, RANGE_OP(RANGE_UNMAP, FN_MMAP));
+	if (ts->record)
+		mapping_insert(pid, addr, len, prot == PROT_NONE_, ts->stack_id, FN_MMAP);
+}
+
+/*
+ * mremap's return: the old pages go (unless MREMAP_DONTUNMAP, or old_size 0 which duplicates a
+ * shared mapping), the new ones are recorded with this call's stack, reserved if the old ones
+ * were. An in-place shrink or grow is the same: old range out, new range in.
+ */
+static __always_inline void mremap_returned(struct task_state *ts, __u32 pid, __u64 addr)
+{
+	__u64 old = ts->arg, old_len = PAGE_UP(ts->arg2), len = PAGE_UP(ts->size), flags = ts->arg3;
+	__u32 held;
+
+	if (flags & MREMAP_FIXED_)
+		range_update(addr, addr + len, 0, pid, RANGE_OP(RANGE_UNMAP, FN_MREMAP));
+	if (old_len && !(flags & MREMAP_DONTUNMAP_))
+		held = range_update(old, old + old_len, 0, pid, RANGE_OP(RANGE_UNMAP, FN_MREMAP));
+	else
+		held = range_update(old, old + old_len, 0, pid, RANGE_OP(RANGE_FIND, FN_MREMAP));
+	if (held == 2)
+		mapping_insert(pid, addr, len, true, 0, FN_MREMAP);
+	else if (ts->record)
+		mapping_insert(pid, addr, len, false, ts->stack_id, FN_MREMAP);
 }
 
 static __always_inline int on_return(struct pt_regs *ctx)
@@ -197,14 +316,13 @@ static __always_inline int on_return(struct pt_regs *ctx)
 			record_free(pid, ts->arg, ts->kind);
 		break;
 	case FN_MREMAP:
-		if (ret == (__u64)-1)
-			return 0;
-		record_free(pid, ts->arg, ts->kind);
-		break;
+		if (ret != (__u64)-1)
+			mremap_returned(ts, pid, ret);
+		return 0;
 	case FN_MMAP:
-		if (ret == (__u64)-1)
-			return 0;
-		break;
+		if (ret != (__u64)-1)
+			mmap_returned(ts, pid, ret);
+		return 0;
 	case FN_POSIX_MEMALIGN:
 		if ((int)ret != 0)
 			return 0;
@@ -285,5 +403,6 @@ int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_bi
 		return 0;
 	armed = true;
 	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
+	bpf_for_each_map_elem(&mappings, drop_mapping, &pid, 0);
 	return 0;
 }

@@ -28,6 +28,14 @@ enum fn_kind {
 	FN_PAGE_FREE = 18,
 	FN_PERCPU_ALLOC = 19,
 	FN_PERCPU_FREE = 20,
+	/* User mode again: changes what part of a mapping is accessible (counted). */
+	FN_MPROTECT = 21,
+};
+
+/* Bounds the BPF side and the report share. */
+enum limits {
+	MAX_MAPPINGS = 32768,    /* mapping records at once */
+	RANGE_MAX_RECORDS = 64,  /* mappings one munmap or mprotect changes at most */
 };
 
 /* Allocation records are keyed by process and address (kernel mode: pid 0; pages by PFN). */
@@ -41,6 +49,20 @@ struct alloc_info {
 	__u64 size;
 	__u64 timestamp_ns; /* CLOCK_MONOTONIC, from bpf_ktime_get_ns() */
 	__u64 stack_id;     /* key in the stacks map; 0 = the stack could not be stored */
+};
+
+/*
+ * User mode: a mapping made by a traced mmap or mremap (or made accessible by mprotect), keyed
+ * {pid, start}: whole pages [start, start + size). munmap, mremap, mprotect and MAP_FIXED trim,
+ * split or remove exactly the pages they touch. A PROT_NONE range is address space, not memory:
+ * it is kept (so that an mprotect making part of it accessible is seen) but never counted.
+ */
+struct map_info {
+	__u64 size;         /* a multiple of the page size */
+	__u64 timestamp_ns;
+	__u64 stack_id;
+	__u32 reserved;     /* 1: PROT_NONE, not counted */
+	__u32 slot;         /* its slot in map_slots (ranges.bpf.h) */
 };
 
 /* --combined-only: per-stack totals kept in BPF. */
@@ -82,7 +104,11 @@ enum counter {
 	CNT_STOP_READ = 13,         /* stack memory that could not be read */
 	CNT_NO_TABLE_SEEN = 14,     /* lookups of an object without a table: user space reloads */
 	CNT_STOP_VMA_BUSY = 15,     /* a new address while another thread held the mmap lock */
-	NR_COUNTERS = 16,
+	/* User mode: calls and mappings left untracked (docs/design.md). */
+	CNT_RETURN_MISSED = 16,  /* an allocation call whose return was never seen: its block untracked */
+	CNT_MAPPINGS_FULL = 17,  /* mapping map full: a mapping, or a piece of one, untracked */
+	CNT_RANGE_OVERFLOW = 18, /* an unmap or mprotect overlapped more mappings than it can handle */
+	NR_COUNTERS = 19,
 };
 
 /* ---- Unwind tables, built from each object's .eh_frame (src/unwind/, docs/unwinding.md). */

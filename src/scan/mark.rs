@@ -40,8 +40,8 @@ pub struct Marker {
     /// glibc's allocator keeps pointers to the next chunk's header, which can fall in the last
     /// 8 bytes of a block (see [`Marker::points_to`]).
     glibc: bool,
-    /// Blocks that are thread stacks (mappings that begin with a guard page): any pointer
-    /// into one keeps it, as valgrind, which does not count them as blocks, never reports them.
+    /// Blocks that are thread stacks (mappings right above a guard page): any pointer into one
+    /// keeps it, as valgrind, which does not count them as blocks, never reports them.
     stacks: Vec<bool>,
     /// Root words looked at, for the statistics.
     pub root_words: u64,

@@ -70,8 +70,8 @@ pub enum Heuristic {
     Length64,
     NewArray,
     MultipleInheritance,
-    /// memleak's own: a thread's stack (a mapped block that begins with a guard page), which
-    /// glibc's lists point into.
+    /// memleak's own: a thread's stack (a mapped block right above a guard page), which glibc's
+    /// lists point into.
     ThreadStack,
 }
 
@@ -435,15 +435,16 @@ fn scan_roots(look: &mut Memory, roots: &[(u64, u64)], marker: &mut Marker) {
     flush(look, &mut batch, &mut filled, marker);
 }
 
-/// Blocks that are thread stacks: mapped memory that begins with a page no one can access (the
-/// guard page pthread_create maps below each stack it maps).
+/// Blocks that are thread stacks: mapped memory right above a page no one can access (a guard
+/// page; memleak does not count memory without access as part of a block).
 fn thread_stacks(regions: &[Region], spans: &[(u64, u64)]) -> Vec<bool> {
     spans
         .iter()
         .map(|&(a, size)| {
             a % PAGE == 0
-                && size > PAGE
-                && memory::find(regions, a).is_some_and(|r| !r.read && !r.write && !r.exec && r.end < a + size)
+                && size >= PAGE
+                && a >= PAGE
+                && memory::find(regions, a - 1).is_some_and(|r| !r.read && !r.write && !r.exec && r.end == a)
         })
         .collect()
 }

@@ -11,10 +11,10 @@ use libbpf_rs::MapCore;
 
 use super::options::Mode;
 use super::{Block, Class, Heuristic, Outcome, Stats, Target};
-use crate::collector::{Collector, Losses, StackTotal, monotonic_ns, read_pod};
+use crate::collector::{Collector, Losses, RecordMaps, StackTotal, monotonic_ns, read_pod};
 use crate::report::{self, StackReport};
 use crate::run::{End, Tracer, write_out};
-use crate::skel::types::{alloc_info, alloc_key};
+use crate::skel::types::{alloc_info, alloc_key, map_info};
 use crate::symbolizer::Frame;
 
 /// The reachability side of a run.
@@ -64,10 +64,11 @@ impl Session {
     }
 }
 
-/// The blocks of `pid` in the allocation map.
-fn read_blocks(allocs: &impl MapCore, pid: u32) -> Result<Vec<Block>> {
+/// The blocks of `pid`: the allocation map's, and the mapping map's (mmap'd pages; those
+/// without access, PROT_NONE, are address space, not blocks).
+fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, pid: u32) -> Result<Vec<Block>> {
     let mut out = Vec::new();
-    crate::batch::for_each(allocs, |k, v| {
+    crate::batch::for_each(maps.allocs, |k, v| {
         let key: alloc_key = read_pod(k);
         if key.pid == pid {
             let info: alloc_info = read_pod(v);
@@ -80,6 +81,21 @@ fn read_blocks(allocs: &impl MapCore, pid: u32) -> Result<Vec<Block>> {
         }
     })
     .context("reading the allocation map")?;
+    if let Some(mappings) = maps.mappings {
+        crate::batch::for_each(mappings, |k, v| {
+            let key: alloc_key = read_pod(k);
+            let info: map_info = read_pod(v);
+            if key.pid == pid && info.reserved == 0 {
+                out.push(Block {
+                    addr: key.addr,
+                    size: info.size,
+                    stack_id: info.stack_id,
+                    timestamp_ns: info.timestamp_ns,
+                });
+            }
+        })
+        .context("reading the mapping map")?;
+    }
     Ok(out)
 }
 
@@ -123,8 +139,8 @@ impl Tracer<'_, '_> {
             k.add_losses(&mut losses);
         }
         let target = self.target(pid, &losses);
-        let allocs = self.maps.allocs;
-        let r = super::at_exit(&target, tid, || read_blocks(allocs, pid as u32));
+        let maps = &self.maps;
+        let r = super::at_exit(&target, tid, || read_blocks(maps, pid as u32));
         self.scan.exit = Some(r.map_err(|e| format!("{e:#}")));
     }
 
@@ -170,8 +186,8 @@ impl Tracer<'_, '_> {
             (true, Some(pid)) => {
                 self.scan.comm = comm(pid).or(self.scan.comm.take());
                 let target = self.target(pid, &losses);
-                let allocs = self.maps.allocs;
-                match super::live(&target, || read_blocks(allocs, pid as u32)) {
+                let maps = &self.maps;
+                match super::live(&target, || read_blocks(maps, pid as u32)) {
                     Ok(mut o) => {
                         self.scan.foreign.append(&mut o.foreign);
                         Some(o)
@@ -195,15 +211,18 @@ impl Tracer<'_, '_> {
                 );
             }
         }
-        let entries: Vec<(StackTotal, Option<Class>)> = match &outcome {
+        let (entries, young): (Entries, (u64, u64)) = match &outcome {
             Some(o) => by_stack_and_class(o, min_age, cfg.show_allocs),
-            None => self
-                .collector
-                .collect(&self.maps, self.pid.map(|p| p as u32), min_age, cfg.show_allocs, cfg.combined_only)?
-                .stacks
-                .into_iter()
-                .map(|s| (s, None))
-                .collect(),
+            None => {
+                let snap = self.collector.collect(
+                    &self.maps,
+                    self.pid.map(|p| p as u32),
+                    min_age,
+                    cfg.show_allocs,
+                    cfg.combined_only,
+                )?;
+                (snap.stacks.into_iter().map(|s| (s, None)).collect(), snap.young)
+            }
         };
 
         // Symbolized once per stack: suppressions match frames, the report prints them.
@@ -261,7 +280,12 @@ impl Tracer<'_, '_> {
                 class: *c,
             })
             .collect();
-        let opts = report::Options { top: cfg.top, show_allocs: cfg.show_allocs, max_allocs: cfg.max_allocs };
+        let opts = report::Options {
+            top: cfg.top,
+            show_allocs: cfg.show_allocs,
+            max_allocs: cfg.max_allocs,
+            young: (young.0, young.1, min_age.as_millis() as u64),
+        };
         let now = report::now_hms();
         let mut text = report::format_with(&now, &opts, &stacks, &losses, &warnings);
         match &outcome {
@@ -305,13 +329,20 @@ impl Tracer<'_, '_> {
     }
 }
 
-/// Each stack's blocks older than `min_age`, one total per class.
-fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> Vec<(StackTotal, Option<Class>)> {
+/// A report's entries: a stack's blocks of one class (None: not classified).
+type Entries = Vec<(StackTotal, Option<Class>)>;
+
+/// Each stack's blocks older than `min_age`, one total per class; and the younger blocks left
+/// out: (count, bytes).
+fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> (Entries, (u64, u64)) {
     let now = monotonic_ns();
     let min_age = min_age.as_nanos() as u64;
     let mut by: HashMap<(u64, Class), StackTotal> = HashMap::new();
+    let mut young = (0u64, 0u64);
     for (b, c) in o.blocks.iter().zip(&o.class) {
         if now.saturating_sub(b.timestamp_ns) < min_age {
+            young.0 += 1;
+            young.1 = young.1.saturating_add(b.size);
             continue;
         }
         let t = by.entry((b.stack_id, *c)).or_insert_with(|| StackTotal { stack_id: b.stack_id, ..Default::default() });
@@ -321,7 +352,7 @@ fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> Vec<(Stack
             t.blocks.push((b.addr, b.size));
         }
     }
-    by.into_iter().map(|((_, c), t)| (t, Some(c))).collect()
+    (by.into_iter().map(|((_, c), t)| (t, Some(c))).collect(), young)
 }
 
 fn heuristic_sums(

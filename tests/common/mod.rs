@@ -348,6 +348,8 @@ pub fn assert_plausible_symbols(r: &Report) {
 pub struct Report {
     pub header: String,
     pub warnings: Vec<String>,
+    /// `NOTE:` lines: what the report leaves out on purpose (blocks younger than -o).
+    pub notes: Vec<String>,
     pub stacks: Vec<Stack>,
     /// Whether it came after a "Process N exited" line: the final report.
     pub after_exit: bool,
@@ -447,6 +449,7 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
             reports.push(Report {
                 header: line.clone(),
                 warnings: vec![],
+                notes: vec![],
                 stacks: vec![],
                 after_exit,
                 leak_summary: None,
@@ -486,6 +489,8 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
         } else if let Some(rest) = line.strip_prefix("\t") {
             if let Some(w) = rest.strip_prefix("WARNING: ") {
                 r.warnings.push(w.to_string());
+            } else if let Some(n) = rest.strip_prefix("NOTE: ") {
+                r.notes.push(n.to_string());
             } else if let Some(a) = rest.strip_prefix("addr = ") {
                 let (addr, size) = a.split_once(" size = ").unwrap_or_else(|| panic!("bad addr line {line:?}"));
                 pending_addrs.push((
