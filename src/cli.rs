@@ -27,6 +27,12 @@ memleak -p $(pidof allocs) -s 5
         Trace roughly every 5th allocation, to reduce overhead
 memleak -p $(pidof allocs) --sort count 1 10
         Print a report every second, ten times, stacks ordered by allocation count
+memleak -p $(pidof allocs) --sort growth --growth 60
+        Every minute, the stacks that grew most, each saying by how much
+memleak -c ./server --pprof heap.pb.gz --flamegraph leaks.svg
+        Also keep the latest report as a pprof profile and an SVG flame graph
+memleak -p $(pidof allocs) --format json > reports.jsonl
+        One JSON document per report, one per line
 memleak --error-exitcode 1 -c ./tests
         Run ./tests; its final report says which blocks are definitely, indirectly,
         possibly lost or still reachable (as valgrind does); exit 1 on a leak,
@@ -97,9 +103,33 @@ pub struct Args {
     #[arg(short = 'O', long, value_name = "OBJ")]
     pub obj: Option<PathBuf>,
 
-    /// Order the stacks of a report by total size or by allocation count
+    /// Order the stacks of a report by total size, by allocation count, or by growth since the
+    /// last report
     #[arg(long, value_enum, value_name = "KEY", default_value = "size")]
     pub sort: SortKey,
+
+    /// Each stack of the text report says how many bytes it gained or lost since the last
+    /// report, and `growing` when it grew in each of the last three
+    #[arg(long)]
+    pub growth: bool,
+
+    /// What stdout carries: the text report, or one JSON document per report (JSON Lines)
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub format: StdoutFormat,
+
+    /// After each report, write it to FILE as a gzip'd pprof profile (replaced each time)
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+
+    /// After each report, write it to FILE as folded stacks, `root;...;leaf BYTES` (replaced
+    /// each time)
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+
+    /// After each report, write it to FILE as an SVG flame graph of the outstanding bytes
+    /// (replaced each time)
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
 
     /// Kernel mode: trace the percpu allocator instead of kmalloc, kmem_cache and pages
     #[arg(long)]
@@ -149,6 +179,13 @@ pub struct Args {
 pub enum SortKey {
     Size,
     Count,
+    Growth,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdoutFormat {
+    Text,
+    Json,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +227,11 @@ pub struct Config {
     pub attach: AttachChoice,
     pub verbose: bool,
     pub frame_pointers: bool,
+    pub growth: bool,
+    pub format: StdoutFormat,
+    pub pprof: Option<PathBuf>,
+    pub folded: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
     /// Reachability: when reports are classified, --error-exitcode, suppressions (src/scan/).
     pub scan: crate::scan::options::ScanConfig,
 }
@@ -253,11 +295,25 @@ impl Args {
         if self.count == Some(0) {
             bail!("count must be at least 1");
         }
+        if self.trace && self.format == StdoutFormat::Json {
+            bail!("-t prints a text line per call on stdout: it does not go with --format json");
+        }
+        if self.growth && self.format == StdoutFormat::Json {
+            bail!("--growth adds to the text report: JSON always carries each stack's growth");
+        }
         let scan = self.scan.into_config(&crate::scan::options::Context {
             kernel: target == Target::Kernel,
             pid: matches!(target, Target::Pid(_)),
             combined_only: self.combined_only,
         })?;
+        let files = [&self.pprof, &self.folded, &self.flamegraph];
+        for (i, f) in files.iter().enumerate() {
+            if let Some(f) = f
+                && files[i + 1..].iter().any(|g| g.as_ref() == Some(f))
+            {
+                bail!("{} is given for two outputs: each needs a file of its own", f.display());
+            }
+        }
         Ok(Config {
             target,
             trace: self.trace,
@@ -279,6 +335,11 @@ impl Args {
             attach: self.attach,
             verbose: self.verbose,
             frame_pointers: self.frame_pointers,
+            growth: self.growth,
+            format: self.format,
+            pprof: self.pprof,
+            folded: self.folded,
+            flamegraph: self.flamegraph,
             scan,
         })
     }
@@ -401,6 +462,22 @@ mod tests {
         assert_eq!(ok(&[]).target, Target::Kernel);
         assert!(ok(&["--percpu"]).percpu);
         assert!(ok(&["-p", "1", "--frame-pointers"]).frame_pointers);
+        let c = ok(&[
+            "-p",
+            "1",
+            "--sort",
+            "growth",
+            "--growth",
+            "--pprof",
+            "a.pb.gz",
+            "--folded",
+            "b",
+            "--flamegraph",
+            "c",
+        ]);
+        assert_eq!((c.sort, c.growth, c.format), (SortKey::Growth, true, StdoutFormat::Text));
+        assert_eq!((c.pprof, c.folded, c.flamegraph), (Some("a.pb.gz".into()), Some("b".into()), Some("c".into())));
+        assert_eq!(ok(&["--format", "json"]).format, StdoutFormat::Json);
         assert!(!ok(&["-p", "1"]).frame_pointers);
     }
 
@@ -431,6 +508,10 @@ mod tests {
             (&["-p", "1", "-z", "-5"][..], "unexpected argument '-5'"),
             (&["-p", "1", "-s", "x"][..], "invalid value 'x'"),
             (&["-p", "1", "--max-allocs", "0"][..], "--max-allocs"),
+            (&["-p", "1", "-t", "--format", "json"][..], "does not go with --format json"),
+            (&["-p", "1", "--growth", "--format", "json"][..], "JSON always carries"),
+            (&["-p", "1", "--format", "xml"][..], "invalid value 'xml'"),
+            (&["-p", "1", "--pprof", "x", "--folded", "x"][..], "x is given for two outputs"),
             (
                 &["-p", "1", "--max-allocs", "134217729"][..],
                 "--max-allocs 134217729: the kernel's hash maps hold at most 134217728 entries",
@@ -487,6 +568,11 @@ mod tests {
                     "--error-exitcode",
                     "--errors-for-leak-kinds",
                     "--suppressions",
+                    "--format",
+                    "--pprof",
+                    "--folded",
+                    "--flamegraph",
+                    "--growth",
                 ] {
                     assert!(h.contains(flag), "help lacks {flag}");
                 }

@@ -73,21 +73,34 @@ impl UnwindStops {
     }
 }
 
-pub struct Snapshot {
-    pub stacks: Vec<StackTotal>,
-    pub losses: Losses,
-    /// Blocks left out for being younger than the minimum age: (count, bytes).
-    pub young: (u64, u64),
+/// What was allocated from a stack since tracing began (BPF counts it in `struct stack`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocated {
+    pub count: u64,
+    pub bytes: u64,
 }
 
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
     stacks: HashMap<u64, Vec<RawFrame>>,
+    /// Allocations from each stack since tracing began, as last read.
+    allocated: HashMap<u64, Allocated>,
 }
 
 impl Collector {
     pub fn new() -> Self {
-        Collector { stacks: HashMap::new() }
+        Collector { stacks: HashMap::new(), allocated: HashMap::new() }
+    }
+
+    /// Every stack that allocated since tracing began, with what it allocated.
+    pub fn allocated_stacks(&self) -> impl Iterator<Item = (u64, Allocated)> + '_ {
+        self.allocated.iter().filter(|(_, a)| a.count > 0).map(|(&id, &a)| (id, a))
+    }
+
+    /// What was allocated from a stack since tracing began, as of the last
+    /// [`Collector::refresh_stacks`].
+    pub fn allocated(&self, stack_id: u64) -> Allocated {
+        self.allocated.get(&stack_id).copied().unwrap_or_default()
     }
 
     /// The frames of a stack read by [`Collector::refresh_stacks`].
@@ -95,14 +108,16 @@ impl Collector {
         self.stacks.get(&stack_id).map(Vec::as_slice)
     }
 
-    /// Reads the stacks stored since the last call; returns the ids that are new.
+    /// Reads the stacks stored since the last call, and every stack's allocation counts;
+    /// returns the ids that are new.
     pub fn refresh_stacks(&mut self, stacks_map: &impl MapCore) -> Result<Vec<u64>> {
         let mut new = Vec::new();
-        let stacks = &mut self.stacks;
+        let (stacks, allocated) = (&mut self.stacks, &mut self.allocated);
         batch::for_each(stacks_map, |k, v| {
             let id: u64 = read_pod(k);
+            let st: stack = read_pod(v);
+            allocated.insert(id, Allocated { count: st.alloc_count, bytes: st.alloc_bytes });
             if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
-                let st: stack = read_pod(v);
                 let depth = (st.depth as usize).min(st.ips.len());
                 e.insert(st.ips[..depth].iter().zip(&st.locs).map(|(&ip, &loc)| RawFrame { ip, loc }).collect());
                 new.push(id);
@@ -112,24 +127,29 @@ impl Collector {
         Ok(new)
     }
 
-    /// Outstanding allocations of `pid` (all: kernel mode) by stack. `min_age`: hide younger ones (not in
-    /// combined mode, which keeps no per-allocation times in its totals).
-    pub fn collect(
+    /// Outstanding allocations by process, then by stack, of the processes in `pids` (every
+    /// process: None). Records are keyed by {pid, addr} in BPF, so one read serves them all;
+    /// kernel mode's are pid 0's. `min_age`: blocks younger are left out, and counted (not in
+    /// combined mode, which keeps no per-allocation times). --combined-only keeps totals by
+    /// stack only, without the process: they all go to the first pid asked for (or 0).
+    pub fn collect_by_pid(
         &self,
         maps: &RecordMaps<impl MapCore>,
-        pid: Option<u32>,
+        pids: Option<&[u32]>,
         min_age: Duration,
         blocks: bool,
         combined: bool,
-    ) -> Result<Snapshot> {
-        let mut snap = Snapshot { stacks: Vec::new(), losses: read_losses(maps.counters), young: (0, 0) };
+    ) -> Result<(HashMap<u32, ProcessRecords>, Losses)> {
+        let losses = read_losses(maps.counters);
         if combined {
-            snap.stacks = Self::read_combined(maps.combined)?;
-            return Ok(snap);
+            let pid = pids.and_then(|p| p.first()).copied().unwrap_or(0);
+            let stacks = Self::read_combined(maps.combined)?;
+            return Ok((HashMap::from([(pid, ProcessRecords { stacks, young: (0, 0) })]), losses));
         }
         let mut by = ByStack {
-            pid,
+            pids,
             now: monotonic_ns(),
+            // An age past u64 nanoseconds (585 years) hides every block, as it should.
             min_age: u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX),
             blocks,
             ..Default::default()
@@ -149,9 +169,18 @@ impl Collector {
             })
             .context("reading the mapping map")?;
         }
-        snap.young = by.young;
-        snap.stacks = by.totals.into_values().collect();
-        Ok(snap)
+        let mut out: HashMap<u32, ProcessRecords> = HashMap::new();
+        for ((pid, _), t) in by.totals {
+            out.entry(pid).or_default().stacks.push(t);
+        }
+        for (pid, young) in by.young {
+            out.entry(pid).or_default().young = young;
+        }
+        // Every process asked for is there, with no stacks if it holds nothing.
+        for p in pids.unwrap_or_default() {
+            out.entry(*p).or_default();
+        }
+        Ok((out, losses))
     }
 
     /// What went untracked since the start, from an object's counters.
@@ -172,28 +201,37 @@ impl Collector {
     }
 }
 
-/// Outstanding blocks summed by stack as the maps are read.
+/// What a read of the record maps found for one process.
+#[derive(Debug, Default)]
+pub struct ProcessRecords {
+    pub stacks: Vec<StackTotal>,
+    /// Blocks left out for being younger than -o: (count, bytes).
+    pub young: (u64, u64),
+}
+
+/// Outstanding blocks summed by process and stack as the maps are read.
 #[derive(Default)]
-struct ByStack {
-    pid: Option<u32>,
+struct ByStack<'p> {
+    pids: Option<&'p [u32]>,
     now: u64,
     min_age: u64,
     blocks: bool,
-    totals: HashMap<u64, StackTotal>,
-    young: (u64, u64),
+    totals: HashMap<(u32, u64), StackTotal>,
+    young: HashMap<u32, (u64, u64)>,
 }
 
-impl ByStack {
+impl ByStack<'_> {
     fn add(&mut self, pid: u32, addr: u64, size: u64, timestamp_ns: u64, stack_id: u64) {
-        if self.pid.is_some_and(|p| p != pid) {
+        if self.pids.is_some_and(|p| !p.contains(&pid)) {
             return;
         }
         if self.now.saturating_sub(timestamp_ns) < self.min_age {
-            self.young.0 += 1;
-            self.young.1 = self.young.1.saturating_add(size);
+            let y = self.young.entry(pid).or_default();
+            y.0 += 1;
+            y.1 = y.1.saturating_add(size);
             return;
         }
-        let t = self.totals.entry(stack_id).or_insert_with(|| StackTotal { stack_id, ..Default::default() });
+        let t = self.totals.entry((pid, stack_id)).or_insert_with(|| StackTotal { stack_id, ..Default::default() });
         t.bytes = t.bytes.saturating_add(size);
         t.count += 1;
         if self.blocks {
@@ -291,4 +329,64 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: ts is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libbpf_rs::{MapFlags, MapHandle, MapType};
+
+    fn bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: a plain C struct from the shared header, read as its bytes.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+    }
+
+    fn hash<K, V>(entries: u32) -> MapHandle {
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        let (k, v) = (std::mem::size_of::<K>() as u32, std::mem::size_of::<V>() as u32);
+        MapHandle::create(MapType::Hash, Some("test"), k, v, entries, &opts).expect("a BPF hash map (root)")
+    }
+
+    /// Records of three processes in one map: grouped by pid for the pids asked for, every
+    /// process asked for present; the single-pid call as before.
+    #[test]
+    fn records_grouped_by_process() {
+        let allocs = hash::<alloc_key, alloc_info>(64);
+        let combined = hash::<u64, combined_info>(4);
+        let old = monotonic_ns().saturating_sub(10_000_000_000);
+        for (pid, addr, size, stack_id) in
+            [(1, 0x10, 8, 7), (1, 0x20, 8, 7), (1, 0x30, 100, 9), (2, 0x10, 32, 7), (3, 0x40, 1, 7)]
+        {
+            let key = alloc_key { pid, addr, ..Default::default() };
+            let info = alloc_info { size, timestamp_ns: old, stack_id };
+            allocs.update(bytes(&key), bytes(&info), MapFlags::ANY).unwrap();
+        }
+        let counters = [0u64; 16];
+        let maps = RecordMaps { allocs: &allocs, mappings: None, combined: &combined, counters: &counters };
+        let c = Collector::new();
+        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false).unwrap();
+        let sorted = |p: u32| {
+            let mut v: Vec<(u64, u64, u64)> =
+                by_pid[&p].stacks.iter().map(|t| (t.stack_id, t.bytes, t.count)).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(1), [(7, 16, 2), (9, 100, 1)]);
+        assert_eq!(sorted(2), [(7, 32, 1)]);
+        assert!(by_pid[&5].stacks.is_empty() && !by_pid.contains_key(&3));
+        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false).unwrap();
+        assert_eq!(all.len(), 3);
+        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false).unwrap();
+        assert_eq!(
+            one.remove(&2).unwrap().stacks,
+            [StackTotal { stack_id: 7, bytes: 32, count: 1, blocks: vec![(0x10, 32)] }]
+        );
+        // Younger than -o: hidden, and counted.
+        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false).unwrap();
+        assert!(young[&1].stacks.is_empty());
+        assert_eq!(young[&1].young, (3, 116));
+    }
 }

@@ -53,13 +53,7 @@ fn find_in(f: &File, dirs: &[PathBuf]) -> Dwarf {
     }
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
     let rel = Path::new(".build-id").join(&hex[..2]).join(format!("{}.debug", &hex[2..]));
-    let segments: Vec<(u64, u64, u64)> = elf
-        .segments()
-        .map(|s| {
-            let (off, size) = s.file_range();
-            (off, size, s.address())
-        })
-        .collect();
+    let segments = segments_of(&elf);
     for dir in dirs {
         let Ok(file) = crate::objfile::open_regular(&dir.join(&rel)) else { continue };
         let same = {
@@ -71,6 +65,29 @@ fn find_in(f: &File, dirs: &[PathBuf]) -> Dwarf {
         }
     }
     Dwarf::None
+}
+
+/// The loadable segments of the object open as `f`: (file offset, size, virtual address).
+pub fn segments(f: &File) -> Vec<(u64, u64, u64)> {
+    let cache = object::ReadCache::new(f);
+    object::File::parse(&cache).map(|elf| segments_of(&elf)).unwrap_or_default()
+}
+
+fn segments_of<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> Vec<(u64, u64, u64)> {
+    elf.segments()
+        .map(|s| {
+            let (off, size) = s.file_range();
+            (off, size, s.address())
+        })
+        .collect()
+}
+
+/// The GNU build-id of the object open as `f`, in hex.
+pub fn build_id(f: &File) -> Option<String> {
+    let cache = object::ReadCache::new(f);
+    let elf = object::File::parse(&cache).ok()?;
+    let id = elf.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The virtual address of file offset `off`, by the object's segments.

@@ -14,7 +14,7 @@ use crate::collector::{Collector, Programs, RecordMaps, Role};
 use crate::kmem_skel::types::bss;
 use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
 use crate::loader::{configure_records, page_size};
-use crate::run::{Tracer, follow, write_out};
+use crate::run::{Tracer, follow};
 use crate::signals::Signals;
 use crate::symbolizer::Symbolizer;
 
@@ -60,7 +60,7 @@ fn params<'b>(btf: &'b Btf, name: &str) -> Result<Vec<BtfType<'b>>> {
         .collect()
 }
 
-pub fn run(cfg: &Config, signals: &mut Signals) -> Result<i32> {
+pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs) -> Result<i32> {
     let btf = Btf::from_vmlinux().context("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     let layout = Layout::of(&btf)?;
     drop(btf);
@@ -110,7 +110,7 @@ pub fn run(cfg: &Config, signals: &mut Signals) -> Result<i32> {
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
 
     signals.arm()?;
-    write_out("Attaching to kernel allocators, Ctrl+C to quit.\n")?;
+    outputs.status("Attaching to kernel allocators, Ctrl+C to quit.")?;
     let tracer = Tracer {
         cfg,
         maps: RecordMaps {
@@ -125,6 +125,9 @@ pub fn run(cfg: &Config, signals: &mut Signals) -> Result<i32> {
         symbolizer: Symbolizer::kernel(),
         programs: Some(programs),
         unwind: None,
+        outputs,
+        snapshots: crate::snapshot::Builder::new(),
+        comm: None,
         scan: Default::default(),
     };
     follow(tracer, signals, &skel.maps.events, None, false)?;

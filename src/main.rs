@@ -2,7 +2,8 @@
 //!
 //! Data path: target (the process) → probes (uprobes on its allocator) → BPF maps (loader)
 //! (or, without a process, `kernel`: tracepoints of the kernel's allocators)
-//! → collector (reads and aggregates) → symbolizer → report. `run` drives them.
+//! → collector (reads and aggregates) → snapshot (the model of a report, symbolized) →
+//! output (text, JSON, pprof, folded, flame graph). `run` drives them.
 /// Writes a line to stderr, as eprintln! does, but a closed or full stderr is not an error:
 /// memleak's messages are best effort, its exit status is not.
 macro_rules! errln {
@@ -27,11 +28,12 @@ mod output;
 mod placement;
 mod probes;
 mod procmaps;
-mod report;
 mod run;
 mod scan;
 mod signals;
+mod snapshot;
 mod symbolizer;
+mod symtab;
 mod target;
 mod unwind;
 

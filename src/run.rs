@@ -12,12 +12,14 @@ use libbpf_rs::{MapMut, RingBufferBuilder};
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::features::Features;
+use crate::output::Outputs;
 pub use crate::output::write_out;
 use crate::signals::{self, Signals};
 use crate::skel::types::{event_kind, trace_event};
+use crate::snapshot::{self, Exit, ProcessInput};
 use crate::symbolizer::Symbolizer;
 use crate::unwind::{UnwindTables, Unwinder};
-use crate::{ldso, loader, probes, report, target};
+use crate::{ldso, loader, output, probes, target};
 
 /// How often stacks are read and their addresses normalized while the process lives.
 const TICK: Duration = Duration::from_secs(1);
@@ -78,7 +80,13 @@ pub struct Tracer<'a, 'obj> {
     pub programs: Option<crate::collector::Programs<'a>>,
     /// User mode without --frame-pointers: the unwind tables.
     pub unwind: Option<Unwinder<'a, 'obj>>,
-    /// Reachability: classified reports, the exit scan (src/scan/).
+    /// Where reports go, opened (and checked) at start-up.
+    pub outputs: Outputs,
+    /// Builds each report's snapshot; remembers the last one's bytes per stack.
+    pub snapshots: snapshot::Builder,
+    /// The traced process's name, as last read while it lived.
+    pub comm: Option<String>,
+    /// Reachability: classified reports, the exit scan, suppressions (src/scan/).
     pub scan: crate::scan::report::Session,
 }
 
@@ -92,68 +100,77 @@ impl Tracer<'_, '_> {
         Ok(())
     }
 
-    fn print_report(&mut self, after_exit: bool) -> Result<()> {
+    /// Prints a report. `last`: the run ends after it; `exit`: the process has exited.
+    fn print_report(&mut self, last: bool, exit: Option<Exit>) -> Result<()> {
         // After an exit too: stacks stored since the last tick are still in the map, and their
         // addresses resolve against the last maps read (a -p process is gone by now).
         self.prepare_symbols()?;
-        if self.print_scanned(after_exit)? {
-            return Ok(());
-        }
         // After the process exited nothing can be freed any more: every block counts.
-        let min_age = if after_exit { Duration::ZERO } else { self.cfg.min_age };
+        let min_age = if exit.is_some() { Duration::ZERO } else { self.cfg.min_age };
         let started = Instant::now();
-        let mut snap = self.collector.collect(
+        // Kernel mode's records are pid 0's.
+        let pid = self.pid.map_or(0, |p| p as u32);
+        let (mut by_pid, losses) = self.collector.collect_by_pid(
             &self.maps,
-            self.pid.map(|p| p as u32),
+            Some(&[pid]),
             min_age,
             self.cfg.show_allocs,
             self.cfg.combined_only,
         )?;
-        let read = started.elapsed();
-        let (allocs, nstacks) = (snap.stacks.iter().map(|s| s.count).sum::<u64>(), snap.stacks.len());
-        let selected = report::select(snap.stacks, self.cfg.sort, self.cfg.top);
-        if let Some(k) = &self.programs {
-            k.add_losses(&mut snap.losses);
-        }
-        let stacks: Vec<report::StackReport> = selected
-            .iter()
-            .map(|t| report::StackReport {
-                total: t,
-                frames: self
-                    .symbolizer
-                    .stack(self.collector.frames(t.stack_id).unwrap_or_default())
-                    .iter()
-                    .flat_map(|f| f.lines())
-                    .collect(),
-                class: None,
-            })
-            .collect();
-        let opts = report::Options {
-            top: self.cfg.top,
-            show_allocs: self.cfg.show_allocs,
-            max_allocs: self.cfg.max_allocs,
-            young: (snap.young.0, snap.young.1, min_age.as_millis() as u64),
+        let records = by_pid.remove(&pid).unwrap_or_default();
+        let comm = if self.pid.is_some() {
+            if exit.is_none()
+                && let Some(c) = snapshot::comm_of(pid)
+            {
+                self.comm = Some(c);
+            }
+            self.comm.clone().unwrap_or_default()
+        } else {
+            "kernel".into()
         };
-        let text = report::format(&report::now_hms(), &opts, &stacks, &snap.losses);
-        write_out(&text)?;
+        let mut losses = losses;
+        if let Some(k) = &self.programs {
+            k.add_losses(&mut losses);
+        }
+        let exit = exit.filter(|_| self.pid.is_some());
+        let mut process = ProcessInput::new(pid, comm, exit, records.stacks, records.young);
+        // Classified (its blocks' stacks one per class) and suppressions applied (src/scan/).
+        self.scan_report(&mut process, exit.is_some(), min_age, &losses)?;
+        let read = started.elapsed();
+        let (allocs, nstacks) = (process.stacks.iter().map(|s| s.count).sum::<u64>(), process.stacks.len());
+        let snap = self.snapshots.build(
+            vec![process],
+            losses,
+            last,
+            self.pid.is_none(),
+            self.cfg.sample_rate,
+            self.cfg.sort,
+            self.outputs.keep(),
+            &self.collector,
+            &mut self.symbolizer,
+        );
+        let built = started.elapsed();
+        let costs = self.outputs.write(&snap)?;
         if self.cfg.verbose {
             errln!(
-                "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, printed in {:.1} ms",
+                "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, symbolized in {:.1} ms, written in {:.1} ms",
                 read.as_secs_f64() * 1e3,
-                (started.elapsed() - read).as_secs_f64() * 1e3
+                (built - read).as_secs_f64() * 1e3,
+                (started.elapsed() - built).as_secs_f64() * 1e3
             );
-            self.say_map_memory();
+            let each: Vec<String> = costs
+                .iter()
+                .map(|c| format!("{} {} bytes in {:.1} ms", c.name, c.bytes, c.time.as_secs_f64() * 1e3))
+                .collect();
+            errln!("memleak: outputs: {}", each.join(", "));
+            self.scan.verbose();
+            errln!(
+                "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
+                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
+                map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
+            );
         }
         Ok(())
-    }
-
-    /// -v: the kernel memory the record maps take.
-    pub fn say_map_memory(&self) {
-        errln!(
-            "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
-            map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
-            map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
-        );
     }
 }
 
@@ -189,6 +206,8 @@ pub fn run(cfg: &Config) -> Result<i32> {
     for note in &cfg.scan.notes {
         errln!("memleak: note: {note}");
     }
+    // Before anything is traced: a file that cannot be written fails now, not after an hour.
+    let outputs = Outputs::open(cfg)?;
     // SIGCHLD is read before the command is forked, so that its exit cannot be missed; the
     // stop signals end memleak at once until tracing starts (signals.rs).
     let mut signals = Signals::new()?;
@@ -200,7 +219,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
     if cfg.target == Target::Kernel {
         features.require_kernel_mode()?;
-        return crate::kernel::run(cfg, &mut signals);
+        return crate::kernel::run(cfg, &mut signals, outputs);
     }
     // How to attach and walk stacks on this kernel; a fallback says why.
     let plan = features.plan(cfg.attach, cfg.frame_pointers)?;
@@ -214,7 +233,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     }
     let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
     let (pid, obj, held, order) = match &cfg.target {
-        Target::Kernel => return crate::kernel::run(cfg, &mut signals),
+        Target::Kernel => return crate::kernel::run(cfg, &mut signals, outputs),
         Target::Pid(pid) => {
             target::check_pid(*pid)?;
             target::check_access(*pid)?;
@@ -318,7 +337,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // would otherwise be gone before its pidfd exists, and its exit never seen.
     let pidfd = if is_command { None } else { pidfd_open(pid) };
     signals.arm()?;
-    write_out(&format!("Attaching to pid {pid}, Ctrl+C to quit.\n"))?;
+    outputs.status(&format!("Attaching to pid {pid}, Ctrl+C to quit."))?;
     if let Some(held) = held {
         held.release()?;
     }
@@ -338,6 +357,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
         symbolizer,
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
+        outputs,
+        snapshots: snapshot::Builder::new(),
+        comm: snapshot::comm_of(pid as u32),
         scan: crate::scan::report::Session::new(is_command, traced, &obj.shown, &cfg.symbols_prefix),
     };
     match follow(tracer, &signals, &skel.maps.events, pidfd.as_ref(), is_command)? {
@@ -383,12 +405,12 @@ pub fn follow(
     let pid = tracer.pid.unwrap_or(0);
     match end {
         End::CommandExited(code) => {
-            write_out(&format!("[{}] Process {pid} exited with status {code}.\n", report::now_hms()))?;
-            tracer.print_report(true)?;
+            tracer.outputs.status(&format!("[{}] Process {pid} exited with status {code}.", output::now_hms()))?;
+            tracer.print_report(true, Some(Exit::Code(code)))?;
         }
         End::ProcessExited => {
-            write_out(&format!("[{}] Process {pid} exited.\n", report::now_hms()))?;
-            tracer.print_report(true)?;
+            tracer.outputs.status(&format!("[{}] Process {pid} exited.", output::now_hms()))?;
+            tracer.print_report(true, Some(Exit::Exited))?;
         }
         End::Stopped | End::Leaks(_) => {}
     }
@@ -477,7 +499,7 @@ fn event_loop(
                         if is_command && let Some(code) = grace(t, signals)? {
                             return Ok(End::CommandExited(code));
                         }
-                        t.print_report(false)?;
+                        t.print_report(true, None)?;
                         handle_foreign(t)?;
                         return Ok(End::Stopped);
                     }
@@ -509,9 +531,9 @@ fn event_loop(
         if let Some(due) = next_report
             && now >= due
         {
-            t.print_report(false)?;
-            handle_foreign(t)?;
             reports += 1;
+            t.print_report(t.cfg.count.is_some_and(|c| reports >= c), None)?;
+            handle_foreign(t)?;
             if t.cfg.count.is_some_and(|c| reports >= c) {
                 if is_command && let Some(pid) = t.pid {
                     errln!("memleak: {reports} reports printed; the command (pid {pid}) goes on running, untraced");

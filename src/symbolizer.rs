@@ -26,6 +26,7 @@ use crate::debuginfo::{self, Dwarf};
 use crate::demangle::demangle;
 use crate::objects::{Objects, State};
 use crate::procmaps::ProcMaps;
+use crate::symtab::SymbolTable;
 
 /// A frame as stored: its return address and, when the unwinder located it, its object id and
 /// file offset (`id << 32 | offset`, 0 if not located).
@@ -68,6 +69,10 @@ pub struct Frame {
     pub inlined: Vec<(String, Option<String>)>,
     /// Why its module could not be read, if it could not.
     pub unreadable: Option<String>,
+    /// The address's offset in its module's file, when known (pprof mappings).
+    pub file_offset: Option<u64>,
+    /// The module's GNU build-id in hex, when it has one.
+    pub build_id: Option<Arc<str>>,
 }
 
 impl Frame {
@@ -110,13 +115,12 @@ impl std::fmt::Display for Frame {
 struct Reader {
     elf: PathBuf,
     dwarf: Dwarf,
-}
-
-impl Reader {
-    /// Whether its symbols come from DWARF (else from the ELF symbol tables already).
-    fn dwarf_separate_or_own(&self) -> bool {
-        !matches!(self.dwarf, Dwarf::None)
-    }
+    /// The object's loadable segments (file offset, size, virtual address).
+    segments: Vec<(u64, u64, u64)>,
+    /// Function names from its own and its debug file's ELF symbol tables.
+    symtab: SymbolTable,
+    /// Its GNU build-id in hex (pprof mappings, JSON modules).
+    build_id: Option<Arc<str>>,
 }
 
 pub struct Symbolizer {
@@ -227,7 +231,8 @@ impl Symbolizer {
         let mut frame = match self.frames.get(&key) {
             Some(fr) => fr.clone(),
             None => {
-                let fr = self.in_object(obj, offset);
+                let mut fr = self.in_object(obj, offset);
+                fr.file_offset = Some(offset);
                 self.frames.insert(key, fr.clone());
                 fr
             }
@@ -263,11 +268,20 @@ impl Symbolizer {
         }
         if !self.readers.contains_key(&obj) {
             let file = self.objects.get(obj).file().expect("open");
-            let reader = Reader { elf: crate::objfile::fd_path(file), dwarf: debuginfo::find(file) };
+            let dwarf = debuginfo::find(file);
+            let mut symtab = SymbolTable::read(file);
+            if let Dwarf::Separate { file: debug, .. } = &dwarf {
+                symtab.merge(SymbolTable::read(debug));
+            }
+            let segments = debuginfo::segments(file);
+            let build_id = debuginfo::build_id(file).map(Arc::from);
+            let reader = Reader { elf: crate::objfile::fd_path(file), dwarf, segments, symtab, build_id };
             self.readers.insert(obj, reader);
         }
-        let mut frame = self.symbol_in_file(&self.readers[&obj], offset).unwrap_or_default();
+        let reader = &self.readers[&obj];
+        let mut frame = self.symbol_in_file(reader, offset).unwrap_or_default();
         frame.module = module;
+        frame.build_id = reader.build_id.clone();
         frame
     }
 
@@ -304,44 +318,37 @@ impl Symbolizer {
             }
             _ => None,
         };
-        let elf_only = || {
-            separate
-                .as_ref()
-                .and_then(|(path, va)| lookup(path, false, Input::VirtOffset(*va)))
-                .or_else(|| lookup(&r.elf, false, Input::FileOffset(call)))
-        };
         let sym = match (&r.dwarf, &separate) {
             (Dwarf::Own, _) => lookup(&r.elf, true, Input::FileOffset(call)),
             (Dwarf::Separate { .. }, Some((path, va))) => lookup(path, true, Input::VirtOffset(*va)),
             _ => None,
         };
-        let sym = sym.or_else(elf_only)?;
-        // Debug info (e.g. libc6-dbg) can give a function without its address (addr 0,
-        // offset = the whole file offset; seen inside glibc's pthread_create), or the start of
-        // a function whose cold part, far away, holds the address (__pthread_once_slow+0x8e057):
-        // the ELF symbol tables then know the name and offset better (`f.cold+0x17`); the
-        // lines still come from DWARF.
-        let elf = (r.dwarf_separate_or_own()).then(elf_only).flatten();
-        let better = |e: &blazesym::symbolize::Sym| {
-            sym.addr == 0 || sym.size.is_some_and(|size| sym.offset >= size) || e.offset < sym.offset
-        };
-        let (name, off) = match elf.filter(better) {
-            Some(e) => (demangle(&e.name).into_owned(), e.offset),
-            None => (demangle(&sym.name).into_owned(), sym.offset),
+        // The name from the ELF symbol tables, as memleak(8) prints it (symtab.rs: the
+        // exported alias); DWARF's only where no symbol holds the address, and then only when
+        // the address lies inside the function DWARF names (debug info can give a function
+        // without its address, or the start of a function whose cold part, far away, holds
+        // the address). The lines and inlined functions come from DWARF.
+        let inside = |s: &blazesym::symbolize::Sym| s.addr != 0 && s.size.is_none_or(|size| s.offset < size);
+        let (name, off) = match debuginfo::vaddr(&r.segments, call).and_then(|va| r.symtab.lookup(va)) {
+            Some((name, off)) => (demangle(name).into_owned(), off as usize),
+            None => {
+                let s = sym.as_ref().filter(|s| inside(s))?;
+                (demangle(&s.name).into_owned(), s.offset)
+            }
         };
         let line = |c: &CodeInfo| c.line.map(|l| format!("{}:{l}", c.to_path().display()));
         Some(Frame {
             addr: 0,
             symbol: Some((name, off as u64 + 1)),
             module: None,
-            line: sym.code_info.as_deref().and_then(line),
+            line: sym.as_ref().and_then(|s| s.code_info.as_deref()).and_then(line),
             inlined: sym
-                .inlined
                 .iter()
+                .flat_map(|s| s.inlined.iter())
                 .rev()
                 .map(|f| (demangle(&f.name).into_owned(), f.code_info.as_ref().and_then(line)))
                 .collect(),
-            unreadable: None,
+            ..Frame::default()
         })
     }
 }
@@ -381,7 +388,7 @@ mod tests {
             module: Some("/a/allocs".into()),
             line: Some("/src/allocs.c:12".into()),
             inlined: vec![("helper".into(), Some("/src/allocs.c:5".into()))],
-            unreadable: None,
+            ..Frame::default()
         };
         assert_eq!(
             f.lines(),

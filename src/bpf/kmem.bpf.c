@@ -58,8 +58,9 @@ struct {
 	__type(value, struct stack);
 } scratch SEC(".maps");
 
-/* The kernel stack of this tracepoint hit, stored; returns its id, 0 if it could not be. */
-static __always_inline __u64 capture_stack(void *ctx, __u32 slot)
+/* The kernel stack of this tracepoint hit, stored with an allocation of size bytes counted;
+ * returns its id, 0 if it could not be. */
+static __always_inline __u64 capture_stack(void *ctx, __u32 slot, __u64 size)
 {
 	struct stack *st = bpf_map_lookup_elem(&scratch, &slot);
 	long n;
@@ -73,7 +74,7 @@ static __always_inline __u64 capture_stack(void *ctx, __u32 slot)
 	}
 	st->depth = n / sizeof(__u64);
 	st->truncated = st->depth >= MAX_STACK_DEPTH;
-	return store_stack(st);
+	return store_stack(st, size);
 }
 
 /* Kernel records are those of pid 0. */
@@ -89,7 +90,7 @@ static __always_inline void record_alloc(void *ctx, __u64 addr, __u64 size, __u3
 	end_missed_free(0, addr, fn);
 	if (!sampled_in(size))
 		return;
-	record_insert(0, addr, size, capture_stack(ctx, slot), fn);
+	record_insert(0, addr, size, capture_stack(ctx, slot, size), fn);
 }
 
 SEC("tp_btf/kmalloc")

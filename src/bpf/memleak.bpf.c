@@ -94,7 +94,7 @@ static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_stat
 		ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
 	else
 		ts->stack.depth = unwind_tables(ctx, &ts->unwind, &ts->stack);
-	return store_stack(&ts->stack);
+	return store_stack(&ts->stack, ts->size);
 }
 
 /*
@@ -316,16 +316,18 @@ static __always_inline int on_return(struct pt_regs *ctx)
 			record_free(pid, ts->arg, ts->kind);
 		break;
 	case FN_MREMAP:
-		if (ret != (__u64)-1)
-			mremap_returned(ts, pid, ret);
+		if (ret == (__u64)-1)
+			goto failed;
+		mremap_returned(ts, pid, ret);
 		return 0;
 	case FN_MMAP:
-		if (ret != (__u64)-1)
-			mmap_returned(ts, pid, ret);
+		if (ret == (__u64)-1)
+			goto failed;
+		mmap_returned(ts, pid, ret);
 		return 0;
 	case FN_POSIX_MEMALIGN:
 		if ((int)ret != 0)
-			return 0;
+			goto failed;
 		addr = 0;
 		bpf_probe_read_user(&addr, sizeof(addr), (void *)ts->arg);
 		break;
@@ -333,10 +335,15 @@ static __always_inline int on_return(struct pt_regs *ctx)
 		break;
 	}
 	if (!addr)
-		return 0;
+		goto failed;
 	end_missed_free(pid, addr, ts->kind);
 	if (ts->record)
 		record_insert(pid, addr, ts->size, ts->stack_id, ts->kind);
+	return 0;
+failed:
+	/* Nothing was allocated (realloc(p, 0) included): the stack's allocation count says so. */
+	if (ts->record)
+		uncount_alloc(ts->stack_id, ts->size);
 	return 0;
 }
 

@@ -81,6 +81,10 @@ struct combined_info {
 struct stack {
 	__u32 depth;
 	__u32 truncated; /* 1 if the walk stopped at MAX_STACK_DEPTH */
+	/* Allocations from this stack since tracing began, and their bytes (atomic adds; not part
+	 * of the hash): pprof's alloc_objects and alloc_space. */
+	__u64 alloc_count;
+	__u64 alloc_bytes;
 	__u64 ips[MAX_STACK_DEPTH];
 	__u64 locs[MAX_STACK_DEPTH];
 };

@@ -104,23 +104,50 @@ static __always_inline __u64 stack_hash(const struct stack *st)
 	return h ? h : 1;
 }
 
-/* Stores a captured stack; returns its id, 0 if the stack map is full. */
-static __always_inline __u64 store_stack(struct stack *st)
+/* Counts an allocation of size bytes from a stored stack (n = -1: one that failed after all). */
+static __always_inline void count_alloc(struct stack *s, __s64 n, __s64 size)
 {
+	__sync_fetch_and_add(&s->alloc_count, n);
+	__sync_fetch_and_add(&s->alloc_bytes, size);
+}
+
+/* Stores a captured stack and counts an allocation of size bytes from it; returns its id, 0 if
+ * the stack map is full. */
+static __always_inline __u64 store_stack(struct stack *st, __u64 size)
+{
+	struct stack *s;
 	__u64 id;
 	long err;
 
 	if (st->truncated)
 		count(CNT_TRUNCATED);
 	id = stack_hash(st);
-	if (bpf_map_lookup_elem(&stacks, &id))
+	s = bpf_map_lookup_elem(&stacks, &id);
+	if (s) {
+		count_alloc(s, 1, size);
 		return id;
+	}
+	st->alloc_count = 1;
+	st->alloc_bytes = size;
 	err = bpf_map_update_elem(&stacks, &id, st, BPF_NOEXIST);
-	if (err && err != -EEXIST_ /* stored meanwhile by another thread or CPU */) {
+	if (err == -EEXIST_ /* stored meanwhile by another thread or CPU */) {
+		s = bpf_map_lookup_elem(&stacks, &id);
+		if (s)
+			count_alloc(s, 1, size);
+	} else if (err) {
 		count(CNT_STACKS_FULL);
 		return 0;
 	}
 	return id;
+}
+
+/* An allocation counted by store_stack failed (NULL, MAP_FAILED): uncounted. */
+static __always_inline void uncount_alloc(__u64 stack_id, __u64 size)
+{
+	struct stack *s = stack_id ? bpf_map_lookup_elem(&stacks, &stack_id) : NULL;
+
+	if (s)
+		count_alloc(s, -1, -(__s64)size);
 }
 
 /* Adds n blocks of size bytes in total (both negative to subtract) to a stack's totals. */

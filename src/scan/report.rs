@@ -1,10 +1,10 @@
-//! Classified reports: each stack's blocks split by class (one entry per class), valgrind's
-//! leak summary, suppressions, and the verdict --error-exitcode goes by. Reached from
-//! run.rs's `print_report`, which prints the plain report when nothing here applies.
-use std::collections::HashMap;
-use std::fmt::Write as _;
+//! Classified reports: each stack's blocks split by class (one entry per class of a stack),
+//! valgrind's leak summary, suppressions, and the verdict --error-exitcode goes by. Reached from
+//! run.rs's `print_report`, on the process it collected, before the snapshot every output
+//! reads is built (src/snapshot.rs carries the classes and the summary).
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use libbpf_rs::MapCore;
@@ -12,10 +12,9 @@ use libbpf_rs::MapCore;
 use super::options::Mode;
 use super::{Block, Class, Heuristic, Outcome, Stats, Target};
 use crate::collector::{Collector, Losses, RecordMaps, StackTotal, monotonic_ns, read_pod};
-use crate::report::{self, StackReport};
-use crate::run::{End, Tracer, write_out};
+use crate::run::{End, Tracer};
 use crate::skel::types::{alloc_info, alloc_key, map_info};
-use crate::symbolizer::Frame;
+use crate::snapshot::{LeakSummary, ProcessInput};
 
 /// The reachability side of a run.
 #[derive(Default)]
@@ -27,7 +26,6 @@ pub struct Session {
     pub from_start: bool,
     /// The allocator is glibc's malloc (libc, no -O or -S).
     pub glibc: bool,
-    comm: Option<String>,
     /// The scan at the process's exit stop, or why there was none.
     exit: Option<std::result::Result<Outcome, String>>,
     /// For --error-exitcode: the last report's leaks of the kinds that count, or why it was
@@ -35,6 +33,8 @@ pub struct Session {
     verdict: Option<std::result::Result<u64, String>>,
     /// Wait statuses a scan met for the traced thread (its own events), for its tracer.
     pub foreign: Vec<i32>,
+    /// The last report's scan, for -v: (blocks, what it did).
+    last_stats: Option<(usize, Stats)>,
 }
 
 impl Session {
@@ -43,6 +43,22 @@ impl Session {
         let name = allocator.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let glibc = prefix.is_empty() && (name.starts_with("libc.so") || name.starts_with("libc-"));
         Session { from_start, traced, glibc, ..Session::default() }
+    }
+
+    /// -v: how the last report's scan went.
+    pub fn verbose(&self) {
+        if let Some((blocks, s)) = &self.last_stats {
+            errln!(
+                "memleak: scan: {blocks} blocks, {} root words, {} bytes read, {} untouched; stopped {:.1} ms (read map {:.1} ms, copy {:.1} ms), marked in {:.1} ms",
+                s.root_words,
+                s.scanned - s.untouched,
+                s.untouched,
+                s.pause.as_secs_f64() * 1e3,
+                s.map.as_secs_f64() * 1e3,
+                s.copy.as_secs_f64() * 1e3,
+                s.mark.as_secs_f64() * 1e3
+            );
+        }
     }
 
     /// What memleak exits with: --error-exitcode's status when the final report has leaks of
@@ -99,10 +115,6 @@ fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, pid: u32) -> Result<Vec<Block>>
     Ok(out)
 }
 
-fn comm(pid: i32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
-}
-
 impl Tracer<'_, '_> {
     fn target(&self, pid: i32, losses: &Losses) -> Target {
         let c = self.cfg;
@@ -133,7 +145,6 @@ impl Tracer<'_, '_> {
             )));
             return;
         }
-        self.scan.comm = comm(pid).or(self.scan.comm.take());
         let mut losses = Collector::losses(self.maps.counters);
         if let Some(k) = &self.programs {
             k.add_losses(&mut losses);
@@ -144,10 +155,17 @@ impl Tracer<'_, '_> {
         self.scan.exit = Some(r.map_err(|e| format!("{e:#}")));
     }
 
-    /// Prints this report classified (or with suppressions applied); false when neither
-    /// applies, and the caller prints the plain report.
-    pub fn print_scanned(&mut self, after_exit: bool) -> Result<bool> {
+    /// Classifies this report's process when it should be (its stacks then one entry per
+    /// class, with a leak summary), and applies the suppressions; says what could not be done.
+    pub fn scan_report(
+        &mut self,
+        process: &mut ProcessInput,
+        after_exit: bool,
+        min_age: Duration,
+        losses: &Losses,
+    ) -> Result<()> {
         let cfg = self.cfg;
+        self.scan.last_stats = None;
         let classify = self.pid.is_some()
             && match cfg.scan.mode {
                 Mode::Every => true,
@@ -155,15 +173,8 @@ impl Tracer<'_, '_> {
                 Mode::Off => false,
             };
         if !classify && cfg.scan.suppressions.is_none() {
-            return Ok(false);
+            return Ok(());
         }
-        let started = Instant::now();
-        let min_age = if after_exit { Duration::ZERO } else { cfg.min_age };
-        let mut losses = Collector::losses(self.maps.counters);
-        if let Some(k) = &self.programs {
-            k.add_losses(&mut losses);
-        }
-        let mut warnings = Vec::new();
         // Why a report that should be classified is not.
         let mut unclassified: Option<String> = None;
         let outcome = match (classify, self.pid) {
@@ -184,8 +195,7 @@ impl Tracer<'_, '_> {
                 }
             },
             (true, Some(pid)) => {
-                self.scan.comm = comm(pid).or(self.scan.comm.take());
-                let target = self.target(pid, &losses);
+                let target = self.target(pid, losses);
                 let maps = &self.maps;
                 match super::live(&target, || read_blocks(maps, pid as u32)) {
                     Ok(mut o) => {
@@ -200,137 +210,80 @@ impl Tracer<'_, '_> {
             }
         };
         if let Some(why) = &unclassified {
-            warnings.push(format!("not classified: {why}"));
+            process.warnings.push(format!("not classified: {why}"));
         }
         if let Some(o) = &outcome {
-            warnings.extend(scan_warnings(&o.stats));
+            process.warnings.extend(scan_warnings(&o.stats));
             // (Untracked blocks are said by the loss lines already.)
             if self.scan.from_start && (cfg.sample_rate > 1 || cfg.min_size > 0 || cfg.max_size < u64::MAX) {
-                warnings.push(
+                process.warnings.push(
                     "blocks sampled out or filtered by size are unknown to the scan: memory the allocator holds outside the known blocks was scanned as a root".into(),
                 );
             }
-        }
-        let (entries, young): (Entries, (u64, u64)) = match &outcome {
-            Some(o) => by_stack_and_class(o, min_age, cfg.show_allocs),
-            None => {
-                let snap = self.collector.collect(
-                    &self.maps,
-                    self.pid.map(|p| p as u32),
-                    min_age,
-                    cfg.show_allocs,
-                    cfg.combined_only,
-                )?;
-                (snap.stacks.into_iter().map(|s| (s, None)).collect(), snap.young)
-            }
-        };
-
-        // Symbolized once per stack: suppressions match frames, the report prints them.
-        let mut frames: HashMap<u64, Vec<Frame>> = HashMap::new();
-        let mut suppressed = (0u64, 0u64);
-        let mut suppressed_stacks = std::collections::HashSet::new();
-        let mut kept = Vec::with_capacity(entries.len());
-        for (total, class) in entries {
-            let f = frames
-                .entry(total.stack_id)
-                .or_insert_with(|| self.symbolizer.stack(self.collector.frames(total.stack_id).unwrap_or_default()));
-            if cfg.scan.suppressions.as_ref().is_some_and(|s| s.matching(f).is_some()) {
-                suppressed.0 += total.bytes;
-                suppressed.1 += total.count;
-                suppressed_stacks.insert(total.stack_id);
-                continue;
-            }
-            kept.push((total, class));
+            let (entries, young) = by_stack_and_class(o, min_age, cfg.show_allocs);
+            process.young = young;
+            process.classes = entries.iter().map(|e| e.1.words().to_string()).collect();
+            process.stacks = entries.into_iter().map(|e| e.0).collect();
         }
 
-        let allocs: u64 = kept.iter().map(|(t, _)| t.count).sum::<u64>() + suppressed.1;
-        // Totals by class over what the report covers.
-        let mut sums: HashMap<Class, (u64, u64)> = HashMap::new();
-        for (t, c) in &kept {
-            if let Some(c) = c {
-                let s = sums.entry(*c).or_default();
+        // Suppressions: a stack whose frames match is left out, every class of it.
+        let mut suppressed_stacks = HashSet::new();
+        if let Some(supp) = &cfg.scan.suppressions {
+            let mut suppressed = (0u64, 0u64);
+            let mut verdicts: HashMap<u64, bool> = HashMap::new();
+            let mut keep = Vec::with_capacity(process.stacks.len());
+            for t in &process.stacks {
+                let hit = *verdicts.entry(t.stack_id).or_insert_with(|| {
+                    supp.matching(&self.symbolizer.stack(self.collector.frames(t.stack_id).unwrap_or_default()))
+                        .is_some()
+                });
+                if hit {
+                    suppressed.0 += t.bytes;
+                    suppressed.1 += t.count;
+                    suppressed_stacks.insert(t.stack_id);
+                }
+                keep.push(!hit);
+            }
+            let mut k = keep.iter();
+            process.stacks.retain(|_| *k.next().unwrap_or(&true));
+            if !process.classes.is_empty() {
+                let mut k = keep.iter();
+                process.classes.retain(|_| *k.next().unwrap_or(&true));
+            }
+            process.suppressed = Some(suppressed);
+        }
+
+        if let Some(o) = &outcome {
+            let mut sums: HashMap<&str, (u64, u64)> = HashMap::new();
+            for (t, c) in process.stacks.iter().zip(&process.classes) {
+                let s = sums.entry(c.as_str()).or_default();
                 s.0 += t.bytes;
                 s.1 += t.count;
             }
+            let classes: Vec<(String, u64, u64)> = Class::ALL
+                .iter()
+                .map(|c| {
+                    let (b, n) = sums.get(c.words()).copied().unwrap_or_default();
+                    (c.words().to_string(), b, n)
+                })
+                .collect();
+            self.scan.verdict =
+                Some(Ok(cfg.scan.error_kinds.iter().map(|k| sums.get(k.words()).map_or(0, |s| s.1)).sum()));
+            let heuristics = heuristic_sums(o, min_age, &suppressed_stacks)
+                .into_iter()
+                .map(|(h, b, n)| (h.name().to_string(), b, n))
+                .collect();
+            process.summary = Some(LeakSummary { classes, heuristics, scanned: stats_line(&o.stats) });
+            self.scan.last_stats = Some((o.blocks.len(), o.stats.clone()));
+        } else if classify {
+            self.scan.verdict = Some(Err(unclassified.unwrap_or_default()));
         }
-        if classify {
-            self.scan.verdict = Some(match &outcome {
-                Some(_) => Ok(cfg.scan.error_kinds.iter().map(|k| sums.get(k).map_or(0, |s| s.1)).sum()),
-                None => Err(unclassified.clone().unwrap_or_default()),
-            });
-        }
-
-        // Entries by class in valgrind's order, each class's largest last, -T of each.
-        let mut groups: Vec<(Option<Class>, Vec<StackTotal>)> = Vec::new();
-        for (t, c) in kept {
-            match groups.iter_mut().find(|g| g.0 == c) {
-                Some(g) => g.1.push(t),
-                None => groups.push((c, vec![t])),
-            }
-        }
-        groups.sort_by_key(|g| g.0);
-        let selected: Vec<(Option<Class>, Vec<StackTotal>)> =
-            groups.into_iter().map(|(c, v)| (c, report::select(v, cfg.sort, cfg.top))).collect();
-        let stacks: Vec<StackReport> = selected
-            .iter()
-            .flat_map(|(c, v)| v.iter().map(move |t| (c, t)))
-            .map(|(c, t)| StackReport {
-                total: t,
-                frames: frames.get(&t.stack_id).map(|f| f.iter().flat_map(|f| f.lines()).collect()).unwrap_or_default(),
-                class: *c,
-            })
-            .collect();
-        let opts = report::Options {
-            top: cfg.top,
-            show_allocs: cfg.show_allocs,
-            max_allocs: cfg.max_allocs,
-            young: (young.0, young.1, min_age.as_millis() as u64),
-        };
-        let now = report::now_hms();
-        let mut text = report::format_with(&now, &opts, &stacks, &losses, &warnings);
-        match &outcome {
-            Some(o) => {
-                let pid = self.pid.unwrap_or(0);
-                let heur = heuristic_sums(o, min_age, &suppressed_stacks);
-                text.push_str(&summary(&now, pid, self.scan.comm.as_deref(), &sums, &heur, suppressed, cfg));
-                text.push_str(&stats_line(&o.stats));
-            }
-            None if cfg.scan.suppressions.is_some() => {
-                let _ = writeln!(text, "\tsuppressed: {} bytes in {} allocations", suppressed.0, suppressed.1);
-            }
-            None => {}
-        }
-        write_out(&text)?;
-        if cfg.verbose {
-            if let Some(o) = &outcome {
-                let s = &o.stats;
-                errln!(
-                    "memleak: scan: {} blocks, {} root words, {} bytes read, {} untouched; stopped {:.1} ms (read map {:.1} ms, copy {:.1} ms), marked in {:.1} ms",
-                    o.blocks.len(),
-                    s.root_words,
-                    s.scanned - s.untouched,
-                    s.untouched,
-                    s.pause.as_secs_f64() * 1e3,
-                    s.map.as_secs_f64() * 1e3,
-                    s.copy.as_secs_f64() * 1e3,
-                    s.mark.as_secs_f64() * 1e3
-                );
-            }
-            errln!(
-                "memleak: report: {} allocations in {} stacks, {} entries printed, in {:.1} ms",
-                allocs,
-                frames.len(),
-                stacks.len(),
-                started.elapsed().as_secs_f64() * 1e3
-            );
-            self.say_map_memory();
-        }
-        Ok(true)
+        Ok(())
     }
 }
 
-/// A report's entries: a stack's blocks of one class (None: not classified).
-type Entries = Vec<(StackTotal, Option<Class>)>;
+/// A report's entries: a stack's blocks of one class.
+type Entries = Vec<(StackTotal, Class)>;
 
 /// Each stack's blocks older than `min_age`, one total per class; and the younger blocks left
 /// out: (count, bytes).
@@ -352,14 +305,10 @@ fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> (Entries, 
             t.blocks.push((b.addr, b.size));
         }
     }
-    (by.into_iter().map(|((_, c), t)| (t, Some(c))).collect(), young)
+    (by.into_iter().map(|((_, c), t)| (t, c)).collect(), young)
 }
 
-fn heuristic_sums(
-    o: &Outcome,
-    min_age: Duration,
-    suppressed: &std::collections::HashSet<u64>,
-) -> Vec<(Heuristic, u64, u64)> {
+fn heuristic_sums(o: &Outcome, min_age: Duration, suppressed: &HashSet<u64>) -> Vec<(Heuristic, u64, u64)> {
     let now = monotonic_ns();
     let min_age = min_age.as_nanos() as u64;
     let mut v: Vec<(Heuristic, u64, u64)> = Vec::new();
@@ -380,35 +329,6 @@ fn heuristic_sums(
     v
 }
 
-/// valgrind's LEAK SUMMARY, in memleak's words for blocks.
-fn summary(
-    now: &str,
-    pid: i32,
-    comm: Option<&str>,
-    sums: &HashMap<Class, (u64, u64)>,
-    heur: &[(Heuristic, u64, u64)],
-    suppressed: (u64, u64),
-    cfg: &crate::cli::Config,
-) -> String {
-    let mut out = String::new();
-    let name = comm.map(|c| format!(" ({c})")).unwrap_or_default();
-    let _ = writeln!(out, "[{now}] Leak summary for pid {pid}{name}:");
-    for c in Class::ALL {
-        let (bytes, n) = sums.get(&c).copied().unwrap_or_default();
-        let _ = writeln!(out, "\t{:>15}: {bytes} bytes in {n} allocations", c.words());
-        if c == Class::StillReachable && !heur.is_empty() {
-            let _ = writeln!(out, "\t{:>15}  of which reachable via heuristic:", "");
-            for (h, bytes, n) in heur {
-                let _ = writeln!(out, "\t{:>15}    {}: {bytes} bytes in {n} allocations", "", h.name());
-            }
-        }
-    }
-    if cfg.scan.suppressions.is_some() {
-        let _ = writeln!(out, "\t{:>15}: {} bytes in {} allocations", "suppressed", suppressed.0, suppressed.1);
-    }
-    out
-}
-
 fn human(bytes: u64) -> String {
     match bytes {
         b if b >= 10 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
@@ -427,16 +347,16 @@ fn stats_line(s: &Stats) -> String {
     let ms = s.pause.as_secs_f64() * 1e3;
     let noaccess = match s.noaccess {
         0 => String::new(),
-        n => format!(" ({} of blocks without access rights, e.g. guard pages, not read)", human(n)),
+        n => format!(" ({} of blocks without access rights not read)", human(n)),
     };
     if s.at_exit {
         format!(
-            "\tscanned at its exit: {} of memory{noaccess}, the registers of {threads}; exit held {ms:.1} ms\n",
+            "scanned at its exit: {} of memory{noaccess}, the registers of {threads}; exit held {ms:.1} ms",
             human(s.scanned)
         )
     } else {
         format!(
-            "\tscanned {} of memory{noaccess} and the registers of {threads}; the process was stopped {ms:.1} ms\n",
+            "scanned {} of memory{noaccess} and the registers of {threads}; the process was stopped {ms:.1} ms",
             human(s.scanned)
         )
     }

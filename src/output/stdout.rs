@@ -17,10 +17,15 @@ const LOST_MESSAGE: &str = "standard output is blocked (nobody reads it): output
 
 /// Writes `text` to stdout. A reader that went away (`| head`) ends memleak quietly.
 pub fn write_out(text: &str) -> Result<()> {
+    write_bytes(text.as_bytes())
+}
+
+/// [`write_out`] for bytes.
+pub fn write_bytes(text: &[u8]) -> Result<()> {
     if LOST.load(Ordering::Relaxed) {
         bail!(LOST_MESSAGE);
     }
-    let mut rest = text.as_bytes();
+    let mut rest = text;
     while !rest.is_empty() {
         wait_writable()?;
         let len = chunk_len(rest);
