@@ -601,3 +601,75 @@ fn a_stack_mapped_after_attach_is_scanned_from_its_pointer() {
     f.send("exit");
     assert_eq!(f.finish().code(), Some(0));
 }
+
+/// JSON, pprof and folded stacks carry the classes and the summary of a classified report.
+#[test]
+fn structured_outputs_carry_the_class() {
+    let exe = reach();
+    let dir = std::env::temp_dir().join(format!("memleak-reach-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let (pb, folded) = (dir.join("heap.pb.gz"), dir.join("stacks.folded"));
+    let out = memleak_output(&[
+        "--format",
+        "json",
+        "--pprof",
+        pb.to_str().expect("utf-8"),
+        "--folded",
+        folded.to_str().expect("utf-8"),
+        "-c",
+        &format!("{} exit 0", exe.display()),
+    ]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    // The last JSON document is the final report (the command's own line is not JSON).
+    let last = out.stdout.iter().rev().find(|l| l.starts_with('{')).expect("a JSON report");
+    let doc: serde_json::Value = serde_json::from_str(last).expect("JSON");
+    let p = &doc["processes"][0];
+    let summary: Vec<(String, u64, u64)> = p["summary"]
+        .as_array()
+        .expect("a summary")
+        .iter()
+        .map(|c| {
+            (c["class"].as_str().unwrap().to_string(), c["bytes"].as_u64().unwrap(), c["allocations"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("definitely lost".to_string(), 264, 7),
+            ("indirectly lost".to_string(), 96, 4),
+            ("possibly lost".to_string(), 88, 2),
+            ("still reachable".to_string(), 4248, 5)
+        ]
+    );
+    let lost: u64 = p["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| s["class"] == "definitely lost")
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(lost, 264);
+
+    // Folded: each class is an outer frame; the definitely lost lines add up.
+    let text = std::fs::read_to_string(&folded).expect("folded file");
+    let sum = |class: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("[{class}];")))
+            .map(|l| l.rsplit_once(' ').expect("a count").1.parse::<u64>().expect("bytes"))
+            .sum()
+    };
+    assert_eq!((sum("definitely lost"), sum("indirectly lost"), sum("possibly lost")), (264, 96, 88), "{text}");
+
+    // pprof: a class label on each sample, read by the real go tool pprof.
+    let raw = Command::new("go")
+        .args(["tool", "pprof", "-symbolize=none", "-raw"])
+        .arg(&pb)
+        .env("PPROF_TMPDIR", &dir)
+        .output()
+        .expect("go tool pprof runs (golang-go, installed by scripts/setup)");
+    let raw = String::from_utf8_lossy(&raw.stdout);
+    for class in ["definitely lost", "indirectly lost", "possibly lost", "still reachable"] {
+        assert!(raw.contains(&format!("class:[{class}]")), "{class} in {raw}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
