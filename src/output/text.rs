@@ -434,4 +434,54 @@ mod tests {
              \tNOTE: 100 allocations (10000000 bytes) younger than 500 ms not shown (-o)\n"
         );
     }
+
+    /// A classified report: each entry's class, -T of each class in valgrind's order, the scan's
+    /// warnings under the header, then the leak summary.
+    #[test]
+    fn classified_stacks_by_class_then_the_leak_summary() {
+        let mut big = st(1, 4096, 1);
+        big.class = Some("still reachable".into());
+        let mut lost = st(2, 24, 1);
+        lost.class = Some("definitely lost".into());
+        let mut lost2 = st(3, 40, 2);
+        lost2.class = Some("definitely lost".into());
+        let mut s = snap(vec![big, lost, lost2], Losses::default());
+        let p = &mut s.processes[0];
+        p.warnings = vec!["8192 bytes in 1 ranges could not be read".into()];
+        p.suppressed = Some((7, 1));
+        p.summary = Some(LeakSummary {
+            classes: vec![
+                ("definitely lost".into(), 64, 3),
+                ("indirectly lost".into(), 0, 0),
+                ("possibly lost".into(), 0, 0),
+                ("still reachable".into(), 4096, 1),
+            ],
+            heuristics: vec![("newarray".into(), 56, 1)],
+            scanned: "scanned 1.0 MiB of memory and the registers of 1 thread; the process was stopped 2.0 ms".into(),
+        });
+        // -T 1: the largest of each class, the small leak kept beside the larger cache.
+        let text = format("00:00:00", &opts(1), &s);
+        assert_eq!(
+            text,
+            "[00:00:00] Top 1 stacks with outstanding allocations:\n\
+             \tWARNING: 8192 bytes in 1 ranges could not be read\n\
+             \t40 bytes in 2 allocations from stack (definitely lost)\n\
+             \t\t[no frames]\n\
+             \t4096 bytes in 1 allocations from stack (still reachable)\n\
+             \t\t[no frames]\n\
+             [00:00:00] Leak summary for pid 42 (prog):\n\
+             \tdefinitely lost: 64 bytes in 3 allocations\n\
+             \tindirectly lost: 0 bytes in 0 allocations\n\
+             \t  possibly lost: 0 bytes in 0 allocations\n\
+             \tstill reachable: 4096 bytes in 1 allocations\n\
+             \t                 of which reachable via heuristic:\n\
+             \t                   newarray: 56 bytes in 1 allocations\n\
+             \t     suppressed: 7 bytes in 1 allocations\n\
+             \tscanned 1.0 MiB of memory and the registers of 1 thread; the process was stopped 2.0 ms\n"
+        );
+        // Not classified, suppressions applied: the count as the report's last line.
+        s.processes[0].summary = None;
+        let text = format("00:00:00", &opts(10), &s);
+        assert!(text.ends_with("\tsuppressed: 7 bytes in 1 allocations\n"), "{text}");
+    }
 }
