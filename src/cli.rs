@@ -33,6 +33,12 @@ memleak -c ./server --pprof heap.pb.gz --flamegraph leaks.svg
         Also keep the latest report as a pprof profile and an SVG flame graph
 memleak -p $(pidof allocs) --format json > reports.jsonl
         One JSON document per report, one per line
+memleak --error-exitcode 1 -c ./tests
+        Run ./tests; its final report says which blocks are definitely, indirectly,
+        possibly lost or still reachable (as valgrind does); exit 1 on a leak,
+        else with the command's status
+memleak --scan -p $(pidof allocs) 60
+        Every minute, stop the process a moment and classify its blocks likewise
 memleak
         Trace the kernel's allocators (kmalloc, kmem_cache, pages) and display a
         summary of outstanding allocations every 5 seconds
@@ -171,6 +177,9 @@ pub struct Args {
     #[arg(short, long)]
     pub verbose: bool,
 
+    #[command(flatten)]
+    pub scan: crate::scan::options::ScanArgs,
+
     /// Print a report every this many seconds [default: 5]
     #[arg(value_name = "interval")]
     pub interval: Option<u64>,
@@ -242,6 +251,8 @@ pub struct Config {
     pub pprof: Option<PathBuf>,
     pub folded: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
+    /// Reachability: when reports are classified, --error-exitcode, suppressions (src/scan/).
+    pub scan: crate::scan::options::ScanConfig,
 }
 
 impl Args {
@@ -328,6 +339,12 @@ impl Args {
         if self.growth && self.format == StdoutFormat::Json {
             bail!("--growth adds to the text report: JSON always carries each stack's growth");
         }
+        let scan = self.scan.into_config(&crate::scan::options::Context {
+            kernel: target == Target::Kernel,
+            // -p without --follow: neither started nor followed by memleak.
+            pid: matches!(target, Target::Pids(_)) && !follow,
+            combined_only: self.combined_only,
+        })?;
         let files = [&self.pprof, &self.folded, &self.flamegraph];
         for (i, f) in files.iter().enumerate() {
             if let Some(f) = f
@@ -363,6 +380,7 @@ impl Args {
             pprof: self.pprof,
             folded: self.folded,
             flamegraph: self.flamegraph,
+            scan,
         })
     }
 }
@@ -600,6 +618,11 @@ mod tests {
                     "--symbols-prefix",
                     "--interval",
                     "--frame-pointers",
+                    "--scan",
+                    "--no-scan",
+                    "--error-exitcode",
+                    "--errors-for-leak-kinds",
+                    "--suppressions",
                     "--format",
                     "--pprof",
                     "--folded",

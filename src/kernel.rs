@@ -130,6 +130,7 @@ pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs)
         snapshots: crate::snapshot::Builder::new(),
         warnings: Vec::new(),
         retired: Vec::new(),
+        scan: Default::default(),
     };
     let ring = if cfg.trace {
         let mut b = libbpf_rs::RingBufferBuilder::new();

@@ -31,6 +31,7 @@ mod probes;
 mod procmaps;
 mod report;
 mod run;
+mod scan;
 mod session;
 mod signals;
 mod snapshot;

@@ -21,6 +21,8 @@ pub struct Subject {
     pub comm: String,
     /// Set in the report that follows its exit: everything it never freed, whatever its age.
     pub exit: Option<Exit>,
+    /// What a reachability scan needs to know of it.
+    pub scan: crate::scan::report::Subject,
 }
 
 pub struct Reporter<'a, 'obj> {
@@ -43,6 +45,8 @@ pub struct Reporter<'a, 'obj> {
     pub warnings: Vec<String>,
     /// The final reports of processes gone, for the outputs that hold the whole job.
     pub retired: Vec<ProcessSnapshot>,
+    /// Reachability: classified reports, exit scans, suppressions, the gate (src/scan/).
+    pub scan: crate::scan::report::Session,
 }
 
 impl Reporter<'_, '_> {
@@ -81,19 +85,14 @@ impl Reporter<'_, '_> {
         if let Some(k) = &self.programs {
             k.add_losses(&mut losses);
         }
-        let inputs: Vec<ProcessInput> = subjects
-            .iter()
-            .map(|s| {
-                let records = by_pid.remove(&s.pid).unwrap_or_default();
-                ProcessInput {
-                    pid: s.pid,
-                    comm: s.comm.clone(),
-                    exit: s.exit,
-                    stacks: records.stacks,
-                    young: records.young,
-                }
-            })
-            .collect();
+        let mut inputs: Vec<ProcessInput> = Vec::with_capacity(subjects.len());
+        for s in subjects {
+            let records = by_pid.remove(&s.pid).unwrap_or_default();
+            let mut p = ProcessInput::new(s.pid, s.comm.clone(), s.exit, records.stacks, records.young);
+            // Classified (its blocks' stacks one per class) and suppressions applied.
+            self.scan_report(&mut p, &s.scan, s.exit.is_some(), last, min_age, &losses)?;
+            inputs.push(p);
+        }
         let (allocs, nstacks) =
             inputs.iter().flat_map(|p| &p.stacks).fold((0u64, 0usize), |(a, n), s| (a + s.count, n + 1));
         let mut snap = self.snapshots.build(
@@ -123,6 +122,7 @@ impl Reporter<'_, '_> {
                 .map(|c| format!("{} {} bytes in {:.1} ms", c.name, c.bytes, c.time.as_secs_f64() * 1e3))
                 .collect();
             errln!("memleak: outputs: {}", each.join(", "));
+            self.scan.verbose();
             errln!(
                 "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
                 map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),

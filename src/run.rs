@@ -9,14 +9,14 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use libbpf_rs::{Link, RingBufferBuilder};
+use libbpf_rs::RingBufferBuilder;
 
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::features::Features;
 use crate::output::Outputs;
 use crate::report::Reporter;
-use crate::session::{At, Origin, Prober, Registry, Session, ptrace};
+use crate::session::{At, Attached, Origin, Prober, Registry, Session, ptrace};
 use crate::signals::Signals;
 use crate::skel::MemleakSkel;
 use crate::skel::types::proc_event;
@@ -59,7 +59,7 @@ struct UserProber<'a, 'obj> {
 }
 
 impl Prober for UserProber<'_, '_> {
-    fn attach(&mut self, pid: i32, at: At) -> Result<Vec<Link>> {
+    fn attach(&mut self, pid: i32, at: At) -> Result<Attached> {
         let (obj, prefix) = (self.cfg.obj.as_deref(), &self.cfg.symbols_prefix);
         let alloc = match at {
             // Its libraries are not mapped yet: found as its dynamic linker will find them.
@@ -93,7 +93,9 @@ impl Prober for UserProber<'_, '_> {
                 );
             }
         }
-        Ok(links)
+        let name = alloc.shown.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let glibc = prefix.is_empty() && (name.starts_with("libc.so") || name.starts_with("libc-"));
+        Ok(Attached { links, glibc })
     }
 
     fn set_traced(&self, pid: i32, on: bool) {
@@ -122,6 +124,9 @@ enum Targets {
 
 pub fn run(cfg: &Config) -> Result<i32> {
     check_privileges(!matches!(cfg.target, Target::Kernel))?;
+    for note in &cfg.scan.notes {
+        errln!("memleak: note: {note}");
+    }
     // Before anything is traced: a file that cannot be written fails now, not after an hour.
     let outputs = Outputs::open(cfg)?;
     // SIGCHLD is read before the command is forked, so that its exit cannot be missed; the
@@ -209,6 +214,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         snapshots: snapshot::Builder::new(),
         warnings: Vec::new(),
         retired: Vec::new(),
+        scan: Default::default(),
     };
     let execs: Rc<RefCell<Vec<proc_event>>> = Default::default();
     let mut b = RingBufferBuilder::new();

@@ -44,11 +44,18 @@ pub enum At {
     Running,
 }
 
+/// A process's probes, attached.
+pub struct Attached {
+    pub links: Vec<Link>,
+    /// Its allocator is glibc's malloc.
+    pub glibc: bool,
+}
+
 /// What attaches a process's allocator probes (user mode; kernel mode has none).
 pub trait Prober {
     /// Finds process `pid`'s allocator and attaches its probes. An error says why it cannot
     /// be traced.
-    fn attach(&mut self, pid: i32, at: At) -> Result<Vec<Link>>;
+    fn attach(&mut self, pid: i32, at: At) -> Result<Attached>;
     /// Marks the process traced, or not, on the BPF side (its exec ends its records).
     fn set_traced(&self, pid: i32, on: bool);
 }
@@ -88,7 +95,8 @@ impl Session<'_, '_, '_> {
         let mut p = Process::new(pid, origin);
         if let Some(prober) = self.prober.as_deref_mut() {
             prober.set_traced(pid, true);
-            p.links = prober.attach(pid, At::Running)?;
+            let a = prober.attach(pid, At::Running)?;
+            (p.links, p.glibc) = (a.links, a.glibc);
         }
         if let Some(u) = self.rep.unwind.as_mut() {
             u.sync(&mut self.rep.symbolizer.objects, &[pid]);
@@ -103,6 +111,17 @@ impl Session<'_, '_, '_> {
                 self.reg.threads.insert(tid, pid);
             }
             p.ptraced = true;
+        } else if self.cfg.scan.mode == crate::scan::options::Mode::Every {
+            // --scan: its exit is classified too, at its exit stop: its main thread is seized.
+            match ptrace::seize(pid, ptrace::options(false)) {
+                Ok(()) => p.ptraced = true,
+                Err(e) => {
+                    errln!(
+                        "memleak: note: cannot trace process {pid} to its exit ({e}): its report after it exits will not be classified"
+                    );
+                    p.pidfd = pidfd_open(pid);
+                }
+            }
         } else {
             p.pidfd = pidfd_open(pid);
         }
@@ -151,10 +170,39 @@ impl Session<'_, '_, '_> {
 
     /// The exit code of the run: the command's, if it exited (128+N if signal N killed it).
     pub fn exit_code(&self) -> i32 {
-        match self.reg.command_exit {
+        let own = match self.reg.command_exit {
             Some(Exit::Code(c)) => c,
             _ => 0,
+        };
+        // --error-exitcode: leaks of the kinds that count in the final reports.
+        self.rep.scan.gate(self.cfg).unwrap_or(own)
+    }
+
+    /// What a report and a scan need to know of process `p`.
+    fn subject(&self, p: &Process, exit: Option<Exit>) -> Subject {
+        let mut traced: Vec<i32> = Vec::new();
+        if p.ptraced {
+            traced.push(p.pid);
+            traced.extend(self.reg.threads.iter().filter(|&(_, &owner)| owner == p.pid).map(|(&t, _)| t));
         }
+        Subject {
+            pid: p.pid as u32,
+            comm: p.comm.clone(),
+            exit,
+            scan: crate::scan::report::Subject {
+                traced,
+                from_start: matches!(p.origin, Origin::Command | Origin::Child { .. }),
+                glibc: p.glibc,
+            },
+        }
+    }
+
+    /// Stops a scan met for traced threads (their own events): handled as usual.
+    fn handle_foreign(&mut self) -> Result<()> {
+        for (tid, status) in std::mem::take(&mut self.rep.scan.foreign) {
+            self.handle(tid, ptrace::decode(status))?;
+        }
+        Ok(())
     }
 
     fn event_loop(&mut self) -> Result<End> {
@@ -234,19 +282,15 @@ impl Session<'_, '_, '_> {
     /// A periodic report: every process traced now.
     fn report(&mut self, last: bool) -> Result<()> {
         let subjects: Vec<Subject> = if self.rep.kernel {
-            vec![Subject { pid: 0, comm: "kernel".into(), exit: None }]
+            vec![Subject { pid: 0, comm: "kernel".into(), exit: None, scan: Default::default() }]
         } else {
-            self.reg
-                .iter_mut()
-                .filter(|p| !p.starting)
-                .map(|p| {
-                    p.refresh_comm();
-                    Subject { pid: p.pid as u32, comm: p.comm.clone(), exit: None }
-                })
-                .collect()
+            for p in self.reg.iter_mut() {
+                p.refresh_comm();
+            }
+            self.reg.iter().filter(|p| !p.starting).map(|p| self.subject(p, None)).collect()
         };
         self.rep.report(&subjects, last)?;
-        Ok(())
+        self.handle_foreign()
     }
 
     /// Reads the ring buffers and acts on what they said.
@@ -322,10 +366,11 @@ impl Session<'_, '_, '_> {
     fn reattach(&mut self, pid: i32, at: At) {
         let Some(prober) = self.prober.as_deref_mut() else { return };
         match prober.attach(pid, at) {
-            Ok(links) => {
+            Ok(a) => {
                 if let Some(p) = self.reg.get_mut(pid) {
-                    let old = std::mem::replace(&mut p.links, links);
+                    let old = std::mem::replace(&mut p.links, a.links);
                     drop_links(old);
+                    p.glibc = a.glibc;
                     p.refresh_comm();
                 }
             }
@@ -381,6 +426,12 @@ impl Session<'_, '_, '_> {
                 {
                     if let Some(pr) = self.reg.get_mut(p) {
                         pr.dying = true;
+                    }
+                    // Its memory still exists: its blocks are classified now, for its final
+                    // report.
+                    if let Some(pr) = self.reg.get(p) {
+                        let who = self.subject(pr, None).scan;
+                        self.rep.scan_at_exit(p, tid, &who);
                     }
                     // Its memory map still exists: the last chance to normalize.
                     self.rep.symbolizer.reread_maps(p);
@@ -469,12 +520,13 @@ impl Session<'_, '_, '_> {
                 prober.set_traced(pid, true);
                 prober.attach(pid, At::Forked)
             }
-            None => Ok(Vec::new()),
+            None => Ok(Attached { links: Vec::new(), glibc: false }),
         };
         match attached {
-            Ok(links) => {
+            Ok(a) => {
                 if let Some(p) = self.reg.get_mut(pid) {
-                    p.links = links;
+                    p.links = a.links;
+                    p.glibc = a.glibc;
                     p.starting = false;
                     p.refresh_comm();
                     if self.cfg.verbose
@@ -544,7 +596,8 @@ impl Session<'_, '_, '_> {
     /// forgotten.
     fn exited(&mut self, pid: i32, exit: Exit) -> Result<()> {
         let Some(p) = self.reg.get(pid) else { return Ok(()) };
-        let (starting, comm) = (p.starting, p.comm.clone());
+        let starting = p.starting;
+        let subject = self.subject(p, Some(exit));
         if starting {
             self.untrace(pid);
             return Ok(());
@@ -558,7 +611,7 @@ impl Session<'_, '_, '_> {
         };
         status(&self.rep, &line)?;
         let last = self.reg.len() == 1 && self.cgroup.is_none();
-        let snaps = self.rep.report(&[Subject { pid: pid as u32, comm, exit: Some(exit) }], last)?;
+        let snaps = self.rep.report(&[subject], last)?;
         if let Some(prober) = self.prober.as_deref() {
             prober.set_traced(pid, false);
         }

@@ -35,6 +35,8 @@ pub struct Process {
     pub starting: bool,
     /// Stopped at its exit (ptrace), or seen dying.
     pub dying: bool,
+    /// Its allocator is glibc's malloc (what a reachability scan needs to know).
+    pub glibc: bool,
 }
 
 impl Process {
@@ -48,6 +50,7 @@ impl Process {
             pidfd: None,
             starting: false,
             dying: false,
+            glibc: false,
         }
     }
 

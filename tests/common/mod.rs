@@ -298,6 +298,9 @@ pub struct Stack {
     pub frames: Vec<String>,
     /// The `addr = HEX size = N` lines printed before it (-a).
     pub addrs: Vec<(u64, u64)>,
+    /// In a classified report: "definitely lost", "indirectly lost", "possibly lost" or
+    /// "still reachable".
+    pub class: Option<String>,
 }
 
 impl Stack {
@@ -350,9 +353,61 @@ pub struct Report {
     pub stacks: Vec<Stack>,
     /// Whether it came after a "Process N exited" line: the final report.
     pub after_exit: bool,
+    /// A classified report's leak summary.
+    pub leak_summary: Option<LeakSummary>,
+    /// An unclassified report's `suppressed: N bytes in M allocations` line.
+    pub suppressed: Option<(u64, u64)>,
+}
+
+/// The leak summary after a classified report.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeakSummary {
+    pub header: String,
+    /// (class, bytes, allocations), in the order printed.
+    pub classes: Vec<(String, u64, u64)>,
+    /// (heuristic, bytes, allocations) of "of which reachable via heuristic".
+    pub heuristics: Vec<(String, u64, u64)>,
+    pub suppressed: Option<(u64, u64)>,
+    /// The line saying what was scanned and how long the process was stopped.
+    pub scanned: String,
+}
+
+impl LeakSummary {
+    /// (bytes, allocations) of a class.
+    pub fn class(&self, words: &str) -> (u64, u64) {
+        self.classes
+            .iter()
+            .find(|c| c.0 == words)
+            .map(|c| (c.1, c.2))
+            .unwrap_or_else(|| panic!("no {words} in {self:?}"))
+    }
+}
+
+/// "N bytes in M allocations" → (N, M).
+fn bytes_in(s: &str) -> Option<(u64, u64)> {
+    let (b, n) = s.trim().split_once(" bytes in ")?;
+    Some((b.parse().ok()?, n.strip_suffix(" allocations")?.parse().ok()?))
+}
+
+pub fn is_summary_header(line: &str) -> bool {
+    line.starts_with('[') && line.contains("] Leak summary for pid ") && line.ends_with(':')
 }
 
 impl Report {
+    /// (innermost function of `module`, class, bytes, count) of every stack, summed by the
+    /// first two: the form in which a test compares a classified report with valgrind's.
+    pub fn classes_by_function(&self, module: &str) -> Vec<(String, String, u64, u64)> {
+        let mut m: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+        for s in &self.stacks {
+            let i = (0..s.frames.len()).find(|&i| s.module(i) == module);
+            let f = i.map_or("?".to_string(), |i| s.func(i).to_string());
+            let e = m.entry((f, s.class.clone().unwrap_or_default())).or_default();
+            e.0 += s.bytes;
+            e.1 += s.count;
+        }
+        m.into_iter().map(|((f, c), (b, n))| (f, c, b, n)).collect()
+    }
+
     /// (first frame's function, bytes, count) of every stack, sorted: the whole report in a
     /// form a test can compare exactly.
     pub fn summary(&self) -> Vec<(String, u64, u64)> {
@@ -391,11 +446,43 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
             continue;
         }
         if is_header(line) {
-            reports.push(Report { header: line.clone(), warnings: vec![], notes: vec![], stacks: vec![], after_exit });
+            reports.push(Report {
+                header: line.clone(),
+                warnings: vec![],
+                notes: vec![],
+                stacks: vec![],
+                after_exit,
+                leak_summary: None,
+                suppressed: None,
+            });
             pending_addrs.clear();
             continue;
         }
         let Some(r) = reports.last_mut() else { continue };
+        if is_summary_header(line) {
+            r.leak_summary = Some(LeakSummary { header: line.clone(), ..Default::default() });
+            continue;
+        }
+        if let Some(sum) = r.leak_summary.as_mut() {
+            let Some(rest) = line.strip_prefix('\t') else { continue };
+            let rest = rest.trim_start();
+            if rest.starts_with("scanned ") {
+                sum.scanned = rest.to_string();
+            } else if rest == "of which reachable via heuristic:" {
+            } else if let Some((what, n)) = rest.split_once(": ") {
+                let n = bytes_in(n).unwrap_or_else(|| panic!("bad summary line {line:?}"));
+                if what == "suppressed" {
+                    sum.suppressed = Some(n);
+                } else if ["definitely lost", "indirectly lost", "possibly lost", "still reachable"].contains(&what) {
+                    sum.classes.push((what.to_string(), n.0, n.1));
+                } else {
+                    sum.heuristics.push((what.to_string(), n.0, n.1));
+                }
+            } else {
+                panic!("unexpected summary line {line:?}");
+            }
+            continue;
+        }
         if let Some(frame) = line.strip_prefix("\t\t") {
             let s = r.stacks.last_mut().unwrap_or_else(|| panic!("a frame before any stack: {line:?}"));
             s.frames.push(frame.to_string());
@@ -410,20 +497,32 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
                     u64::from_str_radix(addr, 16).unwrap_or_else(|_| panic!("bad address in {line:?}")),
                     size.parse().unwrap_or_else(|_| panic!("bad size in {line:?}")),
                 ));
-            } else if let Some(s) = rest.strip_suffix(" allocations from stack") {
+            } else if let Some((s, class)) = stack_line(rest) {
                 let (bytes, count) = s.split_once(" bytes in ").unwrap_or_else(|| panic!("bad stack line {line:?}"));
                 r.stacks.push(Stack {
                     bytes: bytes.parse().unwrap_or_else(|_| panic!("bad bytes in {line:?}")),
                     count: count.parse().unwrap_or_else(|_| panic!("bad count in {line:?}")),
                     frames: vec![],
                     addrs: std::mem::take(&mut pending_addrs),
+                    class,
                 });
+            } else if let Some(n) = rest.strip_prefix("suppressed: ") {
+                r.suppressed = Some(bytes_in(n).unwrap_or_else(|| panic!("bad line {line:?}")));
             } else {
                 panic!("unexpected report line {line:?}");
             }
         }
     }
     reports
+}
+
+/// "N bytes in M allocations from stack", with " (CLASS)" in a classified report.
+fn stack_line(rest: &str) -> Option<(&str, Option<String>)> {
+    if let Some(s) = rest.strip_suffix(" allocations from stack") {
+        return Some((s, None));
+    }
+    let (s, class) = rest.strip_suffix(')')?.split_once(" allocations from stack (")?;
+    Some((s, Some(class.to_string())))
 }
 
 /// The report printed after "Process N exited": exactly one, and it must be the last.
