@@ -667,12 +667,15 @@ fn ids_of(tid: i32) -> (Option<i32>, Option<i32>) {
 }
 
 /// Detaching uprobe links takes tens of milliseconds each (the kernel waits for the programs
-/// to be done with them): done beside the loop, so that no report waits for it.
+/// to be done with them): done on a thread beside the loop, so that no report, and no other
+/// process's stop, waits for it. A link whose process is gone traces nothing meanwhile.
 fn drop_links(links: Vec<Link>) {
     if links.is_empty() {
         return;
     }
-    drop(links);
+    if std::thread::Builder::new().name("memleak-detach".into()).spawn(move || drop(links)).is_err() {
+        // No thread to be had: detached here, the loop waits.
+    }
 }
 
 /// The next time a period of `every` falls due after `now`; None if that is past the end of

@@ -253,7 +253,7 @@ pub fn memleak(args: &[&str]) -> Proc {
 /// Starts memleak and waits until its probes are attached.
 pub fn memleak_attached(args: &[&str]) -> Proc {
     let mut m = memleak(args);
-    m.expect("Attaching to pid N", |l| l.starts_with("Attaching to pid ") && l.ends_with(", Ctrl+C to quit."));
+    m.expect("Attaching to pid N", |l| l.starts_with("Attaching to pid") && l.ends_with(", Ctrl+C to quit."));
     m
 }
 
@@ -301,6 +301,8 @@ pub struct Stack {
     /// In a classified report: "definitely lost", "indirectly lost", "possibly lost" or
     /// "still reachable".
     pub class: Option<String>,
+    /// With several processes in a report: the process whose `pid N (name):` line it is under.
+    pub pid: Option<i32>,
 }
 
 impl Stack {
@@ -353,6 +355,8 @@ pub struct Report {
     pub stacks: Vec<Stack>,
     /// Whether it came after a "Process N exited" line: the final report.
     pub after_exit: bool,
+    /// The pid of that line: whose final report it is.
+    pub exited: Option<i32>,
     /// A classified report's leak summary.
     pub leak_summary: Option<LeakSummary>,
     /// An unclassified report's `suppressed: N bytes in M allocations` line.
@@ -436,13 +440,39 @@ pub fn is_exit_line(line: &str) -> bool {
 
 /// Splits output into reports. Lines that are neither a header nor tab-indented (a -c
 /// command's own output, -t lines) are skipped; a report's lines are written at once.
+/// The pid of an exit line: "[12:00:00] Process 123 exited with status 0."
+pub fn exit_line_pid(line: &str) -> Option<i32> {
+    line.split_once("] Process ")?.1.split(' ').next()?.parse().ok()
+}
+
+/// The pid of a report's process line, "pid 123 (name):", when there are several.
+fn section_pid(line: &str) -> Option<i32> {
+    let rest = line.strip_prefix("pid ")?;
+    rest.ends_with("):").then(|| rest.split(' ').next()?.parse().ok()).flatten()
+}
+
+/// Every final report (one per process that exited), by the pid that exited.
+pub fn final_reports(lines: &[String]) -> Vec<(i32, Report)> {
+    parse_reports(lines)
+        .into_iter()
+        .filter(|r| r.after_exit)
+        .map(|r| {
+            assert_plausible_symbols(&r);
+            (r.exited.expect("a final report follows its exit line"), r)
+        })
+        .collect()
+}
+
 pub fn parse_reports(lines: &[String]) -> Vec<Report> {
     let mut reports: Vec<Report> = Vec::new();
     let mut after_exit = false;
+    let mut exited: Option<i32> = None;
+    let mut section: Option<i32> = None;
     let mut pending_addrs: Vec<(u64, u64)> = Vec::new();
     for line in lines {
         if is_exit_line(line) {
             after_exit = true;
+            exited = exit_line_pid(line);
             continue;
         }
         if is_header(line) {
@@ -452,13 +482,19 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
                 notes: vec![],
                 stacks: vec![],
                 after_exit,
+                exited: exited.take(),
                 leak_summary: None,
                 suppressed: None,
             });
             pending_addrs.clear();
+            section = None;
             continue;
         }
         let Some(r) = reports.last_mut() else { continue };
+        if let Some(pid) = section_pid(line) {
+            section = Some(pid);
+            continue;
+        }
         if is_summary_header(line) {
             r.leak_summary = Some(LeakSummary { header: line.clone(), ..Default::default() });
             continue;
@@ -505,6 +541,7 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
                     frames: vec![],
                     addrs: std::mem::take(&mut pending_addrs),
                     class,
+                    pid: section,
                 });
             } else if let Some(n) = rest.strip_prefix("suppressed: ") {
                 r.suppressed = Some(bytes_in(n).unwrap_or_else(|| panic!("bad line {line:?}")));
