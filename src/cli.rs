@@ -33,6 +33,12 @@ memleak -c ./server --pprof heap.pb.gz --flamegraph leaks.svg
         Also keep the latest report as a pprof profile and an SVG flame graph
 memleak -p $(pidof allocs) --format json > reports.jsonl
         One JSON document per report, one per line
+memleak --error-exitcode 1 -c ./tests
+        Run ./tests; its final report says which blocks are definitely, indirectly,
+        possibly lost or still reachable (as valgrind does); exit 1 on a leak,
+        else with the command's status
+memleak --scan -p $(pidof allocs) 60
+        Every minute, stop the process a moment and classify its blocks likewise
 memleak
         Trace the kernel's allocators (kmalloc, kmem_cache, pages) and display a
         summary of outstanding allocations every 5 seconds
@@ -49,9 +55,23 @@ memleak --percpu 10
     after_help = EXAMPLES,
 )]
 pub struct Args {
-    /// The PID to trace; if neither -p nor -c is given, trace the kernel's allocators
-    #[arg(short, long, value_name = "PID", conflicts_with = "command")]
-    pub pid: Option<i32>,
+    /// The PID to trace (several: -p 12,15 or -p 12 -p 15); if neither -p, -c nor --cgroup is
+    /// given, trace the kernel's allocators
+    #[arg(short, long, value_name = "PID", value_delimiter = ',', conflicts_with_all = ["command", "cgroup"])]
+    pub pid: Vec<i32>,
+
+    /// Trace every process of this cgroup v2 (a path under /sys/fs/cgroup, or relative to it:
+    /// a container, a systemd unit), including those started later
+    #[arg(long, value_name = "PATH", conflicts_with = "command")]
+    pub cgroup: Option<PathBuf>,
+
+    /// -p: trace the processes they start too (-c and --cgroup always do, unless --no-follow)
+    #[arg(long, conflicts_with = "no_follow")]
+    pub follow: bool,
+
+    /// -c: trace the command only, not the processes it starts (memleak(8)'s way)
+    #[arg(long)]
+    pub no_follow: bool,
 
     /// Print a line for each alloc and free call as it happens
     #[arg(short, long)]
@@ -157,6 +177,9 @@ pub struct Args {
     #[arg(short, long)]
     pub verbose: bool,
 
+    #[command(flatten)]
+    pub scan: crate::scan::options::ScanArgs,
+
     /// Print a report every this many seconds [default: 5]
     #[arg(value_name = "interval")]
     pub interval: Option<u64>,
@@ -189,9 +212,12 @@ pub enum AttachChoice {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Pid(i32),
+    /// -p: running processes.
+    Pids(Vec<i32>),
     /// argv of the command to run
     Command(Vec<String>),
+    /// --cgroup: its directory, as given.
+    Cgroup(PathBuf),
     Kernel,
 }
 
@@ -199,6 +225,8 @@ pub enum Target {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub target: Target,
+    /// The processes the traced ones start are traced too.
+    pub follow: bool,
     pub trace: bool,
     pub show_allocs: bool,
     pub min_age: Duration,
@@ -223,14 +251,23 @@ pub struct Config {
     pub pprof: Option<PathBuf>,
     pub folded: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
+    /// Reachability: when reports are classified, --error-exitcode, suppressions (src/scan/).
+    pub scan: crate::scan::options::ScanConfig,
 }
 
 impl Args {
     pub fn into_config(self) -> Result<Config> {
-        let target = match (self.pid, &self.command) {
-            (Some(pid), _) if pid <= 0 => bail!("invalid pid {pid}: a pid is a positive number"),
-            (Some(pid), _) => Target::Pid(pid),
-            (None, Some(cmd)) => {
+        if let Some(pid) = self.pid.iter().find(|&&p| p <= 0) {
+            bail!("invalid pid {pid}: a pid is a positive number");
+        }
+        let target = match (&self.pid[..], &self.command, &self.cgroup) {
+            ([_, ..], _, _) => {
+                let mut pids = self.pid.clone();
+                pids.sort_unstable();
+                pids.dedup();
+                Target::Pids(pids)
+            }
+            ([], Some(cmd), _) => {
                 let argv =
                     shlex::split(cmd).ok_or_else(|| anyhow::anyhow!("cannot split -c {cmd:?}: unbalanced quotes"))?;
                 if argv.is_empty() {
@@ -238,16 +275,28 @@ impl Args {
                 }
                 Target::Command(argv)
             }
-            (None, None) => Target::Kernel,
+            ([], None, Some(dir)) => Target::Cgroup(dir.clone()),
+            ([], None, None) => Target::Kernel,
+        };
+        if self.follow && !matches!(target, Target::Pids(_)) {
+            bail!("--follow is for -p: -c and --cgroup follow the processes they start already");
+        }
+        if self.no_follow && matches!(target, Target::Kernel | Target::Pids(_)) {
+            bail!("--no-follow is for -c and --cgroup (-p follows nothing unless --follow)");
+        }
+        let follow = match target {
+            Target::Pids(_) => self.follow,
+            Target::Command(_) | Target::Cgroup(_) => !self.no_follow,
+            Target::Kernel => false,
         };
         if self.percpu && target != Target::Kernel {
-            bail!("--percpu traces the kernel's percpu allocator: it does not go with -p or -c");
+            bail!("--percpu traces the kernel's percpu allocator: it does not go with -p, -c or --cgroup");
         }
         if target == Target::Kernel && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
-            bail!("-O and -S choose a process's allocator: they need -p or -c");
+            bail!("-O and -S choose a process's allocator: they need -p, -c or --cgroup");
         }
         if target == Target::Kernel && self.attach != AttachChoice::Auto {
-            bail!("--attach chooses how uprobes attach: it needs -p or -c (kernel mode uses tracepoints)");
+            bail!("--attach chooses how uprobes attach: it needs -p, -c or --cgroup (kernel mode uses tracepoints)");
         }
         if self.combined_only && (self.show_allocs || self.older.is_some()) {
             bail!("--combined-only keeps per-stack totals only: -a and -o need per-allocation records");
@@ -290,6 +339,12 @@ impl Args {
         if self.growth && self.format == StdoutFormat::Json {
             bail!("--growth adds to the text report: JSON always carries each stack's growth");
         }
+        let scan = self.scan.into_config(&crate::scan::options::Context {
+            kernel: target == Target::Kernel,
+            // -p without --follow: neither started nor followed by memleak.
+            pid: matches!(target, Target::Pids(_)) && !follow,
+            combined_only: self.combined_only,
+        })?;
         let files = [&self.pprof, &self.folded, &self.flamegraph];
         for (i, f) in files.iter().enumerate() {
             if let Some(f) = f
@@ -300,6 +355,7 @@ impl Args {
         }
         Ok(Config {
             target,
+            follow,
             trace: self.trace,
             show_allocs: self.show_allocs,
             min_age: Duration::from_millis(self.older.unwrap_or(500)),
@@ -324,6 +380,7 @@ impl Args {
             pprof: self.pprof,
             folded: self.folded,
             flamegraph: self.flamegraph,
+            scan,
         })
     }
 }
@@ -376,7 +433,7 @@ mod tests {
     #[test]
     fn defaults_match_memleak8() {
         let c = ok(&["-p", "42"]);
-        assert_eq!(c.target, Target::Pid(42));
+        assert_eq!(c.target, Target::Pids(vec![42]));
         assert_eq!(c.interval, Duration::from_secs(5));
         assert_eq!(c.count, None);
         assert_eq!(c.top, 10);
@@ -390,7 +447,7 @@ mod tests {
     fn positional_interval_and_count() {
         let c = ok(&["-ap", "7", "10", "3"]);
         assert!(c.show_allocs);
-        assert_eq!(c.target, Target::Pid(7));
+        assert_eq!(c.target, Target::Pids(vec![7]));
         assert_eq!(c.interval, Duration::from_secs(10));
         assert_eq!(c.count, Some(3));
         assert_eq!(ok(&["-p", "7", "-i", "2"]).interval, Duration::from_secs(2));
@@ -483,8 +540,8 @@ mod tests {
             (&["--attach", "classic"][..], "--attach"),
             (&["-p", "1", "--combined-only", "-a"][..], "--combined-only"),
             (&["-p", "1", "--combined-only", "-o", "100"][..], "--combined-only"),
-            (&["-O", "/lib/libjemalloc.so"][..], "need -p or -c"),
-            (&["-S", "je_"][..], "need -p or -c"),
+            (&["-O", "/lib/libjemalloc.so"][..], "need -p, -c or --cgroup"),
+            (&["-S", "je_"][..], "need -p, -c or --cgroup"),
             (&["-p", "1", "1", "0"][..], "count"),
             (&["-p", "1", "-i", "2", "3"][..], "either with -i or as a positional"),
             (&["-p", "1", "-T", "0"][..], "-T/--top must be at least 1"),
@@ -520,7 +577,22 @@ mod tests {
         assert_eq!((c.min_size, c.max_size, c.sample_rate), (u64::MAX, u64::MAX, u32::MAX));
         assert_eq!((c.interval, c.count), (Duration::from_secs(u64::MAX), Some(u64::MAX)));
         let c = ok(&["-p", "2147483647", "-T", &usize::MAX.to_string(), "--max-allocs", "134217728"]);
-        assert_eq!((c.target, c.top, c.max_allocs), (Target::Pid(i32::MAX), usize::MAX, 1 << 27));
+        assert_eq!((c.target, c.top, c.max_allocs), (Target::Pids(vec![i32::MAX]), usize::MAX, 1 << 27));
+    }
+
+    #[test]
+    fn several_pids_a_cgroup_and_following() {
+        let c = ok(&["-p", "15,12", "-p", "12"]);
+        assert_eq!((c.target, c.follow), (Target::Pids(vec![12, 15]), false));
+        assert!(ok(&["-p", "3", "--follow"]).follow);
+        assert!(ok(&["-c", "ls"]).follow, "-c follows by default");
+        assert!(!ok(&["-c", "ls", "--no-follow"]).follow);
+        let g = ok(&["--cgroup", "system.slice/x.service"]);
+        assert_eq!((g.target, g.follow), (Target::Cgroup("system.slice/x.service".into()), true));
+        assert!(err(&["-c", "ls", "--follow"]).contains("--follow is for -p"));
+        assert!(err(&["-p", "1", "--no-follow"]).contains("--no-follow is for -c"));
+        assert!(err(&["-p", "1", "--cgroup", "x"]).contains("cannot be used with"));
+        assert!(err(&["-p", "1,-2"]).contains("invalid pid -2"));
     }
 
     #[test]
@@ -546,6 +618,11 @@ mod tests {
                     "--symbols-prefix",
                     "--interval",
                     "--frame-pointers",
+                    "--scan",
+                    "--no-scan",
+                    "--error-exitcode",
+                    "--errors-for-leak-kinds",
+                    "--suppressions",
                     "--format",
                     "--pprof",
                     "--folded",

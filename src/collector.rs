@@ -82,7 +82,8 @@ pub struct Allocated {
 
 pub struct Collector {
     /// Frames of every stack seen, by id; a stack never changes once stored.
-    stacks: HashMap<u64, Vec<RawFrame>>,
+    /// The process each stack is of (0: kernel mode's, shared) and its frames.
+    stacks: HashMap<u64, (u32, Vec<RawFrame>)>,
     /// Allocations from each stack since tracing began, as last read.
     allocated: HashMap<u64, Allocated>,
 }
@@ -105,7 +106,25 @@ impl Collector {
 
     /// The frames of a stack read by [`Collector::refresh_stacks`].
     pub fn frames(&self, stack_id: u64) -> Option<&[RawFrame]> {
-        self.stacks.get(&stack_id).map(Vec::as_slice)
+        self.stacks.get(&stack_id).map(|(_, f)| f.as_slice())
+    }
+
+    /// The process a stack read by [`Collector::refresh_stacks`] is of (0 in kernel mode).
+    pub fn pid_of(&self, stack_id: u64) -> Option<u32> {
+        self.stacks.get(&stack_id).map(|&(pid, _)| pid)
+    }
+
+    /// Forgets the stacks of processes gone (their stacks are deleted from the map too).
+    pub fn forget(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.stacks.remove(id);
+            self.allocated.remove(id);
+        }
+    }
+
+    /// The ids of the stacks of process `pid`.
+    pub fn stacks_of(&self, pid: u32) -> Vec<u64> {
+        self.stacks.iter().filter(|(_, (p, _))| *p == pid).map(|(&id, _)| id).collect()
     }
 
     /// Reads the stacks stored since the last call, and every stack's allocation counts;
@@ -119,7 +138,10 @@ impl Collector {
             allocated.insert(id, Allocated { count: st.alloc_count, bytes: st.alloc_bytes });
             if let std::collections::hash_map::Entry::Vacant(e) = stacks.entry(id) {
                 let depth = (st.depth as usize).min(st.ips.len());
-                e.insert(st.ips[..depth].iter().zip(&st.locs).map(|(&ip, &loc)| RawFrame { ip, loc }).collect());
+                e.insert((
+                    st.pid,
+                    st.ips[..depth].iter().zip(&st.locs).map(|(&ip, &loc)| RawFrame { ip, loc }).collect(),
+                ));
                 new.push(id);
             }
         })

@@ -14,7 +14,8 @@ use crate::collector::{Collector, Programs, RecordMaps, Role};
 use crate::kmem_skel::types::bss;
 use crate::kmem_skel::{KmemSkelBuilder, OpenKmemSkel};
 use crate::loader::{configure_records, page_size};
-use crate::run::{Tracer, follow};
+use crate::report::Reporter;
+use crate::session::{Registry, Session};
 use crate::signals::Signals;
 use crate::symbolizer::Symbolizer;
 
@@ -111,7 +112,7 @@ pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs)
 
     signals.arm()?;
     outputs.status("Attaching to kernel allocators, Ctrl+C to quit.")?;
-    let tracer = Tracer {
+    let rep = Reporter {
         cfg,
         maps: RecordMaps {
             allocs: &skel.maps.allocs,
@@ -120,17 +121,37 @@ pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs)
             counters: &bss.counters,
         },
         stacks: &skel.maps.stacks,
-        pid: None,
+        kernel: true,
         collector: Collector::new(),
         symbolizer: Symbolizer::kernel(),
         programs: Some(programs),
         unwind: None,
-        alloc: None,
         outputs,
         snapshots: crate::snapshot::Builder::new(),
-        comm: None,
+        warnings: Vec::new(),
+        retired: Vec::new(),
+        scan: Default::default(),
     };
-    follow(tracer, signals, &skel.maps.events, None, false)?;
+    let ring = if cfg.trace {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&skel.maps.events, crate::session::trace_event)?;
+        Some(b.build()?)
+    } else {
+        None
+    };
+    let mut session = Session {
+        cfg,
+        rep,
+        reg: Registry::default(),
+        prober: None,
+        signals,
+        ring,
+        execs: Default::default(),
+        follow: false,
+        user: None,
+        cgroup: None,
+    };
+    session.run()?;
     drop(links);
     Ok(0)
 }

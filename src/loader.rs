@@ -66,16 +66,18 @@ pub struct Loaded<'obj> {
 }
 
 /// Opens, configures and loads the object for attach mode `mode` (features.rs chose it).
+/// `find_vma`: the kernel has bpf_find_vma (an allocator's own mmaps are told apart with it).
 pub fn load<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
-    target_tgid: u32,
-    held_until_exec: bool,
     mode: AttachMode,
     find_vma: bool,
 ) -> Result<Loaded<'obj>> {
-    let mut open = open(storage, cfg, target_tgid, held_until_exec, mode)?;
-    open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?.have_find_vma = find_vma;
+    let mut open = open(storage, cfg, mode)?;
+    let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
+    rodata.have_find_vma = find_vma;
+    // A thread memleak ptraces waits at a dlopen until the new objects' probes are in.
+    rodata.memleak_tgid = std::process::id();
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
     Ok(Loaded { skel, mode })
 }
@@ -104,18 +106,12 @@ pub(crate) use configure_records;
 fn open<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
-    target_tgid: u32,
-    held_until_exec: bool,
     mode: AttachMode,
 ) -> Result<OpenMemleakSkel<'obj>> {
     let builder = MemleakSkelBuilder::default();
     let mut open = builder.open(storage).context("cannot open the BPF object")?;
     configure_records!(open, cfg);
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
-    rodata.need_exec = held_until_exec;
-    // A -c command's main thread is ptraced: it waits at a dlopen until the probes are in.
-    rodata.stop_on_linkmap = held_until_exec;
-    rodata.target_tgid = target_tgid;
     rodata.frame_pointers_only = cfg.frame_pointers;
 
     open.progs.memleak_session.set_autoload(mode == AttachMode::Session);

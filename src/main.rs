@@ -15,6 +15,7 @@ macro_rules! errln {
 
 mod allocator;
 mod batch;
+mod cgroup;
 mod cli;
 mod collector;
 mod debuginfo;
@@ -29,7 +30,10 @@ mod output;
 mod placement;
 mod probes;
 mod procmaps;
+mod report;
 mod run;
+mod scan;
+mod session;
 mod signals;
 mod snapshot;
 mod symbolizer;

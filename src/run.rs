@@ -1,28 +1,28 @@
-//! The run: set the target up, attach, then report every interval until the target exits,
-//! the count is reached, or Ctrl-C/SIGTERM/SIGHUP.
+//! A user-mode run set up: the targets checked (-p pids, the -c command forked and held
+//! before its exec, a cgroup's members), the BPF object loaded, then the session
+//! (src/session/) traces them until they exit, the count is reached, or Ctrl-C/SIGTERM/SIGHUP.
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use libbpf_rs::{MapMut, RingBufferBuilder};
+use libbpf_rs::RingBufferBuilder;
 
 use crate::cli::{Config, Target};
 use crate::collector::{Collector, RecordMaps, read_pod};
 use crate::features::Features;
 use crate::output::Outputs;
-pub use crate::output::write_out;
-use crate::signals::{self, Signals};
-use crate::skel::types::{event_kind, linkmap_event, trace_event};
-use crate::snapshot::{self, Exit, ProcessInput};
+use crate::report::Reporter;
+use crate::session::{Origin, Registry, Session, ptrace};
+use crate::signals::Signals;
+use crate::skel::types::proc_event;
+use crate::snapshot;
 use crate::symbolizer::Symbolizer;
 use crate::unwind::{UnwindTables, Unwinder};
-use crate::{allocator, ldso, loader, output, probes, target};
-
-/// How often stacks are read and their addresses normalized while the process lives.
-const TICK: Duration = Duration::from_secs(1);
+use crate::{allocator, ldso, loader, probes, target};
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -48,140 +48,6 @@ fn check_privileges(process: bool) -> Result<()> {
     )
 }
 
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    // SAFETY: a non-negative return is a descriptor we own.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// What ended the loop.
-pub enum End {
-    /// The traced command exited with this code (128+N if killed by signal N).
-    CommandExited(i32),
-    /// The -p process exited.
-    ProcessExited,
-    /// Ctrl-C, SIGTERM, SIGHUP, or the count of reports was reached.
-    Stopped,
-}
-
-/// The report side of a run, for either BPF object: user mode's or kernel mode's.
-pub struct Tracer<'a, 'obj> {
-    pub cfg: &'a Config,
-    pub maps: RecordMaps<'a, MapMut<'obj>>,
-    pub stacks: &'a MapMut<'obj>,
-    /// The traced process; None in kernel mode.
-    pub pid: Option<i32>,
-    pub collector: Collector,
-    pub symbolizer: Symbolizer,
-    /// The attached programs, whose runs the kernel skipped are reported.
-    pub programs: Option<crate::collector::Programs<'a>>,
-    /// User mode without --frame-pointers: the unwind tables.
-    pub unwind: Option<Unwinder<'a, 'obj>>,
-    /// User mode: the allocator objects probed, and those that appear later.
-    pub alloc: Option<allocator::live::Live<'a, 'obj>>,
-    /// Where reports go, opened (and checked) at start-up.
-    pub outputs: Outputs,
-    /// Builds each report's snapshot; remembers the last one's bytes per stack.
-    pub snapshots: snapshot::Builder,
-    /// The traced process's name, as last read while it lived.
-    pub comm: Option<String>,
-}
-
-impl Tracer<'_, '_> {
-    /// Reads the stacks stored since last time and, while the process lives, records where
-    /// their addresses live, so that they stay symbolizable after it exits.
-    fn prepare_symbols(&mut self) -> Result<()> {
-        let new = self.collector.refresh_stacks(self.stacks)?;
-        let frames: Vec<_> = new.iter().filter_map(|id| self.collector.frames(*id)).flatten().copied().collect();
-        self.symbolizer.normalize(frames);
-        Ok(())
-    }
-
-    /// Prints a report. `last`: the run ends after it; `exit`: the process has exited.
-    fn print_report(&mut self, last: bool, exit: Option<Exit>) -> Result<()> {
-        // After an exit too: stacks stored since the last tick are still in the map, and their
-        // addresses resolve against the last maps read (a -p process is gone by now).
-        self.prepare_symbols()?;
-        // After the process exited nothing can be freed any more: every block counts.
-        let min_age = if exit.is_some() { Duration::ZERO } else { self.cfg.min_age };
-        let started = Instant::now();
-        // Kernel mode's records are pid 0's.
-        let pid = self.pid.map_or(0, |p| p as u32);
-        let (mut by_pid, losses) = self.collector.collect_by_pid(
-            &self.maps,
-            Some(&[pid]),
-            min_age,
-            self.cfg.show_allocs,
-            self.cfg.combined_only,
-        )?;
-        let records = by_pid.remove(&pid).unwrap_or_default();
-        let comm = if self.pid.is_some() {
-            if exit.is_none()
-                && let Some(c) = snapshot::comm_of(pid)
-            {
-                self.comm = Some(c);
-            }
-            self.comm.clone().unwrap_or_default()
-        } else {
-            "kernel".into()
-        };
-        let process = ProcessInput {
-            pid,
-            comm,
-            exit: exit.filter(|_| self.pid.is_some()),
-            stacks: records.stacks,
-            young: records.young,
-            warnings: self.alloc.as_ref().map(|a| a.warnings(pid, exit.is_some())).unwrap_or_default(),
-        };
-        let mut losses = losses;
-        let read = started.elapsed();
-        if let Some(k) = &self.programs {
-            k.add_losses(&mut losses);
-        }
-        let (allocs, nstacks) = (process.stacks.iter().map(|s| s.count).sum::<u64>(), process.stacks.len());
-        let snap = self.snapshots.build(
-            vec![process],
-            losses,
-            last,
-            self.pid.is_none(),
-            self.cfg.sample_rate,
-            self.cfg.sort,
-            self.outputs.keep(),
-            &self.collector,
-            &mut self.symbolizer,
-        );
-        let built = started.elapsed();
-        let costs = self.outputs.write(&snap)?;
-        if self.cfg.verbose {
-            errln!(
-                "memleak: report: {allocs} allocations in {nstacks} stacks, read in {:.1} ms, symbolized in {:.1} ms, written in {:.1} ms",
-                read.as_secs_f64() * 1e3,
-                (built - read).as_secs_f64() * 1e3,
-                (started.elapsed() - built).as_secs_f64() * 1e3
-            );
-            let each: Vec<String> = costs
-                .iter()
-                .map(|c| format!("{} {} bytes in {:.1} ms", c.name, c.bytes, c.time.as_secs_f64() * 1e3))
-                .collect();
-            errln!("memleak: outputs: {}", each.join(", "));
-            errln!(
-                "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
-                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
-                map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
-            );
-        }
-        Ok(())
-    }
-}
-
-/// The kernel memory a BPF map uses, as the kernel reports it in the map fd's fdinfo.
-fn map_memory(map: &impl libbpf_rs::MapCore) -> Option<u64> {
-    let fd = map.as_fd().as_raw_fd();
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
-}
-
 /// The uprobe programs of `mode`: each records allocations and frees alike.
 fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachMode) -> crate::collector::Programs<'a> {
     use crate::collector::Role::Both;
@@ -194,16 +60,18 @@ fn user_programs<'a>(progs: &'a crate::skel::MemleakProgs, mode: probes::AttachM
     crate::collector::Programs { progs: attached.into_iter().map(|p| (p.as_fd(), Both)).collect() }
 }
 
-fn trace_line(e: &trace_event) -> String {
-    if e.kind == event_kind::EV_ALLOC.0 {
-        format!("alloc exited, size = {}, result = {:x}", e.size, e.addr)
-    } else {
-        format!("free entered, address = {:x}, size = {}", e.addr, e.size)
-    }
+/// What a run traces, checked before anything is attached.
+enum Targets {
+    Pids(Vec<i32>),
+    Command(target::HeldChild),
+    Cgroup(PathBuf),
 }
 
 pub fn run(cfg: &Config) -> Result<i32> {
     check_privileges(!matches!(cfg.target, Target::Kernel))?;
+    for note in &cfg.scan.notes {
+        errln!("memleak: note: {note}");
+    }
     // Before anything is traced: a file that cannot be written fails now, not after an hour.
     let outputs = Outputs::open(cfg)?;
     // SIGCHLD is read before the command is forked, so that its exit cannot be missed; the
@@ -230,81 +98,53 @@ pub fn run(cfg: &Config) -> Result<i32> {
         }
     }
     let cfg = &Config { frame_pointers: plan.frame_pointers, ..cfg.clone() };
-    // The allocator in use: every object that defines allocator functions (src/allocator).
+    // The allocator each process uses: every object that defines allocator functions.
     let mut allocators =
         allocator::Allocators::new(&allocator::Options { obj: cfg.obj.clone(), prefix: cfg.symbols_prefix.clone() });
-    let (pid, mut symbolizer, held, order, probe_set) = match &cfg.target {
-        Target::Kernel => return crate::kernel::run(cfg, &mut signals, outputs),
-        Target::Pid(pid) => {
-            target::check_pid(*pid)?;
-            target::check_access(*pid)?;
-            let mut symbolizer = Symbolizer::new(Some(*pid));
-            let set = allocators.discover_running(*pid, &mut symbolizer.objects)?;
-            (*pid, symbolizer, None, None, set)
+    let targets = match &cfg.target {
+        Target::Kernel => unreachable!("kernel mode returned above"),
+        Target::Pids(pids) => {
+            for &pid in pids {
+                target::check_pid(pid)?;
+                target::check_access(pid)?;
+            }
+            Targets::Pids(pids.clone())
         }
         Target::Command(argv) => {
             let prog = target::resolve_program(&argv[0])?;
-            // What it will load, found without running anything of its choosing.
+            // What it will load, found without running anything of its choosing: a command
+            // without an allocator memleak can probe is refused before it runs.
             let launch = ldso::Launch::command(target::command_credentials())?;
             let order = ldso::load_order(&prog, &launch)?;
             target::report_load_order(&order, cfg.verbose);
+            allocators.check_command(&order)?;
             let held = target::HeldChild::spawn(&prog, argv)?;
-            let set = allocators.discover_command(held.pid, &order)?;
-            (held.pid, Symbolizer::new(Some(held.pid)), Some(held), Some(order), set)
+            // Seized before it execs: its probes go on at its exec stop, before its first
+            // instruction, and it stops at its exit while its memory map still exists.
+            ptrace::seize(held.pid, ptrace::options(cfg.follow))
+                .map_err(|e| anyhow::anyhow!("cannot trace the command (ptrace): {e}"))?;
+            Targets::Command(held)
+        }
+        Target::Cgroup(dir) => {
+            let dir = crate::cgroup::resolve(dir)?;
+            Targets::Cgroup(dir)
         }
     };
     // After the command is forked: it keeps the limits it was given.
     crate::objects::raise_fd_limit();
-    let is_command = held.is_some();
-    if is_command {
-        // Stop the command at its exit while its memory map still exists: the last stacks
-        // are normalized there. Without ptrace the run goes on, only less exact at the end.
-        // SAFETY: PTRACE_SEIZE on our own child, with an options word as data.
-        // It also stops at each exec, until the new image's allocator is probed and its unwind
-        // tables are in.
-        let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
-        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, options as libc::c_ulong) };
-        if r != 0 && cfg.verbose {
-            errln!("memleak: cannot stop the command at its exit: {}", std::io::Error::last_os_error());
-        }
-    }
 
     let mut storage = MaybeUninit::uninit();
-    let loaded = loader::load(&mut storage, cfg, pid as u32, is_command, plan.mode, features.find_vma)?;
+    let loaded = loader::load(&mut storage, cfg, plan.mode, features.find_vma)?;
     let skel = &loaded.skel;
     let unwind = if cfg.frame_pointers {
         None
     } else {
         let tables = UnwindTables::new(skel, cfg.verbose)?;
-        let mut u = Unwinder { skel, tables, met: Rc::new(RefCell::new(Vec::new())), pid };
-        match &order {
-            // Before it runs: the tables of what it maps at start are there for its first call.
-            Some(order) => u.preload(&mut symbolizer.objects, order),
-            None => {
-                u.tables.sync_process(skel, &mut symbolizer.objects, pid);
-            }
-        }
-        u.report_failures();
-        Some(u)
+        Some(Unwinder { skel, tables, met: Rc::new(RefCell::new(Vec::new())) })
     };
-    let alloc = allocator::live::Live::start(allocators, skel, loaded.mode, probe_set, cfg.verbose)?;
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
-    if !is_command {
-        // The maps of the running process, read before it can exit (the line below tells
-        // scripts the probes are in place), kept in case it exits before its stacks are read.
-        symbolizer.reread_maps();
-    }
-    // Before the line below: a process that exits as soon as it is told memleak is attached
-    // would otherwise be gone before its pidfd exists, and its exit never seen.
-    let pidfd = if is_command { None } else { pidfd_open(pid) };
-    signals.arm()?;
-    outputs.status(&format!("Attaching to pid {pid}, Ctrl+C to quit."))?;
-    if let Some(held) = held {
-        held.release()?;
-    }
-
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
-    let tracer = Tracer {
+    let rep = Reporter {
         cfg,
         maps: RecordMaps {
             allocs: &skel.maps.allocs,
@@ -313,325 +153,83 @@ pub fn run(cfg: &Config) -> Result<i32> {
             counters: &bss.counters,
         },
         stacks: &skel.maps.stacks,
-        pid: Some(pid),
+        kernel: false,
         collector: Collector::new(),
-        symbolizer,
+        symbolizer: Symbolizer::new(),
         programs: Some(user_programs(&skel.progs, loaded.mode)),
         unwind,
-        alloc: Some(alloc),
         outputs,
         snapshots: snapshot::Builder::new(),
-        comm: snapshot::comm_of(pid as u32),
+        warnings: Vec::new(),
+        retired: Vec::new(),
+        scan: Default::default(),
     };
-    match follow(tracer, &signals, &skel.maps.events, pidfd.as_ref(), is_command)? {
-        End::CommandExited(code) => Ok(code),
-        End::ProcessExited | End::Stopped => Ok(0),
+    let execs: Rc<RefCell<Vec<proc_event>>> = Default::default();
+    let mut b = RingBufferBuilder::new();
+    if cfg.trace {
+        b.add(&skel.maps.events, crate::session::trace_event)?;
     }
-}
-
-/// Reports until the end of the run (and, when the process exited, a final report); prints
-/// the -t lines from `events` as they come.
-pub fn follow(
-    mut tracer: Tracer,
-    signals: &Signals,
-    events: &MapMut,
-    pidfd: Option<&OwnedFd>,
-    is_command: bool,
-) -> Result<End> {
-    let ring = if tracer.cfg.trace || tracer.unwind.is_some() || tracer.alloc.is_some() {
-        let mut b = RingBufferBuilder::new();
-        if tracer.cfg.trace {
-            b.add(events, |data: &[u8]| {
-                let e: trace_event = read_pod(data);
-                let _ = write_out(&format!("{}\n", trace_line(&e)));
-                0
-            })?;
-        }
-        if let Some(u) = &tracer.unwind {
-            let met = u.met.clone();
-            b.add(&u.skel.maps.unwind_wakeup, move |data: &[u8]| {
-                met.borrow_mut().push(read_pod(data));
-                0
-            })?;
-        }
-        if let Some(a) = &tracer.alloc {
-            let events = a.events.clone();
-            b.add(a.linkmap_events(), move |data: &[u8]| {
-                events.borrow_mut().push(read_pod::<linkmap_event>(data));
-                0
-            })?;
-        }
-        Some(b.build()?)
-    } else {
-        None
+    if let Some(u) = &rep.unwind {
+        let met = u.met.clone();
+        b.add(&skel.maps.unwind_wakeup, move |data: &[u8]| {
+            met.borrow_mut().push(read_pod(data));
+            0
+        })?;
+    }
+    let queue = execs.clone();
+    b.add(&skel.maps.proc_events, move |data: &[u8]| {
+        queue.borrow_mut().push(read_pod(data));
+        0
+    })?;
+    let ring = b.build()?;
+    let mut prober = allocator::live::AllocProber::new(allocators, skel, loaded.mode, cfg.verbose);
+    // Tracing starts: from here a stop signal ends the run with a report (signals.rs).
+    signals.arm()?;
+    let mut session = Session {
+        cfg,
+        rep,
+        reg: Registry::default(),
+        prober: Some(&mut prober),
+        signals: &signals,
+        ring: Some(ring),
+        execs,
+        follow: cfg.follow,
+        user: target::command_credentials().map(|c| (c.uid, c.gid)),
+        cgroup: None,
     };
-
-    let end = event_loop(&mut tracer, signals, pidfd, ring.as_ref(), is_command)?;
-    if let Some(r) = &ring {
-        let _ = r.consume();
-    }
-    let pid = tracer.pid.unwrap_or(0);
-    match end {
-        End::CommandExited(code) => {
-            tracer.outputs.status(&format!("[{}] Process {pid} exited with status {code}.", output::now_hms()))?;
-            tracer.print_report(true, Some(Exit::Code(code)))?;
-        }
-        End::ProcessExited => {
-            tracer.outputs.status(&format!("[{}] Process {pid} exited.", output::now_hms()))?;
-            tracer.print_report(true, Some(Exit::Exited))?;
-        }
-        End::Stopped => {}
-    }
-    if let Some(a) = &tracer.alloc {
-        a.finish(pid as u32);
-    }
-    if tracer.cfg.verbose
-        && let Some(u) = &tracer.unwind
-    {
-        let l = Collector::losses(tracer.maps.counters);
-        errln!(
-            "memleak: unwind: {} objects, {} rows built in {:.3} s; {} stacks unwound, {} ended early",
-            u.tables.built,
-            u.tables.rows_total,
-            u.tables.build_secs,
-            l.unwinds,
-            l.unwind_stops.total()
-        );
-    }
-    if tracer.cfg.verbose {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
-        errln!("memleak: peak memory (VmHWM) {peak}");
-    }
-    Ok(end)
-}
-
-/// The next time a period of `every` falls due after `now`; None if that is past the end of
-/// time (an interval of 2^64 seconds never comes round).
-fn next_after(due: Instant, every: Duration, now: Instant) -> Option<Instant> {
-    let next = due.checked_add(every)?;
-    if next >= now { Some(next) } else { now.checked_add(every) }
-}
-
-/// Milliseconds for poll until `wake` (rounded up, so that it does not wake early and spin),
-/// -1 for never.
-fn poll_timeout(wake: Option<Instant>, now: Instant) -> i32 {
-    let Some(wake) = wake else { return -1 };
-    let left = wake.saturating_duration_since(now);
-    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-}
-
-fn event_loop(
-    t: &mut Tracer,
-    signals: &Signals,
-    pidfd: Option<&OwnedFd>,
-    ring: Option<&libbpf_rs::RingBuffer>,
-    is_command: bool,
-) -> Result<End> {
-    let start = Instant::now();
-    let mut next_report = start.checked_add(t.cfg.interval);
-    // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
-    let mut next_tick = if t.pid.is_some() { start.checked_add(TICK) } else { None };
-    let mut reports = 0u64;
-    loop {
-        let wake = match (next_report, next_tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let timeout = poll_timeout(wake, Instant::now());
-        let mut fds = vec![libc::pollfd { fd: signals.raw_fd(), events: libc::POLLIN, revents: 0 }];
-        if let Some(p) = pidfd {
-            fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        }
-        if let Some(r) = ring {
-            fds.push(libc::pollfd { fd: r.epoll_fd(), events: libc::POLLIN, revents: 0 });
-        }
-        // SAFETY: fds is a live array of fds.len() pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return Err(std::io::Error::last_os_error()).context("poll");
-        }
-        if let Some(r) = ring {
-            r.consume().context("reading trace events")?;
-        }
-        if let Some(u) = t.unwind.as_mut()
-            && u.woken()
-        {
-            // A file not opened yet is in use (dlopen, exec): open it now, while it is mapped
-            // (it may be unloaded by the next tick), and load its table.
-            u.sync(&mut t.symbolizer.objects);
-            t.prepare_symbols()?;
-        }
-        if let Some(a) = t.alloc.as_mut()
-            && a.woken()
-        {
-            // A dlopen: what it mapped may define allocator functions of its own.
-            a.on_linkmap(&mut t.symbolizer.objects);
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            for sig in signals.read() {
-                match sig {
-                    s if signals::STOP.contains(&s) => {
-                        if is_command && let Some(code) = grace(t, signals)? {
-                            return Ok(End::CommandExited(code));
-                        }
-                        t.print_report(true, None)?;
-                        return Ok(End::Stopped);
-                    }
-                    libc::SIGCHLD if is_command => {
-                        if let Child::Exited(code) = reap(t)? {
-                            return Ok(End::CommandExited(code));
-                        }
-                    }
-                    _ => {}
-                }
+    let held = match targets {
+        Targets::Pids(pids) => {
+            for &pid in &pids {
+                session.add_running(pid, Origin::Pid)?;
             }
+            let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+            let what = if pids.len() == 1 { "pid" } else { "pids" };
+            session.rep.outputs.status(&format!("Attaching to {what} {}, Ctrl+C to quit.", list.join(", ")))?;
+            None
         }
-        if pidfd.is_some() && fds[1].revents & libc::POLLIN != 0 {
-            return Ok(End::ProcessExited);
+        Targets::Cgroup(dir) => {
+            session.join_cgroup_members(&dir);
+            let pids: Vec<String> = session.reg.pids().iter().map(|p| p.to_string()).collect();
+            session.rep.outputs.status(&format!(
+                "Attaching to cgroup {} (pids {}), Ctrl+C to quit.",
+                dir.display(),
+                if pids.is_empty() { "none yet".into() } else { pids.join(", ") }
+            ))?;
+            session.cgroup = Some(dir);
+            None
         }
-        let now = Instant::now();
-        if let Some(tick) = next_tick
-            && now >= tick
-        {
-            if let Some(u) = t.unwind.as_mut() {
-                u.tick(&mut t.symbolizer.objects);
-            }
-            t.prepare_symbols()?;
-            next_tick = now.checked_add(TICK);
+        Targets::Command(held) => {
+            session.add_command(held.pid);
+            session.rep.outputs.status(&format!("Attaching to pid {}, Ctrl+C to quit.", held.pid))?;
+            Some(held)
         }
-        if let Some(due) = next_report
-            && now >= due
-        {
-            reports += 1;
-            t.print_report(t.cfg.count.is_some_and(|c| reports >= c), None)?;
-            if t.cfg.count.is_some_and(|c| reports >= c) {
-                if is_command && let Some(pid) = t.pid {
-                    errln!("memleak: {reports} reports printed; the command (pid {pid}) goes on running, untraced");
-                }
-                return Ok(End::Stopped);
-            }
-            next_report = next_after(due, t.cfg.interval, now);
-        }
+    };
+    if let Some(held) = held {
+        held.release()?;
     }
-}
-
-/// How long a -c command has, after memleak got a stop signal, to show that it is dying too
-/// (a terminal's Ctrl-C reaches the whole process group).
-const GRACE: Duration = Duration::from_millis(300);
-/// How long memleak waits for a command seen dying (a fatal signal pending or being
-/// delivered, or in its exit stop) to be gone.
-const DYING_WAIT: Duration = Duration::from_secs(10);
-
-/// After a stop signal under -c: waits briefly for the command, reaping it as usual; its exit
-/// code if it exited (then the run ends as when it exits by itself), None if it lives on.
-fn grace(t: &mut Tracer, signals: &Signals) -> Result<Option<i32>> {
-    let Some(pid) = t.pid else { return Ok(None) };
-    let start = Instant::now();
-    let mut dying = false;
-    loop {
-        match reap(t)? {
-            Child::Exited(code) => return Ok(Some(code)),
-            Child::Dying => dying = true,
-            Child::Running => {}
-        }
-        dying = dying || signals::Masks::of(pid).is_some_and(|m| m.dying());
-        let limit = if dying { DYING_WAIT } else { GRACE };
-        let now = Instant::now();
-        let end = start + limit;
-        if now >= end {
-            return Ok(None);
-        }
-        signals.wait(poll_timeout(Some(end), now));
-        // Another stop signal changes nothing; SIGCHLD is handled by the reap above.
-        let _ = signals.read();
-    }
-}
-
-/// A -c command's state after its changes were handled.
-#[derive(Debug, PartialEq, Eq)]
-enum Child {
-    Running,
-    /// In its exit stop, or given a signal that ends it.
-    Dying,
-    /// Exited with this code (128+N if killed by signal N).
-    Exited(i32),
-}
-
-/// Handles the command's state changes.
-fn reap(t: &mut Tracer) -> Result<Child> {
-    let Some(pid) = t.pid else { return Ok(Child::Running) };
-    let mut state = Child::Running;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on our own child, writing to a local.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
-        if r <= 0 {
-            return Ok(state);
-        }
-        if libc::WIFEXITED(status) {
-            return Ok(Child::Exited(libc::WEXITSTATUS(status)));
-        }
-        if libc::WIFSIGNALED(status) {
-            return Ok(Child::Exited(128 + libc::WTERMSIG(status)));
-        }
-        if libc::WIFSTOPPED(status) {
-            let event = (status >> 16) & 0xff;
-            // SAFETY: ptrace requests on our own seized child.
-            unsafe {
-                if event == libc::PTRACE_EVENT_EXIT {
-                    state = Child::Dying;
-                    // Its memory map still exists: the last chance to normalize.
-                    t.symbolizer.reread_maps();
-                    t.prepare_symbols()?;
-                    libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
-                } else if event == libc::PTRACE_EVENT_EXEC {
-                    // A new image (an exec'ing wrapper): its tables before it runs.
-                    if let Some(u) = t.unwind.as_mut() {
-                        u.load_exec(&mut t.symbolizer.objects);
-                    }
-                    // And its allocator, found again: `env LD_PRELOAD=... prog` brings one.
-                    if let Some(a) = t.alloc.as_mut() {
-                        a.on_exec(pid);
-                    }
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
-                } else if event == libc::PTRACE_EVENT_STOP {
-                    libc::ptrace(libc::PTRACE_LISTEN, pid, 0, 0);
-                } else if libc::WSTOPSIG(status) == libc::SIGSTOP
-                    && t.alloc.as_mut().is_some_and(|a| a.on_stop(pid, &mut t.symbolizer.objects))
-                {
-                    // memleak's own stop at a dlopen: the new objects are probed; suppressed.
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
-                } else {
-                    // A signal on its way to the command: delivered as it would be untraced.
-                    let sig = libc::WSTOPSIG(status);
-                    if signals::Masks::of(pid).is_some_and(|m| m.kills(sig)) {
-                        state = Child::Dying;
-                    }
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, sig as libc::c_ulong);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn periods_saturate_at_the_end_of_time() {
-        let now = Instant::now();
-        let s = Duration::from_secs(1);
-        assert_eq!(next_after(now, s, now), Some(now + s));
-        // A late report: the next one is a period after now, not in the past.
-        assert_eq!(next_after(now, s, now + 5 * s), Some(now + 6 * s));
-        // memleak -c true 18446744073709551615: no report ever, no overflow.
-        assert_eq!(next_after(now, Duration::from_secs(u64::MAX), now), None);
-        assert_eq!(poll_timeout(None, now), -1);
-        assert_eq!(poll_timeout(Some(now), now + s), 0);
-        // Rounded up: poll never returns just before the due time and spins.
-        assert_eq!(poll_timeout(Some(now + Duration::from_micros(1500)), now), 2);
-        assert_eq!(poll_timeout(Some(now + Duration::from_secs(1 << 40)), now), i32::MAX);
-    }
+    session.run()?;
+    let code = session.exit_code();
+    drop(session);
+    prober.finish();
+    Ok(code)
 }

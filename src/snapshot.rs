@@ -29,8 +29,21 @@ pub struct Snapshot {
     pub sample_rate: u32,
     /// By pid; each process's stacks in rank order (first: the largest by --sort).
     pub processes: Vec<ProcessSnapshot>,
+    /// Processes that exited before this report, as their final reports left them: the text
+    /// and JSON reports printed them then; the file outputs (pprof, folded, flame graph) hold
+    /// the whole job, so they carry them on.
+    pub retired: Vec<ProcessSnapshot>,
     /// Since the start, from the BPF counters: the same for every process.
     pub losses: Losses,
+    /// What else the run could not see (processes it cannot trace), one line each.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Every process of the job: those of this report, then those retired before it.
+    pub fn whole_job(&self) -> impl Iterator<Item = &ProcessSnapshot> {
+        self.processes.iter().chain(&self.retired)
+    }
 }
 
 /// How a process ended, when it has.
@@ -52,13 +65,15 @@ pub struct ProcessSnapshot {
     /// report is printed: then the ones it shows (the totals still count them all).
     pub stacks: Vec<StackEntry>,
     pub totals: Totals,
-    /// Reachability (issue 11): what a scan found, per class. None until then.
+    /// Reachability (issue 11): what a scan found, per class. None when not classified.
     pub summary: Option<LeakSummary>,
     /// Blocks left out for being younger than -o: (count, bytes). Not a loss: said, so that
     /// none seems missed.
     pub young: (u64, u64),
-    /// WARNING lines about this process (see [`ProcessInput::warnings`]).
+    /// What a reachability scan could not do, or why the report is not classified (src/scan/).
     pub warnings: Vec<String>,
+    /// With --suppressions: what they left out, (bytes, count).
+    pub suppressed: Option<(u64, u64)>,
 }
 
 /// A process's sums over all its stacks.
@@ -72,10 +87,16 @@ pub struct Totals {
     pub stacks: u64,
 }
 
-/// Per-process leak summary of a reachability scan: (class, bytes, blocks) per class.
+/// Per-process leak summary of a reachability scan: (class, bytes, blocks) per class, in
+/// valgrind's order (definitely, indirectly, possibly lost, still reachable).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeakSummary {
     pub classes: Vec<(String, u64, u64)>,
+    /// Of the still reachable ones, those reached only through one of valgrind's heuristics:
+    /// (heuristic, bytes, blocks).
+    pub heuristics: Vec<(String, u64, u64)>,
+    /// What was scanned and how long the process was stopped, in words.
+    pub scanned: String,
 }
 
 /// One stack of a process (or one class of it).
@@ -192,9 +213,37 @@ pub struct ProcessInput {
     pub stacks: Vec<StackTotal>,
     /// Blocks left out for being younger than -o: (count, bytes).
     pub young: (u64, u64),
-    /// What the report cannot vouch for in this process (e.g. no allocation call was seen
-    /// from it: it allocates through functions memleak did not probe).
+    /// In a classified report, each stack's class (one entry per class of a stack); empty:
+    /// not classified.
+    pub classes: Vec<String>,
+    pub summary: Option<LeakSummary>,
     pub warnings: Vec<String>,
+    pub suppressed: Option<(u64, u64)>,
+}
+
+impl ProcessInput {
+    /// A process as collected, not classified.
+    pub fn new(pid: u32, comm: String, exit: Option<Exit>, stacks: Vec<StackTotal>, young: (u64, u64)) -> Self {
+        ProcessInput {
+            pid,
+            comm,
+            exit,
+            stacks,
+            young,
+            classes: Vec::new(),
+            summary: None,
+            warnings: Vec::new(),
+            suppressed: None,
+        }
+    }
+}
+
+/// The classes in valgrind's order, for reports that show classified stacks by class.
+pub const CLASS_ORDER: [&str; 4] = ["definitely lost", "indirectly lost", "possibly lost", "still reachable"];
+
+/// A class's place in [`CLASS_ORDER`] (unknown ones last).
+pub fn class_rank(class: Option<&str>) -> usize {
+    class.and_then(|c| CLASS_ORDER.iter().position(|k| *k == c)).unwrap_or(CLASS_ORDER.len())
 }
 
 /// Builds snapshots; keeps what spans reports: each stack's bytes at the previous report and
@@ -234,6 +283,8 @@ impl Builder {
         // per stack, not per process, so they are listed only when there is one process.
         let churn = keep.is_none() && processes.len() == 1;
         for mut p in processes {
+            // A class per stack, or none at all.
+            debug_assert!(p.classes.is_empty() || p.classes.len() == p.stacks.len());
             if churn {
                 let holding: std::collections::HashSet<u64> = p.stacks.iter().map(|s| s.stack_id).collect();
                 p.stacks.extend(
@@ -244,12 +295,20 @@ impl Builder {
                 );
             }
             let mut totals = Totals::default();
+            let mut classes = std::mem::take(&mut p.classes).into_iter();
+            // A stack split by class counts what it allocated once, in its first entry.
+            let mut allocated_said = std::collections::HashSet::new();
             let mut stacks: Vec<StackEntry> = p
                 .stacks
                 .into_iter()
                 .map(|t| {
-                    let Allocated { count: alloc_count, bytes: alloc_bytes } = collector.allocated(t.stack_id);
-                    let key = (p.pid, t.stack_id, None::<String>);
+                    let class = classes.next();
+                    let Allocated { count: alloc_count, bytes: alloc_bytes } = if allocated_said.insert(t.stack_id) {
+                        collector.allocated(t.stack_id)
+                    } else {
+                        Allocated::default()
+                    };
+                    let key = (p.pid, t.stack_id, class.clone());
                     let (prev_bytes, streak) = self.last.get(&key).copied().unwrap_or((0, 0));
                     let delta = t.bytes as i128 - prev_bytes as i128;
                     let streak = if delta > 0 { streak + 1 } else { 0 };
@@ -270,7 +329,7 @@ impl Builder {
                             delta: delta.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
                             growing: streak >= GROWING_REPORTS,
                         },
-                        class: None,
+                        class,
                         blocks: t.blocks,
                         frames: Arc::from([]),
                     }
@@ -278,7 +337,14 @@ impl Builder {
                 .collect();
             stacks.sort_by_key(|s| std::cmp::Reverse(s.rank(sort)));
             if let Some(n) = keep {
-                stacks.truncate(n);
+                // Classified: the first of each class (a cache still reachable never hides a
+                // leak); by class in valgrind's order, then rank.
+                let mut kept = [0usize; CLASS_ORDER.len() + 1];
+                stacks.retain(|s| {
+                    let k = &mut kept[class_rank(s.class.as_deref())];
+                    *k += 1;
+                    *k <= n
+                });
             }
             for s in &mut stacks {
                 s.frames = self.frames_of(s.stack_id, collector, symbolizer);
@@ -289,9 +355,10 @@ impl Builder {
                 exit: p.exit,
                 stacks,
                 totals,
-                summary: None,
+                summary: p.summary,
                 young: p.young,
                 warnings: p.warnings,
+                suppressed: p.suppressed,
             });
         }
         out.sort_by_key(|p| p.pid);
@@ -303,7 +370,9 @@ impl Builder {
             kernel,
             sample_rate,
             processes: out,
+            retired: Vec::new(),
             losses,
+            warnings: Vec::new(),
         }
     }
 
@@ -313,7 +382,8 @@ impl Builder {
         if let Some(f) = self.frames.get(&id) {
             return f.clone();
         }
-        let frames: Arc<[Frame]> = symbolizer.stack(collector.frames(id).unwrap_or_default()).into();
+        let pid = collector.pid_of(id).unwrap_or(0) as i32;
+        let frames: Arc<[Frame]> = symbolizer.stack(pid, collector.frames(id).unwrap_or_default()).into();
         if !frames.iter().any(|f| f.unreadable.is_some() && f.module.is_none()) {
             self.frames.insert(id, frames.clone());
         }
@@ -380,9 +450,12 @@ pub mod tests {
                 totals,
                 summary: None,
                 young: (0, 0),
-                warnings: Vec::new(),
+                warnings: vec![],
+                suppressed: None,
             }],
+            retired: Vec::new(),
             losses: Losses::default(),
+            warnings: Vec::new(),
         }
     }
 

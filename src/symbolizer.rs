@@ -124,11 +124,12 @@ struct Reader {
 }
 
 pub struct Symbolizer {
-    pid: Option<i32>,
     /// Kernel mode: every address is symbolized from /proc/kallsyms.
     kernel: bool,
-    maps: ProcMaps,
-    locations: HashMap<u64, Location>,
+    /// Each traced process's maps as last read (frames the unwinder did not locate are found
+    /// there: --frame-pointers, code in no file).
+    maps: HashMap<i32, ProcMaps>,
+    locations: HashMap<(i32, u64), Location>,
     /// Symbolized frames by (object, file offset) or, for those in no object, by address.
     frames: HashMap<(Option<usize>, u64), Frame>,
     blaze: Blaze,
@@ -138,11 +139,10 @@ pub struct Symbolizer {
 }
 
 impl Symbolizer {
-    pub fn new(pid: Option<i32>) -> Self {
+    pub fn new() -> Self {
         Symbolizer {
-            pid,
             kernel: false,
-            maps: ProcMaps::default(),
+            maps: HashMap::new(),
             locations: HashMap::new(),
             frames: HashMap::new(),
             objects: Objects::default(),
@@ -154,40 +154,42 @@ impl Symbolizer {
 
     /// Kernel mode: frames print as `func+0xoff [kernel] (addr)`.
     pub fn kernel() -> Self {
-        Symbolizer { kernel: true, ..Symbolizer::new(None) }
+        Symbolizer { kernel: true, ..Symbolizer::new() }
     }
 
-    /// Records where each frame not located by the unwinder lives, while the process is alive.
-    /// Reads /proc/PID/maps again when an address is outside every mapping seen so far.
-    pub fn normalize(&mut self, frames: impl IntoIterator<Item = RawFrame>) {
-        let Some(pid) = self.pid else { return };
+    /// Records where each frame of process `pid` not located by the unwinder lives, while the
+    /// process is alive. Reads /proc/PID/maps again when an address is outside every mapping
+    /// seen so far.
+    pub fn normalize(&mut self, pid: i32, frames: impl IntoIterator<Item = RawFrame>) {
+        if self.kernel {
+            return;
+        }
         let mut reread = false;
         for f in frames {
             let addr = f.ip;
-            if f.located().is_some() || self.locations.contains_key(&addr) {
+            if f.located().is_some() || self.locations.contains_key(&(pid, addr)) {
                 continue;
             }
-            if self.maps.find(addr).is_none() && !reread {
-                self.reread_maps();
+            let found = |s: &Self| s.maps.get(&pid).and_then(|m| m.find(addr)).cloned();
+            if found(self).is_none() && !reread {
+                self.reread_maps(pid);
                 reread = true;
             }
-            let loc = match self.maps.find(addr) {
+            let loc = match found(self) {
                 Some(m) if m.is_file() && m.executable => {
-                    let m = m.clone();
                     Location::File { obj: self.objects.open_mapping(pid, &m), offset: addr - m.start + m.offset }
                 }
                 Some(m) => Location::Other { name: m.path.clone() },
                 None => Location::Unmapped,
             };
-            self.locations.insert(addr, loc);
+            self.locations.insert((pid, addr), loc);
         }
     }
 
-    /// Rereads the process's maps (call while it lives, e.g. at its exit stop), and opens the
-    /// files of its code while they can be opened. An exited process has no maps left: the
-    /// last ones seen stay.
-    pub fn reread_maps(&mut self) {
-        let Some(pid) = self.pid else { return };
+    /// Rereads process `pid`'s maps (call while it lives, e.g. at its exit stop), and opens
+    /// the files of its code while they can be opened. An exited process has no maps left:
+    /// the last ones seen stay.
+    pub fn reread_maps(&mut self, pid: i32) {
         let Ok(m) = ProcMaps::read(pid) else { return };
         if m.mappings.is_empty() {
             return;
@@ -195,11 +197,18 @@ impl Symbolizer {
         for mapping in m.mappings.iter().filter(|m| m.is_file() && m.executable) {
             self.objects.open_mapping(pid, mapping);
         }
-        self.maps = m;
+        self.maps.insert(pid, m);
     }
 
-    /// The frame of `f`; addresses never normalized nor located print as unknown.
-    pub fn frame(&mut self, f: RawFrame) -> Frame {
+    /// Forgets what was kept of process `pid`'s maps (it is gone and reported).
+    pub fn forget(&mut self, pid: i32) {
+        self.maps.remove(&pid);
+        self.locations.retain(|&(p, _), _| p != pid);
+    }
+
+    /// The frame of `f` in process `pid`; addresses never normalized nor located print as
+    /// unknown.
+    pub fn frame(&mut self, pid: i32, f: RawFrame) -> Frame {
         let addr = f.ip;
         if self.kernel {
             if let Some(fr) = self.frames.get(&(None, addr)) {
@@ -217,7 +226,7 @@ impl Symbolizer {
                     return Frame { addr, unreadable: Some(crate::objects::UNMAPPED.into()), ..Frame::default() };
                 }
             },
-            None => match self.locations.get(&addr) {
+            None => match self.locations.get(&(pid, addr)) {
                 Some(Location::File { obj, offset }) => Some((*obj, *offset)),
                 Some(Location::Other { name }) => {
                     let module = name.as_ref().map(|n| n.to_string_lossy().into_owned()).or(Some("anon".into()));
@@ -243,8 +252,8 @@ impl Symbolizer {
 
     /// The frames of a stack, innermost first. A kernel stack starts inside the tracing
     /// machinery (the BPF program, the tracepoint's runner): those frames are left out.
-    pub fn stack(&mut self, frames: &[RawFrame]) -> Vec<Frame> {
-        let mut out: Vec<Frame> = frames.iter().map(|&f| self.frame(f)).collect();
+    pub fn stack(&mut self, pid: i32, frames: &[RawFrame]) -> Vec<Frame> {
+        let mut out: Vec<Frame> = frames.iter().map(|&f| self.frame(pid, f)).collect();
         if self.kernel {
             let skip = out
                 .iter()
@@ -416,7 +425,7 @@ mod tests {
             return;
         }
         let mut s = Symbolizer::kernel();
-        let f = s.frame(RawFrame { ip: addr + 4, loc: 0 });
+        let f = s.frame(0, RawFrame { ip: addr + 4, loc: 0 });
         assert_eq!(f.symbol, Some(("kfree".to_string(), 4)));
         assert_eq!(f.to_string(), format!("kfree+0x4 [kernel] ({:x})", addr + 4));
     }
@@ -430,9 +439,9 @@ mod tests {
     fn symbolizes_own_function_by_file_offset() {
         let me = std::process::id() as i32;
         let addr = a_known_function as *const () as u64 + 2;
-        let mut s = Symbolizer::new(Some(me));
-        s.normalize([RawFrame { ip: addr, loc: 0 }]);
-        let f = s.frame(RawFrame { ip: addr, loc: 0 });
+        let mut s = Symbolizer::new();
+        s.normalize(me, [RawFrame { ip: addr, loc: 0 }]);
+        let f = s.frame(me, RawFrame { ip: addr, loc: 0 });
         let (name, off) = f.symbol.expect("own symbol found");
         assert!(name.contains("a_known_function"), "{name}");
         assert_eq!(off, 2);

@@ -252,11 +252,16 @@ fn thread_arenas_give_the_same_answer_every_run() {
         let per_thread = mapped[0].bytes / mapped[0].count;
         assert!((1..=8).contains(&mapped[0].count) && mapped[0].bytes.is_multiple_of(mapped[0].count), "{text}");
         assert_eq!(per_thread % P, 0, "{text}");
-        let mut rest: Vec<(String, u64, u64)> =
-            rest.iter().map(|s| (s.func(0).to_string(), s.bytes, s.count)).collect();
-        rest.sort();
+        // By first function: a walk that met another thread mapping (the mmap lock busy) ends
+        // early and gives a shorter stack of the same site, said in a WARNING line.
+        let mut by_site: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for s in &rest {
+            let e = by_site.entry(s.func(0).to_string()).or_default();
+            (e.0, e.1) = (e.0 + s.bytes, e.1 + s.count);
+        }
+        let rest: Vec<(String, u64, u64)> = by_site.into_iter().map(|(f, (b, n))| (f, b, n)).collect();
         assert_eq!(rest, expected(&[("do_thread_malloc", 8 * 500 * 24, 8 * 500)]), "{text}");
-        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert!(r.warnings.iter().all(|w| w.contains(" end early: ")), "{:?}", r.warnings);
         answers.push((rest, per_thread));
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");

@@ -7,11 +7,14 @@
 //! or memleak's own ld.so search for a command before it runs: src/ldso) decides only which
 //! object binds each name, for the `Tracing ...` lines.
 //!
-//! The seam for the run (and for a registry of processes): one function per situation returns
-//! the objects to probe in one process with their entry points and BPF cookies, the lines to
-//! print and the notes ([`ProbeSet`]); [`attach`] attaches a set.
-//! - [`Allocators::discover_running`]: a -p process (its maps and link map);
-//! - [`Allocators::discover_command`]: a -c command before it runs (its load order);
+//! The seam for the session's registry of processes: one function per situation returns the
+//! objects to probe in one process with their entry points and BPF cookies, the lines to print
+//! and the notes ([`ProbeSet`]); [`attach`] attaches a set; [`live::AllocProber`] does both for
+//! the session (src/session/, its `Prober`).
+//! - [`Allocators::check_command`]: a -c command before it runs (its load order): an error if
+//!   nothing in it can be traced;
+//! - [`Allocators::discover_running`]: a running process (-p, a cgroup's member, a child
+//!   started by a traced process): its maps and link map;
 //! - [`Allocators::discover_exec`]: at an exec stop (the new image's load order);
 //! - [`Allocators::discover_linkmap`]: after the process's link map changed (dlopen): what
 //!   is new.
@@ -80,6 +83,8 @@ pub struct ProbeSet {
     pub lines: Vec<String>,
     /// Notes for stderr (without the "memleak: note: " prefix).
     pub notes: Vec<String>,
+    /// The process's malloc is glibc's (what the reachability scan knows the heap of).
+    pub glibc: bool,
 }
 
 impl ProbeSet {
@@ -138,8 +143,9 @@ struct Probed {
     allocator: bool,
 }
 
-#[derive(Default)]
 struct ProcState {
+    /// When memleak began tracing it.
+    since: std::time::Instant,
     probed: HashMap<Key, Probed>,
     /// Keys in the order they were probed.
     order: Vec<Key>,
@@ -157,13 +163,28 @@ enum ObjArg {
     Name(String),
 }
 
+impl Default for ProcState {
+    fn default() -> Self {
+        ProcState {
+            since: std::time::Instant::now(),
+            probed: HashMap::new(),
+            order: Vec::new(),
+            go: false,
+            said: Vec::new(),
+        }
+    }
+}
+
 /// Why a discovery runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Situation {
     /// Before tracing starts: what cannot be traced is an error.
     Start,
-    /// A new image: every probed object gets its line again.
+    /// A new image: every probed object gets its line again; what cannot be traced is an
+    /// error (the process is said not to be traced).
     Exec,
+    /// A process started by a traced one, with its parent's image: probed quietly.
+    Forked,
     /// The link map changed, noticed this long after (None: the process waited for memleak).
     LinkMap(Option<Duration>),
 }
@@ -180,6 +201,8 @@ pub struct Allocators {
     /// Names of the probed functions by id - 1 (the cookie's high half).
     functions: Vec<String>,
     procs: HashMap<i32, ProcState>,
+    /// The files of running processes, opened through /proc/PID/map_files and held.
+    objects: Objects,
 }
 
 impl Allocators {
@@ -199,7 +222,23 @@ impl Allocators {
             scans: HashMap::new(),
             functions: Vec::new(),
             procs: HashMap::new(),
+            objects: Objects::default(),
         }
+    }
+
+    /// Forgets what was probed in `pid` (its links are gone: a new image, or it exited).
+    /// `keep_lines`: what was said of it stays known, so that a new image that probes the same
+    /// is not said twice.
+    pub fn forget(&mut self, pid: i32, keep_lines: bool) {
+        let said = self.procs.remove(&pid).map(|p| p.said).unwrap_or_default();
+        if keep_lines {
+            self.procs.entry(pid).or_default().said = said;
+        }
+    }
+
+    /// How long `pid` has been traced.
+    pub fn traced_for(&self, pid: i32) -> std::time::Duration {
+        self.procs.get(&pid).map(|p| p.since.elapsed()).unwrap_or_default()
     }
 
     /// The probed function with this id (the high half of its cookie, `trace_event.fn`).
@@ -207,36 +246,39 @@ impl Allocators {
         self.functions.get((id as usize).checked_sub(1)?).map(String::as_str)
     }
 
-    /// A -p process: every object it maps, in its link map's order.
-    pub fn discover_running(&mut self, pid: i32, objects: &mut Objects) -> Result<ProbeSet> {
+    /// A running process: every object it maps, in its link map's order. `forked`: started by
+    /// a traced process, whose image it has (nothing said again).
+    pub fn discover_running(&mut self, pid: i32, forked: bool) -> Result<ProbeSet> {
         let mut notes = Vec::new();
-        let cands = running_candidates(pid, objects, &mut notes)?;
-        self.plan(pid, cands, Situation::Start, false, notes)
+        let cands = running_candidates(pid, &mut self.objects, &mut notes)?;
+        let situation = if forked { Situation::Forked } else { Situation::Start };
+        self.plan(pid, cands, situation, false, notes)
     }
 
     /// A -c command before it runs: the objects of its load order (`order`, from
-    /// `ldso::load_order`), as held since they were found.
-    pub fn discover_command(&mut self, pid: i32, order: &LoadOrder) -> Result<ProbeSet> {
+    /// `ldso::load_order`): an error if nothing in it can be traced (its probes come at its
+    /// exec stop).
+    pub fn check_command(&mut self, order: &LoadOrder) -> Result<()> {
         let cands = order_candidates(order);
-        self.plan(pid, cands, Situation::Start, true, Vec::new())
+        let r = self.plan(0, cands, Situation::Start, true, Vec::new());
+        self.procs.remove(&0);
+        r.map(|_| ())
     }
 
-    /// At an exec stop: the new image's load order (`ldso::load_order_after_exec`). Objects
-    /// probed before stay probed (a probe is on the file, for this process).
-    pub fn discover_exec(&mut self, pid: i32, order: &LoadOrder) -> ProbeSet {
+    /// At an exec stop: the new image's load order (`ldso::load_order_after_exec`), every
+    /// object of it (the old image's links are dropped). An error says why nothing in it can
+    /// be traced.
+    pub fn discover_exec(&mut self, pid: i32, order: &LoadOrder) -> Result<ProbeSet> {
+        self.forget(pid, true);
         let cands = order_candidates(order);
-        self.plan(pid, cands, Situation::Exec, true, Vec::new()).unwrap_or_else(|e| ProbeSet {
-            pid,
-            notes: vec![format!("{e:#}")],
-            ..ProbeSet::default()
-        })
+        self.plan(pid, cands, Situation::Exec, true, Vec::new())
     }
 
     /// After a link-map change (dlopen): the objects mapped since. `late`: how long after the
     /// change memleak looked (None when the process was held until now).
-    pub fn discover_linkmap(&mut self, pid: i32, objects: &mut Objects, late: Option<Duration>) -> ProbeSet {
+    pub fn discover_linkmap(&mut self, pid: i32, late: Option<Duration>) -> ProbeSet {
         let mut notes = Vec::new();
-        let cands = match running_candidates(pid, objects, &mut notes) {
+        let cands = match running_candidates(pid, &mut self.objects, &mut notes) {
             Ok(c) => c,
             // Gone meanwhile: nothing to probe.
             Err(_) => return ProbeSet { pid, ..ProbeSet::default() },
@@ -396,11 +438,10 @@ impl Allocators {
         let any_allocator = chosen.iter().any(|(_, f)| has_allocator(f));
         if !any_allocator {
             let why = self.nothing_to_trace(pid, &cands, exe, &scans, go, command, obj_at);
-            if situation == Situation::Start && !(command && self.obj.is_some() && obj_at.is_none()) {
+            if matches!(situation, Situation::Start | Situation::Exec | Situation::Forked)
+                && !(command && self.obj.is_some() && obj_at.is_none())
+            {
                 bail!("{why}");
-            }
-            if situation == Situation::Exec {
-                notes.push(why);
             }
         } else if go && !self.procs.get(&pid).is_some_and(|p| p.go) {
             notes.push(format!(
@@ -411,7 +452,19 @@ impl Allocators {
 
         let state = self.procs.entry(pid).or_default();
         state.go |= go;
-        let mut set = ProbeSet { pid, notes, ..ProbeSet::default() };
+        // glibc's malloc is the one in use: it binds malloc (or -O names it).
+        let malloc_at = match obj_at {
+            Some(i) => Some(i),
+            None if self.obj.is_none() => (0..cands.len())
+                .find(|&i| scans[i].as_ref().is_some_and(|s| s.found.iter().any(|f| f.symbol == "malloc"))),
+            None => None,
+        };
+        let glibc = self.prefix.is_empty()
+            && malloc_at.is_some_and(|i| {
+                is_c_library(&cands[i].shown, scans[i].as_ref().and_then(|s| s.soname.as_deref()))
+                    && !cands[i].shown.to_string_lossy().contains("musl")
+            });
+        let mut set = ProbeSet { pid, notes, glibc, ..ProbeSet::default() };
         let mut conflicts = Vec::new();
         for (i, found) in &chosen {
             let c = &cands[*i];
@@ -449,6 +502,7 @@ impl Allocators {
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,
+                Situation::Forked => false,
                 Situation::LinkMap(_) => new,
             };
             if print && has_allocator(found) {
@@ -465,15 +519,13 @@ impl Allocators {
                 set.lines.push(line);
             }
         }
-        if situation != Situation::Start && !matches!(situation, Situation::LinkMap(_)) {
+        if matches!(situation, Situation::Start | Situation::Exec) {
             let state = self.procs.get_mut(&pid).unwrap();
             if state.said == set.lines {
                 set.lines.clear();
             } else {
                 state.said = set.lines.clone();
             }
-        } else if situation == Situation::Start {
-            self.procs.get_mut(&pid).unwrap().said = set.lines.clone();
         }
         Ok(set)
     }
@@ -698,6 +750,14 @@ fn running_candidates(pid: i32, objects: &mut Objects, notes: &mut Vec<String>) 
         });
     }
     Ok(out)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, bpf_ktime_get_ns's clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Whether process `pid` made an allocation call through a probed function since tracing

@@ -88,6 +88,8 @@ struct task_struct {
 	int pid;
 	int tgid;
 	struct mm_struct *mm;
+	unsigned int ptrace;        /* PT_PTRACED when a tracer holds it */
+	struct task_struct *parent; /* its tracer while ptraced */
 } __attribute__((preserve_access_index));
 
 struct linux_binprm;

@@ -22,17 +22,30 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define RECORD_MAP_FLAGS BPF_F_NO_PREALLOC
 #include "records.bpf.h"
 
+/*
+ * The processes memleak traces (pid → 0), kept by user space. The probes themselves are
+ * attached per process, so only these processes run the programs; the map tells the exec
+ * tracepoint whose records to end.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} traced SEC(".maps");
+
+/* Execs and link-map changes of traced processes, for user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 16);
+} proc_events SEC(".maps");
+
 /* Set by the loader before load. */
-const volatile bool need_exec = false; /* -c: ignore calls until the command has exec'd */
-const volatile __u32 target_tgid = 0;
-/* -c: memleak ptraces the command's main thread; a link-map change there stops it (SIGSTOP,
- * which memleak's ptrace takes and suppresses) until the new objects' probes are attached. */
-const volatile bool stop_on_linkmap = false;
+/* memleak's own process: a thread it ptraces (task->parent) waits at a link-map change
+ * (SIGSTOP, which memleak's ptrace takes and suppresses) until the new objects are probed. */
+const volatile __u32 memleak_tgid = 0;
 /* bpf_find_vma exists (5.17): an allocator's own mmaps are told from the program's. */
 const volatile bool have_find_vma = false;
-
-/* Set by sched_process_exec for target_tgid (or by the loader when need_exec is off). */
-bool armed = false;
 
 #include "unwind.bpf.h"
 
@@ -77,14 +90,8 @@ struct {
 	__type(value, __u32);
 } heap_seen SEC(".maps");
 
-/* Link-map changes (dlopen, dlclose): user space looks for new allocator objects. */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4096);
-} linkmap_events SEC(".maps");
-
-/* Threads stopped at a link-map change (stop_on_linkmap): tid -> pid. User space takes the
- * entry when the SIGSTOP reaches its ptrace, and suppresses that signal. */
+/* Threads stopped at a link-map change: tid -> pid. User space takes the entry when the
+ * SIGSTOP reaches its ptrace, and suppresses that signal. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -106,9 +113,6 @@ struct {
 } allocator_files SEC(".maps");
 
 #define SIGSTOP_ 19
-
-/* Never used: puts the event type into BTF for the generated skeleton. */
-struct linkmap_event btf_linkmap_event __attribute__((unused));
 
 /* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
 
@@ -145,6 +149,7 @@ static __always_inline __u32 unwind_frame_pointers(struct pt_regs *ctx, struct s
 
 static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_state *ts)
 {
+	ts->stack.pid = bpf_get_current_pid_tgid() >> 32;
 	if (frame_pointers_only)
 		ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
 	else
@@ -253,19 +258,24 @@ static __always_inline bool allocator_own_call(__u64 sp)
 
 /*
  * _dl_debug_state: the dynamic linker changed the link map. User space is told (it reads the
- * link map and probes the new objects); a ptraced thread also stops until that is done.
+ * link map and probes the new objects); a thread memleak ptraces also stops until that is done.
  */
 static __always_inline void on_linkmap(__u32 pid, __u32 tid)
 {
-	struct linkmap_event *e = bpf_ringbuf_reserve(&linkmap_events, sizeof(*e), 0);
+	struct proc_event *e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
+	struct task_struct *task = bpf_get_current_task_btf();
 
 	if (e) {
+		e->kind = PEV_LINKMAP;
 		e->pid = pid;
 		e->tid = tid;
+		e->pad = 0;
 		e->time_ns = bpf_ktime_get_ns();
 		bpf_ringbuf_submit(e, 0);
+	} else {
+		count(CNT_PROC_EVENTS_LOST);
 	}
-	if (stop_on_linkmap && pid == target_tgid && tid == pid &&
+	if (memleak_tgid && BPF_CORE_READ(task, ptrace) && BPF_CORE_READ(task, parent, tgid) == memleak_tgid &&
 	    !bpf_map_update_elem(&linkmap_stops, &tid, &pid, BPF_ANY))
 		bpf_send_signal_thread(SIGSTOP_);
 }
@@ -279,9 +289,6 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 	__u64 sp = PT_REGS_SP(ctx), size, arg, arg2 = 0, arg3 = 0, id = bpf_get_current_pid_tgid();
 	__u32 pid = id >> 32, op = COOKIE_OP(cookie), fn = COOKIE_ID(cookie);
 	struct call_args args;
-
-	if (need_exec && !armed)
-		return 1;
 
 	switch (op) {
 	case OP_FREE:
@@ -518,20 +525,19 @@ static long drop_record(void *map, struct alloc_key *key, struct alloc_info *inf
 }
 
 /*
- * exec of the target: -c opens tracing here (the probes were attached before exec and only the
- * command's own image counts); any later exec replaces the image, so the blocks it held are
- * gone and their records end.
+ * exec of a traced process: the old image's memory is gone, so the blocks it held are too and
+ * their records end; user space is told (a process memleak does not ptrace gets its allocator
+ * found again).
  */
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_binprm *bprm)
 {
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
-
+	struct proc_event *e;
 	struct task_state *ts;
 
-	if (pid != target_tgid)
+	if (!bpf_map_lookup_elem(&traced, &pid))
 		return 0;
-	armed = true;
 	/* The new image's allocation calls are checked afresh (it may bypass what was probed). */
 	ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0, 0);
 	if (ts) {
@@ -541,5 +547,20 @@ int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_bi
 	bpf_map_delete_elem(&heap_seen, &pid);
 	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
 	bpf_for_each_map_elem(&mappings, drop_mapping, &pid, 0);
+	e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
+	if (e) {
+		e->kind = PEV_EXEC;
+		e->pid = pid;
+		e->tid = pid;
+		e->pad = 0;
+		e->time_ns = bpf_ktime_get_ns();
+		bpf_ringbuf_submit(e, 0);
+	} else {
+		count(CNT_PROC_EVENTS_LOST);
+	}
 	return 0;
 }
+
+/* The proc_event types into BTF, for the skeleton's Rust types. */
+struct proc_event btf_proc_event __attribute__((unused));
+enum proc_event_kind btf_proc_event_kind __attribute__((unused));

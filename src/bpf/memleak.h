@@ -30,13 +30,6 @@ enum alloc_op {
 #define COOKIE_PTR(c) (((__u32)(c) >> 16) & 0xf)
 #define COOKIE_ID(c) ((__u32)((c) >> 32))
 
-/* A link-map change (dlopen, dlclose) in a traced process: user space looks for new objects. */
-struct linkmap_event {
-	__u32 pid;
-	__u32 tid;
-	__u64 time_ns; /* CLOCK_MONOTONIC */
-};
-
 /* Kernel mode's BPF cookie and -t function: which tracepoint fired (the first values were user
  * mode's before the cookie carried the call's meaning). */
 enum fn_kind {
@@ -114,6 +107,11 @@ struct combined_info {
 struct stack {
 	__u32 depth;
 	__u32 truncated; /* 1 if the walk stopped at MAX_STACK_DEPTH */
+	/* The process whose stack it is (part of the hash: each process's stacks, and their
+	 * allocation counts, are its own; a report can then say where its frames live). 0 in
+	 * kernel mode, whose stacks every process shares. */
+	__u32 pid;
+	__u32 pad;
 	/* Allocations from this stack since tracing began, and their bytes (atomic adds; not part
 	 * of the hash): pprof's alloc_objects and alloc_space. */
 	__u64 alloc_count;
@@ -145,7 +143,8 @@ enum counter {
 	CNT_RETURN_MISSED = 16,  /* an allocation call whose return was never seen: its block untracked */
 	CNT_MAPPINGS_FULL = 17,  /* mapping map full: a mapping, or a piece of one, untracked */
 	CNT_RANGE_OVERFLOW = 18, /* an unmap or mprotect overlapped more mappings than it can handle */
-	NR_COUNTERS = 19,
+	CNT_PROC_EVENTS_LOST = 19, /* an exec of a traced process not told to user space (ring full) */
+	NR_COUNTERS = 20,
 };
 
 /* ---- Unwind tables, built from each object's .eh_frame (src/unwind/, docs/unwinding.md). */
@@ -221,9 +220,25 @@ enum unwind_object_state {
 struct unwind_met {
 	__u32 dev;
 	__u32 id;
+	__u32 pid; /* the process that maps it (its /proc/PID/map_files opens it) */
+	__u32 pad;
 	__u64 ino;
 	__u64 start;
 	__u64 end;
+};
+
+/* What happened to a traced process, for user space (the proc_events ring buffer). */
+enum proc_event_kind {
+	PEV_EXEC = 1, /* it exec'd: its old image's blocks are gone, its allocator may have changed */
+	PEV_LINKMAP = 2, /* its link map changed (dlopen, dlclose): new objects may define allocators */
+};
+
+struct proc_event {
+	__u32 kind; /* enum proc_event_kind */
+	__u32 pid;
+	__u32 tid;  /* the thread it happened in */
+	__u32 pad;
+	__u64 time_ns; /* bpf_ktime_get_ns() */
 };
 
 enum event_kind {

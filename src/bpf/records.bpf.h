@@ -93,6 +93,8 @@ static __always_inline __u64 stack_hash(const struct stack *st)
 {
 	__u64 h = 0xcbf29ce484222325ULL ^ st->depth;
 
+	h = (h ^ st->pid) * 0x100000001b3ULL;
+
 	for (int i = 0; i < MAX_STACK_DEPTH; i++) {
 		if (i >= st->depth)
 			break;

@@ -278,7 +278,7 @@ static __always_inline struct unwind_vma *unwind_find_vma(struct unwind_scratch 
 		/* Until user space has opened it, each walk that looks it up wakes it again (a
 		 * library unloaded before user space woke may be mapped again later). Full: user
 		 * space has been woken already. */
-		struct unwind_met met = { .dev = f.dev, .id = obj->id, .ino = f.ino, .start = f.start, .end = f.end };
+		struct unwind_met met = { .dev = f.dev, .id = obj->id, .pid = bpf_get_current_pid_tgid() >> 32, .ino = f.ino, .start = f.start, .end = f.end };
 
 		bpf_ringbuf_output(&unwind_wakeup, &met, sizeof(met), 2 /* BPF_RB_FORCE_WAKEUP */);
 	}

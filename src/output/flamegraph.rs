@@ -50,7 +50,7 @@ const GLYPH: f64 = FONT * 0.59;
 pub fn svg(snap: &Snapshot) -> String {
     let mut root = Node::default();
     let mut count = 0u64;
-    for p in &snap.processes {
+    for p in snap.whole_job() {
         for s in p.stacks.iter().filter(|s| s.count > 0) {
             root.add(&super::folded_frames(snap, p, s), s.bytes);
             count += s.count;
@@ -70,7 +70,8 @@ pub fn svg(snap: &Snapshot) -> String {
         r#"<text x="{}" y="22" font-family="Verdana, sans-serif" font-size="17" text-anchor="middle">Outstanding memory</text>"#,
         WIDTH / 2.0
     );
-    let who = match snap.processes.as_slice() {
+    let job: Vec<&crate::snapshot::ProcessSnapshot> = snap.whole_job().collect();
+    let who = match job.as_slice() {
         [_] if snap.kernel => "the kernel".to_string(),
         [p] => format!("{} (pid {})", p.comm, p.pid),
         ps => format!("{} processes", ps.len()),

@@ -20,7 +20,7 @@ impl super::Format for Folded {
 
 pub fn folded(snap: &Snapshot) -> String {
     let mut out = String::new();
-    for p in &snap.processes {
+    for p in snap.whole_job() {
         for s in p.stacks.iter().filter(|s| s.count > 0) {
             let _ = writeln!(out, "{} {}", super::folded_frames(snap, p, s).join(";"), s.bytes);
         }

@@ -63,8 +63,12 @@ struct Process<'a> {
     alloc_allocations: u64,
     /// How many stacks hold memory (all are listed below).
     stack_count: u64,
-    /// Reachability summary (issue 11): null until a scan gives one.
+    /// Reachability summary (issue 11): null unless the report is classified.
     summary: Option<Vec<SummaryClass<'a>>>,
+    /// What a reachability scan could not do, or why the report is not classified.
+    warnings: Vec<&'a str>,
+    /// With --suppressions: what they left out of `stacks` (and of the totals above).
+    suppressed: Option<Young>,
     /// Blocks younger than -o, left out of `stacks` (not in the totals above).
     young: Young,
     stacks: Vec<Stack<'a>>,
@@ -152,6 +156,8 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
             summary: p.summary.as_ref().map(|s| {
                 s.classes.iter().map(|(c, b, n)| SummaryClass { class: c, bytes: *b, allocations: *n }).collect()
             }),
+            warnings: p.warnings.iter().map(String::as_str).collect(),
+            suppressed: p.suppressed.map(|(bytes, n)| Young { allocations: n, bytes }),
             young: Young { allocations: p.young.0, bytes: p.young.1 },
             stacks: p
                 .stacks
@@ -207,7 +213,7 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
         losses: losses(&snap.losses),
         warnings: super::text::loss_lines(&snap.losses, max_allocs)
             .into_iter()
-            .chain(snap.processes.iter().flat_map(|p| p.warnings.iter().cloned()))
+            .chain(snap.warnings.iter().cloned())
             .collect(),
         modules,
         processes,

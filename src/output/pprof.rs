@@ -133,7 +133,7 @@ pub fn profile(snap: &Snapshot, kernel_build_id: Option<String>) -> Profile {
     let scale = i64::from(snap.sample_rate.max(1));
     let mut samples = Vec::new();
     let mut main_mapping = None;
-    for p in &snap.processes {
+    for p in snap.whole_job() {
         for s in &p.stacks {
             let mut location_id = Vec::with_capacity(s.frames.len());
             for f in s.frames.iter() {

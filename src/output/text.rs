@@ -6,7 +6,7 @@ use std::fmt::Write;
 use crate::cli::{Config, SortKey};
 use crate::collector::Losses;
 use crate::loader::{MAX_COMBINED, MAX_STACKS};
-use crate::snapshot::{Snapshot, StackEntry};
+use crate::snapshot::{CLASS_ORDER, LeakSummary, Snapshot, StackEntry, class_rank};
 
 pub struct Text {
     pub opts: Options,
@@ -44,7 +44,11 @@ impl super::Format for Text {
 /// The stacks a report shows of one process: of those holding memory, the `top` first by
 /// `sort`, in ascending order.
 pub fn select(stacks: &[StackEntry], sort: SortKey, top: usize) -> Vec<&StackEntry> {
-    let mut v: Vec<&StackEntry> = stacks.iter().filter(|s| s.count > 0).collect();
+    select_among(stacks.iter().collect(), sort, top)
+}
+
+fn select_among(mut v: Vec<&StackEntry>, sort: SortKey, top: usize) -> Vec<&StackEntry> {
+    v.retain(|s| s.count > 0);
     v.sort_by_key(|s| s.rank(sort));
     let skip = v.len().saturating_sub(top);
     v.drain(..skip);
@@ -168,10 +172,9 @@ pub struct Options {
 pub fn format(time: &str, opts: &Options, snap: &Snapshot) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "[{time}] Top {} stacks with outstanding allocations:", opts.top);
-    for line in loss_lines(&snap.losses, opts.max_allocs) {
-        let _ = writeln!(out, "\tWARNING: {line}");
-    }
-    for line in snap.processes.iter().flat_map(|p| &p.warnings) {
+    let scans = snap.processes.iter().flat_map(|p| p.warnings.iter().cloned());
+    for line in loss_lines(&snap.losses, opts.max_allocs).into_iter().chain(snap.warnings.iter().cloned()).chain(scans)
+    {
         let _ = writeln!(out, "\tWARNING: {line}");
     }
     // Not a loss, but blocks the report does not show: said, so that none seems missed.
@@ -185,11 +188,52 @@ pub fn format(time: &str, opts: &Options, snap: &Snapshot) -> String {
         if several {
             let _ = writeln!(out, "pid {} ({}):", p.pid, p.comm);
         }
-        for s in select(&p.stacks, opts.sort, opts.top) {
+        for s in select_by_class(&p.stacks, opts.sort, opts.top) {
             stack(&mut out, opts, s);
+        }
+        if p.summary.is_none()
+            && let Some((bytes, n)) = p.suppressed
+        {
+            let _ = writeln!(out, "\tsuppressed: {bytes} bytes in {n} allocations");
+        }
+    }
+    for p in &snap.processes {
+        if let Some(sum) = &p.summary {
+            leak_summary(&mut out, time, p, sum);
         }
     }
     out
+}
+
+/// Of a classified process, each class's `top` first, the classes in valgrind's order; of one
+/// that is not, [`select`]'s.
+pub fn select_by_class(stacks: &[StackEntry], sort: SortKey, top: usize) -> Vec<&StackEntry> {
+    if stacks.iter().all(|s| s.class.is_none()) {
+        return select(stacks, sort, top);
+    }
+    let mut by_class: Vec<Vec<&StackEntry>> = vec![Vec::new(); CLASS_ORDER.len() + 1];
+    for s in stacks {
+        by_class[class_rank(s.class.as_deref())].push(s);
+    }
+    by_class.into_iter().flat_map(|group| select_among(group, sort, top)).collect()
+}
+
+/// valgrind's LEAK SUMMARY, in memleak's words for blocks.
+fn leak_summary(out: &mut String, time: &str, p: &crate::snapshot::ProcessSnapshot, sum: &LeakSummary) {
+    let _ = writeln!(out, "[{time}] Leak summary for pid {} ({}):", p.pid, p.comm);
+    for (class, bytes, n) in &sum.classes {
+        let _ = writeln!(out, "\t{class:>15}: {bytes} bytes in {n} allocations");
+        if class == "still reachable" && !sum.heuristics.is_empty() {
+            let _ = writeln!(out, "\t{:>15}  of which reachable via heuristic:", "");
+            for (h, bytes, n) in &sum.heuristics {
+                let _ = writeln!(out, "\t{:>15}    {h}: {bytes} bytes in {n} allocations", "");
+            }
+        }
+    }
+    if let Some((bytes, n)) = p.suppressed {
+        let _ = writeln!(out, "\t{:>15}: {bytes} bytes in {n} allocations", "suppressed");
+    }
+    let _ = writeln!(out, "\t{}", sum.scanned);
 }
 
 fn stack(out: &mut String, opts: &Options, s: &StackEntry) {
@@ -201,6 +245,9 @@ fn stack(out: &mut String, opts: &Options, s: &StackEntry) {
         }
     }
     let _ = write!(out, "\t{} bytes in {} allocations from stack", s.bytes, s.count);
+    if let Some(class) = &s.class {
+        let _ = write!(out, " ({class})");
+    }
     if opts.growth {
         let _ = write!(out, " ({:+} bytes since the last report)", s.growth.delta);
         if s.growth.growing {
@@ -387,5 +434,55 @@ mod tests {
             "[00:00:00] Top 10 stacks with outstanding allocations:\n\
              \tNOTE: 100 allocations (10000000 bytes) younger than 500 ms not shown (-o)\n"
         );
+    }
+
+    /// A classified report: each entry's class, -T of each class in valgrind's order, the scan's
+    /// warnings under the header, then the leak summary.
+    #[test]
+    fn classified_stacks_by_class_then_the_leak_summary() {
+        let mut big = st(1, 4096, 1);
+        big.class = Some("still reachable".into());
+        let mut lost = st(2, 24, 1);
+        lost.class = Some("definitely lost".into());
+        let mut lost2 = st(3, 40, 2);
+        lost2.class = Some("definitely lost".into());
+        let mut s = snap(vec![big, lost, lost2], Losses::default());
+        let p = &mut s.processes[0];
+        p.warnings = vec!["8192 bytes in 1 ranges could not be read".into()];
+        p.suppressed = Some((7, 1));
+        p.summary = Some(LeakSummary {
+            classes: vec![
+                ("definitely lost".into(), 64, 3),
+                ("indirectly lost".into(), 0, 0),
+                ("possibly lost".into(), 0, 0),
+                ("still reachable".into(), 4096, 1),
+            ],
+            heuristics: vec![("newarray".into(), 56, 1)],
+            scanned: "scanned 1.0 MiB of memory and the registers of 1 thread; the process was stopped 2.0 ms".into(),
+        });
+        // -T 1: the largest of each class, the small leak kept beside the larger cache.
+        let text = format("00:00:00", &opts(1), &s);
+        assert_eq!(
+            text,
+            "[00:00:00] Top 1 stacks with outstanding allocations:\n\
+             \tWARNING: 8192 bytes in 1 ranges could not be read\n\
+             \t40 bytes in 2 allocations from stack (definitely lost)\n\
+             \t\t[no frames]\n\
+             \t4096 bytes in 1 allocations from stack (still reachable)\n\
+             \t\t[no frames]\n\
+             [00:00:00] Leak summary for pid 42 (prog):\n\
+             \tdefinitely lost: 64 bytes in 3 allocations\n\
+             \tindirectly lost: 0 bytes in 0 allocations\n\
+             \t  possibly lost: 0 bytes in 0 allocations\n\
+             \tstill reachable: 4096 bytes in 1 allocations\n\
+             \t                 of which reachable via heuristic:\n\
+             \t                   newarray: 56 bytes in 1 allocations\n\
+             \t     suppressed: 7 bytes in 1 allocations\n\
+             \tscanned 1.0 MiB of memory and the registers of 1 thread; the process was stopped 2.0 ms\n"
+        );
+        // Not classified, suppressions applied: the count as the report's last line.
+        s.processes[0].summary = None;
+        let text = format("00:00:00", &opts(10), &s);
+        assert!(text.ends_with("\tsuppressed: 7 bytes in 1 allocations\n"), "{text}");
     }
 }

@@ -48,7 +48,8 @@ pub struct UnwindTables {
     registered: HashSet<Key>,
     /// How often each file met was chased (see [`UnwindTables::chase`]).
     chases: HashMap<Key, u32>,
-    last_maps: String,
+    /// Each process's /proc/PID/maps as last read: an unchanged one is skipped.
+    last_maps: HashMap<i32, String>,
     verbose: bool,
     generation: u32,
     /// Stats for the report and docs: objects built, rows, time spent.
@@ -68,7 +69,7 @@ impl UnwindTables {
             by_build_id: HashMap::new(),
             registered: HashSet::new(),
             chases: HashMap::new(),
-            last_maps: String::new(),
+            last_maps: HashMap::new(),
             verbose,
             generation: 0,
             built: 0,
@@ -99,7 +100,7 @@ impl UnwindTables {
     /// Cheap when /proc/PID/maps did not change. Returns whether something new was registered.
     pub fn sync_process(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32) -> bool {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return false };
-        if text == self.last_maps {
+        if self.last_maps.get(&pid) == Some(&text) {
             return false;
         }
         let mut added = false;
@@ -110,8 +111,13 @@ impl UnwindTables {
                 added |= self.register(skel, objects, i);
             }
         }
-        self.last_maps = text;
+        self.last_maps.insert(pid, text);
         added
+    }
+
+    /// Forgets process `pid`'s maps (it is gone).
+    pub fn forget(&mut self, pid: i32) {
+        self.last_maps.remove(&pid);
     }
 
     /// Registers a file opened before any process maps it (-c: the command's objects), named
@@ -129,20 +135,20 @@ impl UnwindTables {
 
     /// A walk met a file not opened yet (the BPF side's wake-up): opens it through its mapping
     /// while that lasts, and registers it.
-    pub fn met(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32, ev: &unwind_met) -> bool {
+    pub fn met(&mut self, skel: &MemleakSkel, objects: &mut Objects, ev: &unwind_met) -> bool {
         let key = (ev.dev, ev.ino);
         let i = objects.met(key, ev.id);
         if self.registered.contains(&key) {
             return false;
         }
-        objects.open_mapping(pid, &met_mapping(ev));
+        objects.open_mapping(ev.pid as i32, &met_mapping(ev));
         self.register(skel, objects, i)
     }
 
     /// Files met that could not be opened (unmapped, or another file there, by the time we
     /// looked): a library unloaded is often mapped again soon, at the same place (a
     /// dlopen/dlclose loop). Tries their ranges again for up to 2 ms, at most 50 times per file.
-    pub fn chase(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32, met: &[unwind_met]) {
+    pub fn chase(&mut self, skel: &MemleakSkel, objects: &mut Objects, met: &[unwind_met]) {
         let pending = |objects: &Objects, ev: &unwind_met| {
             objects.by_key((ev.dev, ev.ino)).is_some_and(|i| objects.get(i).file().is_none())
         };
@@ -159,7 +165,7 @@ impl UnwindTables {
             std::thread::sleep(std::time::Duration::from_micros(20));
             for ev in &chased {
                 if let Some(i) = objects.by_key((ev.dev, ev.ino)) {
-                    objects.open_mapping(pid, &met_mapping(ev));
+                    objects.open_mapping(ev.pid as i32, &met_mapping(ev));
                     self.register(skel, objects, i);
                 }
             }
@@ -168,8 +174,8 @@ impl UnwindTables {
     }
 
     /// Files the BPF side met but never told of (its wake-up buffer was full): from the
-    /// objects map, each opened if the process still maps it.
-    pub fn catch_up(&mut self, skel: &MemleakSkel, objects: &mut Objects, pid: i32) {
+    /// objects map, each opened if one of the processes `pids` still maps it.
+    pub fn catch_up(&mut self, skel: &MemleakSkel, objects: &mut Objects, pids: &[i32]) {
         let mut met = Vec::new();
         let r = crate::batch::for_each(&skel.maps.unwind_objects, |k, v| {
             let key: unwind_obj_key = crate::collector::read_pod(k);
@@ -184,12 +190,14 @@ impl UnwindTables {
         for &(key, id) in &met {
             objects.met(key, id);
         }
-        let Ok(maps) = ProcMaps::read(pid) else { return };
-        for m in maps.mappings.iter().filter(|m| m.is_file()) {
-            if let Some(&(key, _)) = met.iter().find(|(key, _)| *key == (m.kernel_dev(), m.inode)) {
-                let i = objects.open_mapping(pid, m);
-                if !self.registered.contains(&key) {
-                    self.register(skel, objects, i);
+        for &pid in pids {
+            let Ok(maps) = ProcMaps::read(pid) else { continue };
+            for m in maps.mappings.iter().filter(|m| m.is_file()) {
+                if let Some(&(key, _)) = met.iter().find(|(key, _)| *key == (m.kernel_dev(), m.inode)) {
+                    let i = objects.open_mapping(pid, m);
+                    if !self.registered.contains(&key) {
+                        self.register(skel, objects, i);
+                    }
                 }
             }
         }

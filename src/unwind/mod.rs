@@ -18,7 +18,6 @@ pub struct Unwinder<'a, 'obj> {
     pub tables: UnwindTables,
     /// Files the BPF side met that memleak has not opened yet (its wake-up ring buffer).
     pub met: Rc<RefCell<Vec<unwind_met>>>,
-    pub pid: i32,
 }
 
 impl Unwinder<'_, '_> {
@@ -28,37 +27,45 @@ impl Unwinder<'_, '_> {
     }
 
     /// Opens and registers the files the BPF side met (at once: a dlopen'd library may be
-    /// unloaded soon), and the tables of objects mapped since the last call (every tick).
-    pub fn sync(&mut self, objects: &mut Objects) {
+    /// unloaded soon), and the tables of objects the processes `pids` mapped since the last
+    /// call (every tick).
+    pub fn sync(&mut self, objects: &mut Objects, pids: &[i32]) {
         let mut met = std::mem::take(&mut *self.met.borrow_mut());
         // A file is met at every walk until it is opened: once each, at its latest range.
         met.reverse();
         let mut seen = std::collections::HashSet::new();
         met.retain(|ev| seen.insert((ev.dev, ev.ino)));
         for ev in &met {
-            self.tables.met(self.skel, objects, self.pid, ev);
+            self.tables.met(self.skel, objects, ev);
         }
-        self.tables.sync_process(self.skel, objects, self.pid);
-        self.tables.chase(self.skel, objects, self.pid, &met);
+        for &pid in pids {
+            self.tables.sync_process(self.skel, objects, pid);
+        }
+        self.tables.chase(self.skel, objects, &met);
         self.report_failures();
     }
 
     /// Every tick: also the files met whose wake-up was lost (its buffer was full).
-    pub fn tick(&mut self, objects: &mut Objects) {
-        self.sync(objects);
-        self.tables.catch_up(self.skel, objects, self.pid);
+    pub fn tick(&mut self, objects: &mut Objects, pids: &[i32]) {
+        self.sync(objects, pids);
+        self.tables.catch_up(self.skel, objects, pids);
         self.report_failures();
     }
 
-    /// At an exec stop (-c): the new executable's, its interpreter's and its libraries' tables,
-    /// before it runs its first instruction.
-    pub fn load_exec(&mut self, objects: &mut Objects) {
+    /// At an exec stop of process `pid`: the new executable's, its interpreter's and its
+    /// libraries' tables, before it runs its first instruction.
+    pub fn load_exec(&mut self, objects: &mut Objects, pid: i32) {
         // Found as its dynamic linker will find them (with the new image's environment), not
         // by running anything. If that fails, the tables still come as the objects get mapped.
-        if let Ok(order) = crate::ldso::load_order_after_exec(self.pid) {
+        if let Ok(order) = crate::ldso::load_order_after_exec(pid) {
             self.preload(objects, &order);
         }
-        self.sync(objects);
+        self.sync(objects, &[pid]);
+    }
+
+    /// Forgets what was kept of process `pid` (it is gone).
+    pub fn forget(&mut self, pid: i32) {
+        self.tables.forget(pid);
     }
 
     /// The tables of the objects a program maps at start, before it runs; the objects are

@@ -258,7 +258,7 @@ pub fn memleak(args: &[&str]) -> Proc {
 /// Starts memleak and waits until its probes are attached.
 pub fn memleak_attached(args: &[&str]) -> Proc {
     let mut m = memleak(args);
-    m.expect("Attaching to pid N", |l| l.starts_with("Attaching to pid ") && l.ends_with(", Ctrl+C to quit."));
+    m.expect("Attaching to pid N", |l| l.starts_with("Attaching to pid") && l.ends_with(", Ctrl+C to quit."));
     m
 }
 
@@ -303,6 +303,11 @@ pub struct Stack {
     pub frames: Vec<String>,
     /// The `addr = HEX size = N` lines printed before it (-a).
     pub addrs: Vec<(u64, u64)>,
+    /// In a classified report: "definitely lost", "indirectly lost", "possibly lost" or
+    /// "still reachable".
+    pub class: Option<String>,
+    /// With several processes in a report: the process whose `pid N (name):` line it is under.
+    pub pid: Option<i32>,
 }
 
 impl Stack {
@@ -355,9 +360,63 @@ pub struct Report {
     pub stacks: Vec<Stack>,
     /// Whether it came after a "Process N exited" line: the final report.
     pub after_exit: bool,
+    /// The pid of that line: whose final report it is.
+    pub exited: Option<i32>,
+    /// A classified report's leak summary.
+    pub leak_summary: Option<LeakSummary>,
+    /// An unclassified report's `suppressed: N bytes in M allocations` line.
+    pub suppressed: Option<(u64, u64)>,
+}
+
+/// The leak summary after a classified report.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeakSummary {
+    pub header: String,
+    /// (class, bytes, allocations), in the order printed.
+    pub classes: Vec<(String, u64, u64)>,
+    /// (heuristic, bytes, allocations) of "of which reachable via heuristic".
+    pub heuristics: Vec<(String, u64, u64)>,
+    pub suppressed: Option<(u64, u64)>,
+    /// The line saying what was scanned and how long the process was stopped.
+    pub scanned: String,
+}
+
+impl LeakSummary {
+    /// (bytes, allocations) of a class.
+    pub fn class(&self, words: &str) -> (u64, u64) {
+        self.classes
+            .iter()
+            .find(|c| c.0 == words)
+            .map(|c| (c.1, c.2))
+            .unwrap_or_else(|| panic!("no {words} in {self:?}"))
+    }
+}
+
+/// "N bytes in M allocations" → (N, M).
+fn bytes_in(s: &str) -> Option<(u64, u64)> {
+    let (b, n) = s.trim().split_once(" bytes in ")?;
+    Some((b.parse().ok()?, n.strip_suffix(" allocations")?.parse().ok()?))
+}
+
+pub fn is_summary_header(line: &str) -> bool {
+    line.starts_with('[') && line.contains("] Leak summary for pid ") && line.ends_with(':')
 }
 
 impl Report {
+    /// (innermost function of `module`, class, bytes, count) of every stack, summed by the
+    /// first two: the form in which a test compares a classified report with valgrind's.
+    pub fn classes_by_function(&self, module: &str) -> Vec<(String, String, u64, u64)> {
+        let mut m: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+        for s in &self.stacks {
+            let i = (0..s.frames.len()).find(|&i| s.module(i) == module);
+            let f = i.map_or("?".to_string(), |i| s.func(i).to_string());
+            let e = m.entry((f, s.class.clone().unwrap_or_default())).or_default();
+            e.0 += s.bytes;
+            e.1 += s.count;
+        }
+        m.into_iter().map(|((f, c), (b, n))| (f, c, b, n)).collect()
+    }
+
     /// (first frame's function, bytes, count) of every stack, sorted: the whole report in a
     /// form a test can compare exactly.
     pub fn summary(&self) -> Vec<(String, u64, u64)> {
@@ -386,21 +445,85 @@ pub fn is_exit_line(line: &str) -> bool {
 
 /// Splits output into reports. Lines that are neither a header nor tab-indented (a -c
 /// command's own output, -t lines) are skipped; a report's lines are written at once.
+/// The pid of an exit line: "[12:00:00] Process 123 exited with status 0."
+pub fn exit_line_pid(line: &str) -> Option<i32> {
+    line.split_once("] Process ")?.1.split(' ').next()?.parse().ok()
+}
+
+/// The pid of a report's process line, "pid 123 (name):", when there are several.
+fn section_pid(line: &str) -> Option<i32> {
+    let rest = line.strip_prefix("pid ")?;
+    rest.ends_with("):").then(|| rest.split(' ').next()?.parse().ok()).flatten()
+}
+
+/// Every final report (one per process that exited), by the pid that exited.
+pub fn final_reports(lines: &[String]) -> Vec<(i32, Report)> {
+    parse_reports(lines)
+        .into_iter()
+        .filter(|r| r.after_exit)
+        .map(|r| {
+            assert_plausible_symbols(&r);
+            (r.exited.expect("a final report follows its exit line"), r)
+        })
+        .collect()
+}
+
 pub fn parse_reports(lines: &[String]) -> Vec<Report> {
     let mut reports: Vec<Report> = Vec::new();
     let mut after_exit = false;
+    let mut exited: Option<i32> = None;
+    let mut section: Option<i32> = None;
     let mut pending_addrs: Vec<(u64, u64)> = Vec::new();
     for line in lines {
         if is_exit_line(line) {
             after_exit = true;
+            exited = exit_line_pid(line);
             continue;
         }
         if is_header(line) {
-            reports.push(Report { header: line.clone(), warnings: vec![], notes: vec![], stacks: vec![], after_exit });
+            reports.push(Report {
+                header: line.clone(),
+                warnings: vec![],
+                notes: vec![],
+                stacks: vec![],
+                after_exit,
+                exited: exited.take(),
+                leak_summary: None,
+                suppressed: None,
+            });
             pending_addrs.clear();
+            section = None;
             continue;
         }
         let Some(r) = reports.last_mut() else { continue };
+        if let Some(pid) = section_pid(line) {
+            section = Some(pid);
+            continue;
+        }
+        if is_summary_header(line) {
+            r.leak_summary = Some(LeakSummary { header: line.clone(), ..Default::default() });
+            continue;
+        }
+        if let Some(sum) = r.leak_summary.as_mut() {
+            let Some(rest) = line.strip_prefix('\t') else { continue };
+            let rest = rest.trim_start();
+            if rest.starts_with("scanned ") {
+                sum.scanned = rest.to_string();
+            } else if rest == "of which reachable via heuristic:" {
+            } else if let Some((what, n)) = rest.split_once(": ") {
+                let n = bytes_in(n).unwrap_or_else(|| panic!("bad summary line {line:?}"));
+                if what == "suppressed" {
+                    sum.suppressed = Some(n);
+                } else if ["definitely lost", "indirectly lost", "possibly lost", "still reachable"].contains(&what) {
+                    sum.classes.push((what.to_string(), n.0, n.1));
+                } else {
+                    sum.heuristics.push((what.to_string(), n.0, n.1));
+                }
+            } else {
+                panic!("unexpected summary line {line:?}");
+            }
+            continue;
+        }
         if let Some(frame) = line.strip_prefix("\t\t") {
             let s = r.stacks.last_mut().unwrap_or_else(|| panic!("a frame before any stack: {line:?}"));
             s.frames.push(frame.to_string());
@@ -415,20 +538,33 @@ pub fn parse_reports(lines: &[String]) -> Vec<Report> {
                     u64::from_str_radix(addr, 16).unwrap_or_else(|_| panic!("bad address in {line:?}")),
                     size.parse().unwrap_or_else(|_| panic!("bad size in {line:?}")),
                 ));
-            } else if let Some(s) = rest.strip_suffix(" allocations from stack") {
+            } else if let Some((s, class)) = stack_line(rest) {
                 let (bytes, count) = s.split_once(" bytes in ").unwrap_or_else(|| panic!("bad stack line {line:?}"));
                 r.stacks.push(Stack {
                     bytes: bytes.parse().unwrap_or_else(|_| panic!("bad bytes in {line:?}")),
                     count: count.parse().unwrap_or_else(|_| panic!("bad count in {line:?}")),
                     frames: vec![],
                     addrs: std::mem::take(&mut pending_addrs),
+                    class,
+                    pid: section,
                 });
+            } else if let Some(n) = rest.strip_prefix("suppressed: ") {
+                r.suppressed = Some(bytes_in(n).unwrap_or_else(|| panic!("bad line {line:?}")));
             } else {
                 panic!("unexpected report line {line:?}");
             }
         }
     }
     reports
+}
+
+/// "N bytes in M allocations from stack", with " (CLASS)" in a classified report.
+fn stack_line(rest: &str) -> Option<(&str, Option<String>)> {
+    if let Some(s) = rest.strip_suffix(" allocations from stack") {
+        return Some((s, None));
+    }
+    let (s, class) = rest.strip_suffix(')')?.split_once(" allocations from stack (")?;
+    Some((s, Some(class.to_string())))
 }
 
 /// The report printed after "Process N exited": exactly one, and it must be the last.

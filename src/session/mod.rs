@@ -1,0 +1,769 @@
+//! One event loop for a whole run: the processes traced (the registry), their ptrace stops
+//! (exec, exit, the processes they start), the signals memleak gets, the BPF ring buffers, a
+//! tick to keep symbols and unwind tables current and to find a cgroup's new members, and a
+//! report every interval. Kernel mode is the same loop with no process.
+pub mod ptrace;
+pub mod registry;
+
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use libbpf_rs::{Link, RingBuffer};
+
+use crate::cli::Config;
+use crate::output;
+use crate::report::{Reporter, Subject};
+use crate::signals::{self, Signals};
+use crate::skel::types::{proc_event, proc_event_kind};
+use crate::snapshot::Exit;
+use ptrace::Change;
+pub use registry::{Origin, Process, Registry};
+
+/// How often stacks are read and their addresses normalized while the processes live.
+const TICK: Duration = Duration::from_secs(1);
+/// How long the processes have, after memleak got a stop signal, to show that they are
+/// dying too (a terminal's Ctrl-C reaches the whole process group).
+const GRACE: Duration = Duration::from_millis(300);
+/// How long memleak waits for processes seen dying (a fatal signal pending or being
+/// delivered, or in their exit stop) to be gone.
+const DYING_WAIT: Duration = Duration::from_secs(10);
+
+/// Where in its life a process is when its probes are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// Stopped at an exec: a new image, before its first instruction (its libraries are not
+    /// mapped yet: they are found as its dynamic linker will find them).
+    Exec,
+    /// Stopped right after it was started by a traced process, whose mappings it has.
+    Forked,
+    /// Running (-p, a cgroup's member, an exec memleak learnt of afterwards).
+    Running,
+}
+
+/// A process's probes, attached.
+pub struct Attached {
+    pub links: Vec<Link>,
+    /// Its allocator is glibc's malloc.
+    pub glibc: bool,
+}
+
+/// What attaches a process's allocator probes (user mode; kernel mode has none).
+pub trait Prober {
+    /// Finds process `pid`'s allocator and attaches its probes. An error says why it cannot
+    /// be traced.
+    fn attach(&mut self, pid: i32, at: At) -> Result<Attached>;
+    /// Marks the process traced, or not, on the BPF side (its exec ends its records).
+    fn set_traced(&self, pid: i32, on: bool);
+    /// Process `pid`'s link map changed (dlopen), `late` after the change (None: it waited
+    /// for memleak): probes what it maps now that had no probes; the new links.
+    fn linkmap(&mut self, _pid: i32, _late: Option<Duration>) -> Vec<Link> {
+        Vec::new()
+    }
+    /// A SIGSTOP reached memleak's ptrace of thread `tid`: if the BPF side sent it (a link-map
+    /// change), the process's new objects are probed now: its pid and the new links, and the
+    /// signal is to be suppressed. None: a SIGSTOP of someone else's, delivered as usual.
+    fn own_stop(&mut self, _tid: i32) -> Option<(i32, Vec<Link>)> {
+        None
+    }
+    /// WARNING lines for process `pid`'s report (`exited`: its final one).
+    fn warnings(&self, _pid: i32, _exited: bool) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Every traced process exited.
+    Exited,
+    /// A stop signal, or the count of reports.
+    Stopped,
+}
+
+pub struct Session<'s, 'a, 'obj> {
+    pub cfg: &'a Config,
+    pub rep: Reporter<'a, 'obj>,
+    pub reg: Registry,
+    pub prober: Option<&'s mut dyn Prober>,
+    pub signals: &'s Signals,
+    /// The BPF ring buffers: -t lines, the unwinder's wake-ups, execs of traced processes.
+    pub ring: Option<RingBuffer<'s>>,
+    /// Execs the BPF side told of (processes memleak does not ptrace learn of theirs so).
+    pub execs: Rc<RefCell<Vec<proc_event>>>,
+    /// memleak follows the processes the traced ones start.
+    pub follow: bool,
+    /// Under sudo: the invoking user, the only one whose processes memleak traces when a
+    /// traced process starts them (a set-user-ID program, `sudo -u other`: not traced).
+    pub user: Option<(u32, u32)>,
+    /// --cgroup: its members are traced, those that join it later too.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Session<'_, '_, '_> {
+    /// Starts tracing a process that runs (-p, a cgroup's member): probes, tables, symbols;
+    /// seized when memleak follows it. Its exit is seen through ptrace or a pidfd.
+    pub fn add_running(&mut self, pid: i32, origin: Origin) -> Result<()> {
+        let mut p = Process::new(pid, origin);
+        if let Some(prober) = self.prober.as_deref_mut() {
+            prober.set_traced(pid, true);
+            let a = prober.attach(pid, At::Running)?;
+            (p.links, p.glibc) = (a.links, a.glibc);
+        }
+        if let Some(u) = self.rep.unwind.as_mut() {
+            u.sync(&mut self.rep.symbolizer.objects, &[pid]);
+        }
+        // The maps of the running process, read before it can exit, kept in case it exits
+        // before its stacks are read.
+        self.rep.symbolizer.reread_maps(pid);
+        if self.follow {
+            let threads = ptrace::seize_process(pid, ptrace::options(true))
+                .with_context(|| format!("cannot follow pid {pid} (ptrace)"))?;
+            for tid in threads.into_iter().filter(|&t| t != pid) {
+                self.reg.threads.insert(tid, pid);
+            }
+            p.ptraced = true;
+        } else if self.cfg.scan.mode == crate::scan::options::Mode::Every {
+            // --scan: its exit is classified too, at its exit stop: its main thread is seized.
+            match ptrace::seize(pid, ptrace::options(false)) {
+                Ok(()) => p.ptraced = true,
+                Err(e) => {
+                    errln!(
+                        "memleak: note: cannot trace process {pid} to its exit ({e}): its report after it exits will not be classified"
+                    );
+                    p.pidfd = pidfd_open(pid);
+                }
+            }
+        } else {
+            p.pidfd = pidfd_open(pid);
+        }
+        self.reg.insert(p);
+        Ok(())
+    }
+
+    /// Registers the -c command, forked and seized by the caller, before it execs: its probes
+    /// come at its exec stop.
+    pub fn add_command(&mut self, pid: i32) {
+        let mut p = Process::new(pid, Origin::Command);
+        p.ptraced = true;
+        if let Some(prober) = self.prober.as_deref() {
+            prober.set_traced(pid, true);
+        }
+        self.reg.command = Some(pid);
+        self.reg.insert(p);
+    }
+
+    /// Runs until every traced process has exited, a stop signal, or the count of reports.
+    pub fn run(&mut self) -> Result<End> {
+        let end = self.event_loop()?;
+        if let Some(r) = &self.ring {
+            let _ = r.consume();
+        }
+        if self.cfg.verbose
+            && let Some(u) = &self.rep.unwind
+        {
+            let l = crate::collector::Collector::losses(self.rep.maps.counters);
+            errln!(
+                "memleak: unwind: {} objects, {} rows built in {:.3} s; {} stacks unwound, {} ended early",
+                u.tables.built,
+                u.tables.rows_total,
+                u.tables.build_secs,
+                l.unwinds,
+                l.unwind_stops.total()
+            );
+        }
+        if self.cfg.verbose {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
+            errln!("memleak: peak memory (VmHWM) {peak}");
+        }
+        Ok(end)
+    }
+
+    /// The exit code of the run: the command's, if it exited (128+N if signal N killed it).
+    pub fn exit_code(&self) -> i32 {
+        let own = match self.reg.command_exit {
+            Some(Exit::Code(c)) => c,
+            _ => 0,
+        };
+        // --error-exitcode: leaks of the kinds that count in the final reports.
+        self.rep.scan.gate(self.cfg).unwrap_or(own)
+    }
+
+    /// What a report and a scan need to know of process `p`.
+    fn subject(&self, p: &Process, exit: Option<Exit>) -> Subject {
+        let mut traced: Vec<i32> = Vec::new();
+        if p.ptraced {
+            traced.push(p.pid);
+            traced.extend(self.reg.threads.iter().filter(|&(_, &owner)| owner == p.pid).map(|(&t, _)| t));
+        }
+        Subject {
+            pid: p.pid as u32,
+            comm: p.comm.clone(),
+            exit,
+            warnings: self.prober.as_deref().map(|pr| pr.warnings(p.pid, exit.is_some())).unwrap_or_default(),
+            scan: crate::scan::report::Subject {
+                traced,
+                from_start: matches!(p.origin, Origin::Command | Origin::Child { .. }),
+                glibc: p.glibc,
+            },
+        }
+    }
+
+    /// Stops a scan met for traced threads (their own events): handled as usual.
+    fn handle_foreign(&mut self) -> Result<()> {
+        for (tid, status) in std::mem::take(&mut self.rep.scan.foreign) {
+            self.handle(tid, ptrace::decode(status))?;
+        }
+        Ok(())
+    }
+
+    fn event_loop(&mut self) -> Result<End> {
+        let start = Instant::now();
+        let mut next_report = start.checked_add(self.cfg.interval);
+        // Kernel mode has nothing to normalize: its stacks are read when a report needs them.
+        let mut next_tick = if self.rep.kernel { None } else { start.checked_add(TICK) };
+        let mut reports = 0u64;
+        loop {
+            if !self.rep.kernel && self.reg.is_empty() && self.cgroup.is_none() {
+                return Ok(End::Exited);
+            }
+            let wake = match (next_report, next_tick) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = poll_timeout(wake, Instant::now());
+            let mut fds = vec![libc::pollfd { fd: self.signals.raw_fd(), events: libc::POLLIN, revents: 0 }];
+            if let Some(r) = &self.ring {
+                fds.push(libc::pollfd { fd: r.epoll_fd(), events: libc::POLLIN, revents: 0 });
+            }
+            let pidfds: Vec<i32> = self.reg.iter().filter(|p| p.pidfd.is_some()).map(|p| p.pid).collect();
+            for &pid in &pidfds {
+                let fd = self.reg.get(pid).and_then(|p| p.pidfd.as_ref()).map_or(-1, |f| f.as_raw_fd());
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            }
+            // SAFETY: fds is a live array of fds.len() pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(std::io::Error::last_os_error()).context("poll");
+            }
+            self.drain_rings()?;
+            if fds[0].revents & libc::POLLIN != 0 {
+                for sig in self.signals.read() {
+                    if signals::STOP.contains(&sig) {
+                        return self.stop();
+                    }
+                    if sig == libc::SIGCHLD {
+                        self.handle_changes()?;
+                    }
+                }
+            }
+            let first_pidfd = fds.len() - pidfds.len();
+            for (i, pid) in pidfds.iter().enumerate() {
+                if fds[first_pidfd + i].revents & libc::POLLIN != 0 {
+                    self.exited(*pid, Exit::Exited)?;
+                }
+            }
+            let now = Instant::now();
+            if let Some(tick) = next_tick
+                && now >= tick
+            {
+                self.tick()?;
+                next_tick = now.checked_add(TICK);
+            }
+            if let Some(due) = next_report
+                && now >= due
+            {
+                reports += 1;
+                let last = self.cfg.count.is_some_and(|c| reports >= c);
+                self.report(last)?;
+                if last {
+                    let running: Vec<String> = self.reg.pids().iter().map(|p| p.to_string()).collect();
+                    if !running.is_empty() && self.reg.command.is_some() {
+                        errln!(
+                            "memleak: {reports} reports printed; the command goes on running, untraced (pid {})",
+                            running.join(", ")
+                        );
+                    }
+                    return Ok(End::Stopped);
+                }
+                next_report = next_after(due, self.cfg.interval, now);
+            }
+        }
+    }
+
+    /// A periodic report: every process traced now.
+    fn report(&mut self, last: bool) -> Result<()> {
+        let subjects: Vec<Subject> = if self.rep.kernel {
+            vec![Subject { pid: 0, comm: "kernel".into(), exit: None, warnings: Vec::new(), scan: Default::default() }]
+        } else {
+            for p in self.reg.iter_mut() {
+                p.refresh_comm();
+            }
+            self.reg.iter().filter(|p| !p.starting).map(|p| self.subject(p, None)).collect()
+        };
+        self.rep.report(&subjects, last)?;
+        self.handle_foreign()
+    }
+
+    /// Reads the ring buffers and acts on what they said.
+    fn drain_rings(&mut self) -> Result<()> {
+        if let Some(r) = &self.ring {
+            r.consume().context("reading the BPF ring buffers")?;
+        }
+        let execs = std::mem::take(&mut *self.execs.borrow_mut());
+        let now = crate::allocator::monotonic_ns();
+        for e in execs {
+            let pid = e.pid as i32;
+            if e.kind == proc_event_kind::PEV_LINKMAP.0 {
+                // A dlopen: what it mapped may define allocator functions of its own.
+                let late = Duration::from_nanos(now.saturating_sub(e.time_ns));
+                if let Some(prober) = self.prober.as_deref_mut()
+                    && let Some(p) = self.reg.get_mut(pid)
+                {
+                    p.links.extend(prober.linkmap(pid, Some(late)));
+                }
+                continue;
+            }
+            // A ptraced process's exec is handled at its exec stop. Another may be anywhere in
+            // its new image's start-up: its libraries are found as for an exec stop, whether
+            // its dynamic linker has mapped them yet or not.
+            if self.reg.get(pid).is_some_and(|p| !p.ptraced) {
+                if let Some(u) = self.rep.unwind.as_mut() {
+                    u.load_exec(&mut self.rep.symbolizer.objects, pid);
+                }
+                self.reattach(pid, At::Exec);
+            }
+        }
+        if let Some(u) = self.rep.unwind.as_mut()
+            && u.woken()
+        {
+            // A file not opened yet is in use (dlopen, exec): open it now, while it is mapped
+            // (it may be unloaded by the next tick), and load its table.
+            let pids = self.reg.pids();
+            u.sync(&mut self.rep.symbolizer.objects, &pids);
+            self.rep.prepare_symbols()?;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let pids = self.reg.pids();
+        if let Some(u) = self.rep.unwind.as_mut() {
+            u.tick(&mut self.rep.symbolizer.objects, &pids);
+        }
+        self.rep.prepare_symbols()?;
+        if let Some(cg) = self.cgroup.clone() {
+            self.join_cgroup_members(&cg);
+        }
+        Ok(())
+    }
+
+    /// The members of the cgroup not traced yet: started from outside (or before memleak
+    /// could follow their parent), they are traced from now on.
+    pub fn join_cgroup_members(&mut self, cgroup: &std::path::Path) {
+        for pid in crate::cgroup::members(cgroup) {
+            if self.reg.contains(pid) || self.reg.threads.contains_key(&pid) || pid == std::process::id() as i32 {
+                continue;
+            }
+            if let Err(e) = crate::target::check_pid(pid)
+                .and_then(|_| crate::target::check_access(pid))
+                .and_then(|_| self.add_running(pid, Origin::Cgroup))
+            {
+                // It may be gone already; if not, say so once.
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    self.not_traced(pid, &format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    /// Says, in every report from now on, that process `pid` is not traced, and why.
+    fn not_traced(&mut self, pid: i32, why: &str) {
+        let comm = crate::snapshot::comm_of(pid as u32).unwrap_or_default();
+        let line = format!("pid {pid} ({comm}) is not traced: {why}");
+        errln!("memleak: WARNING: {line}");
+        self.rep.warnings.push(line);
+    }
+
+    /// Attaches process `pid`'s probes again (a new image); drops the old ones.
+    fn reattach(&mut self, pid: i32, at: At) {
+        let Some(prober) = self.prober.as_deref_mut() else { return };
+        match prober.attach(pid, at) {
+            Ok(a) => {
+                if let Some(p) = self.reg.get_mut(pid) {
+                    let old = std::mem::replace(&mut p.links, a.links);
+                    drop_links(old);
+                    p.glibc = a.glibc;
+                    p.refresh_comm();
+                }
+            }
+            Err(e) => {
+                let links = self.reg.get_mut(pid).map(|p| std::mem::take(&mut p.links)).unwrap_or_default();
+                drop_links(links);
+                self.not_traced(pid, &format!("{e:#}"));
+            }
+        }
+    }
+
+    /// Handles every pending change of the traced processes and threads.
+    fn handle_changes(&mut self) -> Result<()> {
+        while let Some((tid, change)) = ptrace::next_change() {
+            self.handle(tid, change)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, tid: i32, change: Change) -> Result<()> {
+        let pid = self.reg.process_of(tid);
+        match change {
+            Change::Exited(code) | Change::Killed(code) => {
+                let exit = if matches!(change, Change::Exited(_)) { code } else { 128 + code };
+                match pid {
+                    Some(p) if p == tid => self.exited(p, Exit::Code(exit))?,
+                    _ => {
+                        self.reg.threads.remove(&tid);
+                    }
+                }
+            }
+            Change::Event(event, sig) => self.event(tid, pid, event, sig)?,
+            Change::Signal(libc::SIGSTOP)
+                if let Some((p, links)) = self.prober.as_deref_mut().and_then(|pr| pr.own_stop(tid)) =>
+            {
+                // memleak's own stop at a dlopen: the new objects are probed; suppressed.
+                if let Some(pr) = self.reg.get_mut(p) {
+                    pr.links.extend(links);
+                }
+                ptrace::cont(tid, 0);
+            }
+            Change::Signal(sig) => {
+                // A signal on its way: delivered as it would be untraced. One that kills it
+                // marks it dying (a group Ctrl-C).
+                if let Some(p) = pid
+                    && signals::Masks::of(p).is_some_and(|m| m.kills(sig))
+                    && let Some(pr) = self.reg.get_mut(p)
+                {
+                    pr.dying = true;
+                }
+                ptrace::cont(tid, sig);
+            }
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, tid: i32, pid: Option<i32>, event: i32, sig: i32) -> Result<()> {
+        match event {
+            libc::PTRACE_EVENT_EXIT => {
+                if let Some(p) = pid
+                    && p == tid
+                {
+                    if let Some(pr) = self.reg.get_mut(p) {
+                        pr.dying = true;
+                    }
+                    // Its memory still exists: its blocks are classified now, for its final
+                    // report.
+                    if let Some(pr) = self.reg.get(p) {
+                        let who = self.subject(pr, None).scan;
+                        self.rep.scan_at_exit(p, tid, &who);
+                    }
+                    // Its memory map still exists: the last chance to normalize.
+                    self.rep.symbolizer.reread_maps(p);
+                    self.rep.prepare_symbols()?;
+                }
+                ptrace::cont(tid, 0);
+            }
+            libc::PTRACE_EVENT_EXEC => {
+                // After an exec the thread group is one thread, the process's own id.
+                let p = pid.unwrap_or(tid);
+                self.reg.threads.retain(|_, owner| *owner != p);
+                self.exec_stop(p);
+                ptrace::cont(p, 0);
+            }
+            libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK | libc::PTRACE_EVENT_CLONE => {
+                if let (Some(parent), Some(child)) = (pid, ptrace::event_msg(tid)) {
+                    self.started(parent, child as i32);
+                }
+                ptrace::cont(tid, 0);
+            }
+            libc::PTRACE_EVENT_STOP => {
+                if sig == libc::SIGTRAP {
+                    // A new child's (or thread's) first stop: a process waits until its probes
+                    // are on; see `started`.
+                    self.first_stop(tid);
+                } else {
+                    // A group-stop: it stays stopped, as it would untraced.
+                    ptrace::listen(tid);
+                }
+            }
+            _ => ptrace::cont(tid, 0),
+        }
+        Ok(())
+    }
+
+    /// A traced process started `child` (a process, or a thread of its own).
+    fn started(&mut self, parent: i32, child: i32) {
+        if is_thread_of(child, parent) {
+            self.reg.threads.insert(child, parent);
+            return;
+        }
+        if self.reg.contains(child) {
+            // Its first stop came first: it was started then.
+            return;
+        }
+        let mut p = Process::new(child, Origin::Child { parent });
+        p.ptraced = true;
+        p.starting = true;
+        self.reg.insert(p);
+    }
+
+    /// The first stop of an auto-attached thread or process: a new process waits in it until
+    /// its probes are on.
+    fn first_stop(&mut self, tid: i32) {
+        if let Some(p) = self.reg.get(tid) {
+            if p.starting {
+                self.start_child(tid);
+            } else {
+                ptrace::cont(tid, 0);
+            }
+            return;
+        }
+        if self.reg.threads.contains_key(&tid) {
+            ptrace::cont(tid, 0);
+            return;
+        }
+        // Its parent's event stop is still to come: a thread of a traced process, or a new
+        // process, known by its ids.
+        let (tgid, ppid) = ids_of(tid);
+        if let Some(tgid) = tgid.filter(|&g| g != tid && self.reg.contains(g)) {
+            self.reg.threads.insert(tid, tgid);
+            ptrace::cont(tid, 0);
+            return;
+        }
+        let mut p = Process::new(tid, Origin::Child { parent: ppid.unwrap_or(0) });
+        p.ptraced = true;
+        p.starting = true;
+        self.reg.insert(p);
+        self.start_child(tid);
+    }
+
+    /// Starts a new child: its probes (it has its parent's mappings), then it runs.
+    fn start_child(&mut self, pid: i32) {
+        let attached = match self.prober.as_deref_mut() {
+            Some(prober) => {
+                prober.set_traced(pid, true);
+                prober.attach(pid, At::Forked)
+            }
+            None => Ok(Attached { links: Vec::new(), glibc: false }),
+        };
+        match attached {
+            Ok(a) => {
+                if let Some(p) = self.reg.get_mut(pid) {
+                    p.links = a.links;
+                    p.glibc = a.glibc;
+                    p.starting = false;
+                    p.refresh_comm();
+                    if self.cfg.verbose
+                        && let Origin::Child { parent } = p.origin
+                    {
+                        errln!("memleak: following pid {pid} ({}), started by pid {parent}", p.comm);
+                    }
+                }
+                if let Some(u) = self.rep.unwind.as_mut() {
+                    u.sync(&mut self.rep.symbolizer.objects, &[pid]);
+                }
+                ptrace::cont(pid, 0);
+            }
+            Err(e) => {
+                self.not_traced(pid, &format!("{e:#}"));
+                self.untrace(pid);
+            }
+        }
+    }
+
+    /// An exec stop: a new image. Its allocator is found and probed before it runs, unless
+    /// it runs as a user memleak must not trace for the invoking one.
+    fn exec_stop(&mut self, pid: i32) {
+        if let Some(why) = self.forbidden(pid) {
+            self.not_traced(pid, &why);
+            self.untrace(pid);
+            return;
+        }
+        if let Some(u) = self.rep.unwind.as_mut() {
+            u.load_exec(&mut self.rep.symbolizer.objects, pid);
+        }
+        self.reattach(pid, At::Exec);
+    }
+
+    /// Why process `pid` must not be traced, if it must not: under sudo, a process that runs
+    /// with another user's or group's ids than the invoking user's (a set-user-ID program,
+    /// `sudo -u other`), as the kernel would not let that user trace it.
+    fn forbidden(&self, pid: i32) -> Option<String> {
+        let (uid, gid) = self.user?;
+        let (uids, gids) = ptrace::credentials(pid)?;
+        if uids.iter().all(|&u| u == uid) && gids.iter().all(|&g| g == gid) {
+            return None;
+        }
+        Some(format!(
+            "it runs as uid {} gid {} (set-user-ID or set-group-ID, or another user's), which the invoking user (uid {uid}) may not trace",
+            uids[1], gids[1]
+        ))
+    }
+
+    /// Stops tracing process `pid` (it goes on running): no probes, no ptrace, no records.
+    fn untrace(&mut self, pid: i32) {
+        if let Some(prober) = self.prober.as_deref() {
+            prober.set_traced(pid, false);
+        }
+        if let Some(p) = self.reg.remove(pid) {
+            if p.ptraced {
+                for tid in ptrace::threads(pid) {
+                    ptrace::detach(tid, 0);
+                }
+            }
+            drop_links(p.links);
+        }
+        self.rep.retire(pid as u32, None);
+    }
+
+    /// Process `pid` exited: its final report (everything it never freed), then it is
+    /// forgotten.
+    fn exited(&mut self, pid: i32, exit: Exit) -> Result<()> {
+        let Some(p) = self.reg.get(pid) else { return Ok(()) };
+        let starting = p.starting;
+        let subject = self.subject(p, Some(exit));
+        if starting {
+            self.untrace(pid);
+            return Ok(());
+        }
+        if self.reg.command == Some(pid) {
+            self.reg.command_exit = Some(exit);
+        }
+        let line = match exit {
+            Exit::Code(c) => format!("Process {pid} exited with status {c}."),
+            Exit::Exited => format!("Process {pid} exited."),
+        };
+        status(&self.rep, &line)?;
+        let last = self.reg.len() == 1 && self.cgroup.is_none();
+        let snaps = self.rep.report(&[subject], last)?;
+        if let Some(prober) = self.prober.as_deref() {
+            prober.set_traced(pid, false);
+        }
+        if let Some(p) = self.reg.remove(pid) {
+            drop_links(p.links);
+        }
+        self.rep.retire(pid as u32, snaps.into_iter().next());
+        Ok(())
+    }
+
+    /// A stop signal: the processes have a moment to show that they are dying too (a group
+    /// Ctrl-C); those that exit get their final reports, then the rest their last one.
+    fn stop(&mut self) -> Result<End> {
+        let start = Instant::now();
+        loop {
+            self.handle_changes()?;
+            if self.reg.is_empty() && !self.rep.kernel {
+                return Ok(End::Exited);
+            }
+            let dying = self.reg.iter().any(|p| p.dying || signals::Masks::of(p.pid).is_some_and(|m| m.dying()));
+            let limit = if dying { DYING_WAIT } else { GRACE };
+            let now = Instant::now();
+            if self.rep.kernel || self.reg.iter().all(|p| !p.ptraced) || now >= start + limit {
+                break;
+            }
+            self.signals.wait(poll_timeout(Some(start + limit), now));
+            // Another stop signal changes nothing; SIGCHLD is handled at the top.
+            let _ = self.signals.read();
+        }
+        self.report(true)?;
+        Ok(End::Stopped)
+    }
+}
+
+/// A process id's pidfd, through which its exit is seen; None if it is gone.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    // SAFETY: a non-negative return is a descriptor we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `tid` is a thread of process `pid` (not a process of its own).
+fn is_thread_of(tid: i32, pid: i32) -> bool {
+    tid != pid && ids_of(tid).0 == Some(pid)
+}
+
+/// The process (Tgid) and parent (PPid) of a thread id, from /proc/TID/status.
+fn ids_of(tid: i32) -> (Option<i32>, Option<i32>) {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok());
+    (field("Tgid:"), field("PPid:"))
+}
+
+/// Detaching uprobe links takes tens of milliseconds each (the kernel waits for the programs
+/// to be done with them): done on a thread beside the loop, so that no report, and no other
+/// process's stop, waits for it. A link whose process is gone traces nothing meanwhile.
+fn drop_links(links: Vec<Link>) {
+    if links.is_empty() {
+        return;
+    }
+    if std::thread::Builder::new().name("memleak-detach".into()).spawn(move || drop(links)).is_err() {
+        // No thread to be had: detached here, the loop waits.
+    }
+}
+
+/// The next time a period of `every` falls due after `now`; None if that is past the end of
+/// time (an interval of 2^64 seconds never comes round).
+pub fn next_after(due: Instant, every: Duration, now: Instant) -> Option<Instant> {
+    let next = due.checked_add(every)?;
+    if next >= now { Some(next) } else { now.checked_add(every) }
+}
+
+/// Milliseconds for poll until `wake` (rounded up, so that it does not wake early and spin),
+/// -1 for never.
+pub fn poll_timeout(wake: Option<Instant>, now: Instant) -> i32 {
+    let Some(wake) = wake else { return -1 };
+    let left = wake.saturating_duration_since(now);
+    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+}
+
+/// Prints a -t line for a BPF trace event (a ring buffer callback).
+pub fn trace_event(data: &[u8]) -> i32 {
+    use crate::skel::types::{event_kind, trace_event};
+    let e: trace_event = crate::collector::read_pod(data);
+    let line = if e.kind == event_kind::EV_ALLOC.0 {
+        format!("alloc exited, size = {}, result = {:x}\n", e.size, e.addr)
+    } else {
+        format!("free entered, address = {:x}, size = {}\n", e.addr, e.size)
+    };
+    let _ = output::write_out(&line);
+    0
+}
+
+/// Prints `line` as the report's status lines are (stdout, or stderr with --format json).
+pub fn status(rep: &Reporter, line: &str) -> Result<()> {
+    rep.outputs.status(&format!("[{}] {line}", output::now_hms()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_saturate_at_the_end_of_time() {
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(next_after(now, s, now), Some(now + s));
+        // A late report: the next one is a period after now, not in the past.
+        assert_eq!(next_after(now, s, now + 5 * s), Some(now + 6 * s));
+        // memleak -c true 18446744073709551615: no report ever, no overflow.
+        assert_eq!(next_after(now, Duration::from_secs(u64::MAX), now), None);
+        assert_eq!(poll_timeout(None, now), -1);
+        assert_eq!(poll_timeout(Some(now), now + s), 0);
+        // Rounded up: poll never returns just before the due time and spins.
+        assert_eq!(poll_timeout(Some(now + Duration::from_micros(1500)), now), 2);
+        assert_eq!(poll_timeout(Some(now + Duration::from_secs(1 << 40)), now), i32::MAX);
+    }
+}
