@@ -12,8 +12,8 @@ use crate::probes::AttachMode;
 use crate::session::{At, Attached, Prober};
 use crate::skel::MemleakSkel;
 
-/// A process that has been traced this long without one allocation call gets a WARNING in
-/// each report (in its final one, whatever the time).
+/// A process traced from its first instruction that has run this long without one allocation
+/// call gets a WARNING in each report; any process in its final one.
 const QUIET_WARNING_AFTER: Duration = Duration::from_secs(1);
 
 pub struct AllocProber<'a, 'obj> {
@@ -134,7 +134,9 @@ impl Prober for AllocProber<'_, '_> {
     }
 
     fn warnings(&self, pid: i32, exited: bool) -> Vec<String> {
-        if !exited && self.allocators.traced_for(pid) < QUIET_WARNING_AFTER {
+        // A process attached to midway may just be idle: said only in its final report.
+        let (time, from_start) = self.allocators.traced_for(pid);
+        if !exited && (!from_start || time < QUIET_WARNING_AFTER) {
             return Vec::new();
         }
         if calls_seen(&self.skel.maps.heap_seen, pid as u32).is_some() {

@@ -146,6 +146,8 @@ struct Probed {
 struct ProcState {
     /// When memleak began tracing it.
     since: std::time::Instant,
+    /// Traced from its first instruction (an exec stop, a child), not attached to midway.
+    from_start: bool,
     probed: HashMap<Key, Probed>,
     /// Keys in the order they were probed.
     order: Vec<Key>,
@@ -167,6 +169,7 @@ impl Default for ProcState {
     fn default() -> Self {
         ProcState {
             since: std::time::Instant::now(),
+            from_start: false,
             probed: HashMap::new(),
             order: Vec::new(),
             go: false,
@@ -236,9 +239,9 @@ impl Allocators {
         }
     }
 
-    /// How long `pid` has been traced.
-    pub fn traced_for(&self, pid: i32) -> std::time::Duration {
-        self.procs.get(&pid).map(|p| p.since.elapsed()).unwrap_or_default()
+    /// How long `pid` has been traced, and whether from its first instruction.
+    pub fn traced_for(&self, pid: i32) -> (std::time::Duration, bool) {
+        self.procs.get(&pid).map(|p| (p.since.elapsed(), p.from_start)).unwrap_or_default()
     }
 
     /// The probed function with this id (the high half of its cookie, `trace_event.fn`).
@@ -452,6 +455,7 @@ impl Allocators {
 
         let state = self.procs.entry(pid).or_default();
         state.go |= go;
+        state.from_start |= matches!(situation, Situation::Exec | Situation::Forked);
         // glibc's malloc is the one in use: it binds malloc (or -O names it).
         let malloc_at = match obj_at {
             Some(i) => Some(i),
