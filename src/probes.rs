@@ -67,9 +67,9 @@ pub fn entry_points(
             let mut code = vec![0u8; len];
             let n = read_at_most(file, &mut code, off);
             code.truncate(n);
-            let placement = place(&code);
+            let placement = place(&code, f.spec.reads());
             let file_offset = off + placement.delta;
-            let cookie = f.spec.cookie(id(&names, f.spec.display));
+            let cookie = f.spec.cookie_at(id(&names, f.spec.display), &placement.args);
             EntryPoint { names, op: f.spec.op, cookie, entry_offset: off, file_offset, placement }
         })
         .collect()

@@ -375,3 +375,30 @@ fn go_programs_say_what_is_not_traced() {
         out.stderr
     );
 }
+
+/// The allocators' malloc and free are probed on instructions the kernel emulates (a
+/// single-stepped probe costs about 10 us a call here): jemalloc's free and mimalloc's malloc
+/// copy or keep their argument in another register before the first such instruction, and
+/// the probe reads it there.
+#[test]
+fn allocator_entry_points_are_not_single_stepped() {
+    let prog = c_program();
+    for lib in PRELOADED {
+        let out = run_c(&["-v"], &preloaded(lib, &prog));
+        // The allocator's own lines follow its "attached to" line.
+        let at = out.stderr.find(&format!("attached to {LIBDIR}/{lib}")).unwrap_or_else(|| panic!("{}", out.stderr));
+        let own: Vec<&str> = out.stderr[at..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("memleak:   "))
+            .filter(|l| {
+                let names = l.split_whitespace().nth(1).unwrap_or("");
+                ["malloc", "free", "realloc", "_Znwm", "_ZdlPv"].contains(&names.split('/').next().unwrap_or(""))
+            })
+            .collect();
+        assert!(own.len() >= 4, "{lib}: {own:#?}\n{}", out.stderr);
+        for l in own {
+            assert!(!l.contains("single-stepped"), "{lib}: {l}");
+        }
+    }
+}

@@ -90,11 +90,39 @@ impl Spec {
     /// The BPF cookie: op in bits 0-7, the size, count and block argument numbers in bits
     /// 8-11, 12-15 and 16-19, and `id` (memleak's number for the probed function) in bits 32-63.
     pub fn cookie(&self, id: u32) -> u64 {
-        self.op.code()
-            | u64::from(self.size) << 8
-            | u64::from(self.count) << 12
-            | u64::from(self.ptr) << 16
-            | u64::from(id) << 32
+        self.cookie_at(id, &[0, 1, 2, 3, 4, 5, 6])
+    }
+
+    /// The cookie of a probe placed where argument n is in argument register `regs[n]` (the
+    /// function's code copied it there before the probed instruction: placement.rs).
+    pub fn cookie_at(&self, id: u32, regs: &[u8; 7]) -> u64 {
+        let at = |n: u8| u64::from(regs[usize::from(n).min(6)]) * u64::from(n != 0);
+        self.op.code() | at(self.size) << 8 | at(self.count) << 12 | at(self.ptr) << 16 | u64::from(id) << 32
+    }
+
+    /// The arguments its probe reads; whether they may be read from wherever the code moved
+    /// them (the BPF program reads the heap functions' at the registers the cookie names, the
+    /// mapping functions' at fixed ones).
+    pub fn reads(&self) -> crate::placement::Reads<'static> {
+        use crate::placement::Reads;
+        const NONE: &[u8] = &[];
+        match self.op {
+            Op::Mmap => Reads { args: &[2, 3, 4], movable: false },
+            Op::Munmap => Reads { args: &[1, 2], movable: false },
+            Op::Mremap => Reads { args: &[1, 2, 3, 4], movable: false },
+            Op::Mprotect => Reads { args: &[1, 2, 3], movable: false },
+            Op::LinkMap => Reads { args: NONE, movable: false },
+            _ => {
+                // Every combination the table uses, as static slices.
+                const SETS: &[&[u8]] =
+                    &[&[], &[1], &[2], &[3], &[4], &[1, 2], &[1, 3], &[2, 3], &[2, 4], &[3, 4], &[1, 2, 3], &[2, 3, 4]];
+                let mut want: Vec<u8> = [self.size, self.count, self.ptr].into_iter().filter(|&a| a != 0).collect();
+                want.sort();
+                want.dedup();
+                let args = SETS.iter().find(|s| **s == want.as_slice()).copied().unwrap_or(&[1, 2, 3, 4, 5, 6]);
+                Reads { args, movable: true }
+            }
+        }
     }
 }
 
@@ -359,6 +387,28 @@ mod tests {
                 assert_ne!(s.count, s.size, "{s:?}");
             }
         }
+    }
+
+    #[test]
+    fn every_row_reads_exactly_its_arguments() {
+        for s in SPECS {
+            let r = s.reads();
+            for a in [s.size, s.count, s.ptr].into_iter().filter(|&a| a != 0) {
+                assert!(r.args.contains(&a), "{s:?} reads {:?}", r.args);
+            }
+            if r.movable {
+                assert!(r.args.len() <= 3, "{s:?}: a set the table lacks: {:?}", r.args);
+            }
+        }
+    }
+
+    #[test]
+    fn a_moved_argument_is_named_where_it_is() {
+        let malloc = spec_of("malloc", "").unwrap();
+        // The size moved from rdi to rsi before the probed instruction.
+        assert_eq!(malloc.cookie_at(3, &[0, 2, 2, 3, 4, 5, 6]), 1 | 2 << 8 | 3 << 32);
+        let calloc = spec_of("calloc", "").unwrap();
+        assert_eq!(calloc.cookie_at(0, &[0, 1, 2, 3, 4, 5, 6]), calloc.cookie(0));
     }
 
     #[test]

@@ -219,8 +219,10 @@ static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 ad
 }
 
 /*
- * The call's arguments by number: args[0] is 0 ("none"), args[1..6] the registers. Read at
- * fixed offsets (the verifier refuses a context access at a computed one), then indexed.
+ * The registers a cookie names: a[0] is 0 ("none"), a[1..6] the argument registers, a[7] rax
+ * (where a function's code may have copied an argument before the probed instruction:
+ * src/placement.rs). Read at fixed offsets (the verifier refuses a context access at a
+ * computed one), then indexed.
  */
 struct call_args {
 	__u64 a[8];
@@ -235,7 +237,7 @@ static __always_inline void read_args(struct pt_regs *ctx, struct call_args *arg
 	args->a[4] = PT_REGS_PARM4(ctx);
 	args->a[5] = PT_REGS_PARM5(ctx);
 	args->a[6] = PT_REGS_PARM6(ctx);
-	args->a[7] = 0;
+	args->a[7] = ctx->ax;
 }
 
 /* Whether the call whose return address is at sp was made by an allocator's own code. */

@@ -7,9 +7,10 @@
 
 /*
  * The BPF cookie of every user-mode probe: what the call does and where its arguments are
- * (src/allocator/families.rs, Spec::cookie): op in bits 0-7, the argument numbers (1-6, 0 for
- * none) of the size, of a count multiplying it and of the block in bits 8-11, 12-15 and 16-19,
- * and memleak's id of the probed function in bits 32-63.
+ * (src/allocator/families.rs, Spec::cookie): op in bits 0-7, the registers holding the size, a
+ * count multiplying it and the block at the probed instruction in bits 8-11, 12-15 and 16-19
+ * (0: none; 1-6: the argument registers rdi, rsi, rdx, rcx, r8, r9, so at the entry the
+ * argument's number; 7: rax), and memleak's id of the probed function in bits 32-63.
  */
 enum alloc_op {
 	OP_ALLOC = 1,        /* returns a new block of size (times count) bytes, or NULL */
