@@ -3,30 +3,12 @@
 //! trace. Each process's final report is exact.
 mod common;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use common::*;
 
-/// Builds tests/fixtures/job/NAME.c into the test's own directory with `extra` flags.
 fn job_fixture(name: &str, extra: &[&str]) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("job");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/job").join(format!("{name}.c"));
-    let suffix = extra.iter().map(|f| f.trim_start_matches('-')).collect::<Vec<_>>().join("-");
-    let out = dir.join(if suffix.is_empty() { name.to_string() } else { format!("{name}-{suffix}") });
-    let tmp = dir.join(format!(".{}.{}", out.file_name().unwrap().to_string_lossy(), std::process::id()));
-    let st = Command::new("gcc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wall", "-Werror"])
-        .args(extra)
-        .arg("-o")
-        .arg(&tmp)
-        .arg(&src)
-        .status()
-        .expect("gcc runs");
-    assert!(st.success(), "gcc failed on {}", src.display());
-    std::fs::rename(&tmp, &out).expect("rename the fixture into place");
-    out
+    fixture_in("job", name, extra)
 }
 
 /// memleak's final reports, by the pid that exited: the summary of each.

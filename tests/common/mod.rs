@@ -46,17 +46,31 @@ pub fn fixture_without_libc(name: &str) -> PathBuf {
 
 /// Builds source `name` into target/tmp/fixtures/`out` with `extra` flags.
 fn build_fixture(name: &str, out: &str, extra: &[&str]) -> PathBuf {
+    let mut src = repo().join("tests/fixtures").join(format!("{name}.c"));
+    if !src.exists() {
+        src = repo().join("examples").join(format!("{name}.c"));
+    }
+    assert!(src.exists(), "no fixture source for {name}");
+    build_source(&src, out, extra)
+}
+
+/// Builds tests/fixtures/`sub`/`name`.c with `extra` flags (its name suffixed with them).
+pub fn fixture_in(sub: &str, name: &str, extra: &[&str]) -> PathBuf {
+    let src = repo().join("tests/fixtures").join(sub).join(format!("{name}.c"));
+    let flags: Vec<&str> = extra.iter().map(|f| f.trim_start_matches('-')).collect();
+    let out = if flags.is_empty() { format!("{sub}-{name}") } else { format!("{sub}-{name}-{}", flags.join("-")) };
+    build_source(&src, &out, extra)
+}
+
+/// Builds C source `src` into target/tmp/fixtures/`out` with `extra` flags, once per test
+/// process; safe when several tests (or test binaries) ask at once.
+fn build_source(src: &Path, out: &str, extra: &[&str]) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     // Held while compiling: a second thread asking for the same fixture waits for the first.
     let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = built.get(out) {
         return p.clone();
     }
-    let mut src = repo().join("tests/fixtures").join(format!("{name}.c"));
-    if !src.exists() {
-        src = repo().join("examples").join(format!("{name}.c"));
-    }
-    assert!(src.exists(), "no fixture source for {name}");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).expect("fixture directory");
     let key = out.to_string();
@@ -69,7 +83,7 @@ fn build_fixture(name: &str, out: &str, extra: &[&str]) -> PathBuf {
         .args(extra)
         .arg("-o")
         .arg(&tmp)
-        .arg(&src)
+        .arg(src)
         .status()
         .expect("gcc runs");
     assert!(status.success(), "gcc failed on {}", src.display());
