@@ -1,5 +1,6 @@
 //! Compiles the BPF C programs with clang and generates their libbpf-rs skeletons, and
-//! pprof's profile.proto (vendored in proto/) into Rust types, in Rust: no protoc needed.
+//! pprof's profile.proto (vendored in proto/) into Rust types, in Rust: no protoc needed; and
+//! the preload library of the in-process capture (crates/memleak-preload), which memleak embeds.
 use std::env;
 use std::path::PathBuf;
 
@@ -25,7 +26,27 @@ fn profile_proto() {
     println!("cargo:rerun-if-changed=proto/profile.proto");
 }
 
+/// The preload library (crates/memleak-preload), compiled by rustc directly: one source tree,
+/// no dependencies, panic=abort; memleak embeds the result (src/preload/mod.rs).
+fn preload_library() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let src = "crates/memleak-preload/src/lib.rs";
+    let status = std::process::Command::new(rustc)
+        .args(["--edition", "2024", "--crate-type", "cdylib", "--crate-name", "memleak_preload"])
+        .args(["-C", "opt-level=3", "-C", "panic=abort", "-C", "codegen-units=1", "-C", "strip=debuginfo"])
+        .arg("-o")
+        .arg(out.join("libmemleak_preload.so"))
+        .arg(src)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .unwrap_or_else(|e| panic!("running rustc for {src}: {e}"));
+    assert!(status.success(), "building {src} failed");
+    println!("cargo:rerun-if-changed=crates/memleak-preload/src");
+}
+
 fn main() {
+    preload_library();
     profile_proto();
     skeleton("memleak");
     skeleton("kmem");

@@ -173,6 +173,13 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
     pub attach: AttachChoice,
 
+    /// -c: how the malloc family is traced: a library preloaded into the command and the
+    /// processes it starts, which records in-process (no trap per call); uprobes; or auto: the
+    /// library where an image can take it (not static nor set-user-ID, and without -O, -S or
+    /// --attach)
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    pub capture: CaptureChoice,
+
     /// Say what was attached where (entry points and their file offsets), on stderr
     #[arg(short, long)]
     pub verbose: bool,
@@ -210,6 +217,13 @@ pub enum AttachChoice {
     Classic,
 }
 
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureChoice {
+    Auto,
+    Preload,
+    Uprobes,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// -p: running processes.
@@ -244,6 +258,8 @@ pub struct Config {
     pub count: Option<u64>,
     pub max_allocs: u32,
     pub attach: AttachChoice,
+    /// -c: in-process capture where an image can take it (src/preload/); false: uprobes.
+    pub preload: bool,
     pub verbose: bool,
     pub frame_pointers: bool,
     pub growth: bool,
@@ -298,6 +314,21 @@ impl Args {
         if target == Target::Kernel && self.attach != AttachChoice::Auto {
             bail!("--attach chooses how uprobes attach: it needs -p, -c or --cgroup (kernel mode uses tracepoints)");
         }
+        if self.capture == CaptureChoice::Preload && !matches!(target, Target::Command(_)) {
+            bail!("--capture preload runs a library inside the command: it needs -c (-p and --cgroup use uprobes)");
+        }
+        if self.capture == CaptureChoice::Preload && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
+            bail!("--capture preload interposes the standard allocator functions: -O and -S need --capture uprobes");
+        }
+        // auto: the library for -c, unless the user chose what to probe or how to attach.
+        let preload = matches!(target, Target::Command(_))
+            && match self.capture {
+                CaptureChoice::Preload => true,
+                CaptureChoice::Uprobes => false,
+                CaptureChoice::Auto => {
+                    self.obj.is_none() && self.symbols_prefix.is_empty() && self.attach == AttachChoice::Auto
+                }
+            };
         if self.combined_only && (self.show_allocs || self.older.is_some()) {
             bail!("--combined-only keeps per-stack totals only: -a and -o need per-allocation records");
         }
@@ -373,6 +404,7 @@ impl Args {
             count: self.count,
             max_allocs: self.max_allocs,
             attach: self.attach,
+            preload,
             verbose: self.verbose,
             frame_pointers: self.frame_pointers,
             growth: self.growth,

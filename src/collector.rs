@@ -86,22 +86,42 @@ pub struct Collector {
     stacks: HashMap<u64, (u32, Vec<RawFrame>)>,
     /// Allocations from each stack since tracing began, as last read.
     allocated: HashMap<u64, Allocated>,
+    /// The same, as the in-process capture counts them (src/preload/): a stack may be both
+    /// the library's (malloc) and the BPF side's (mmap).
+    allocated_extra: HashMap<u64, Allocated>,
 }
 
 impl Collector {
     pub fn new() -> Self {
-        Collector { stacks: HashMap::new(), allocated: HashMap::new() }
+        Collector { stacks: HashMap::new(), allocated: HashMap::new(), allocated_extra: HashMap::new() }
     }
 
     /// Every stack that allocated since tracing began, with what it allocated.
     pub fn allocated_stacks(&self) -> impl Iterator<Item = (u64, Allocated)> + '_ {
-        self.allocated.iter().filter(|(_, a)| a.count > 0).map(|(&id, &a)| (id, a))
+        let ids: std::collections::HashSet<u64> =
+            self.allocated.keys().chain(self.allocated_extra.keys()).copied().collect();
+        ids.into_iter().map(|id| (id, self.allocated(id))).filter(|(_, a)| a.count > 0)
     }
 
     /// What was allocated from a stack since tracing began, as of the last
     /// [`Collector::refresh_stacks`].
     pub fn allocated(&self, stack_id: u64) -> Allocated {
-        self.allocated.get(&stack_id).copied().unwrap_or_default()
+        let a = self.allocated.get(&stack_id).copied().unwrap_or_default();
+        let b = self.allocated_extra.get(&stack_id).copied().unwrap_or_default();
+        Allocated { count: a.count.saturating_add(b.count), bytes: a.bytes.saturating_add(b.bytes) }
+    }
+
+    /// A stack read elsewhere (the in-process capture): its frames the first time (None after),
+    /// and what was allocated from it since tracing began. True if its id is new.
+    pub fn add_stack(&mut self, id: u64, pid: u32, frames: Option<Vec<RawFrame>>, count: u64, bytes: u64) -> bool {
+        self.allocated_extra.insert(id, Allocated { count, bytes });
+        match (self.stacks.entry(id), frames) {
+            (std::collections::hash_map::Entry::Vacant(e), Some(f)) => {
+                e.insert((pid, f));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The frames of a stack read by [`Collector::refresh_stacks`].
@@ -119,6 +139,7 @@ impl Collector {
         for id in ids {
             self.stacks.remove(id);
             self.allocated.remove(id);
+            self.allocated_extra.remove(id);
         }
     }
 
@@ -150,7 +171,7 @@ impl Collector {
     }
 
     /// Outstanding allocations by process, then by stack, of the processes in `pids` (every
-    /// process: None). Records are keyed by {pid, addr} in BPF, so one read serves them all;
+    /// process: None), from the BPF maps and `more` (the in-process capture's regions). Records are keyed by {pid, addr} in BPF, so one read serves them all;
     /// kernel mode's are pid 0's. `min_age`: blocks younger are left out, and counted (not in
     /// combined mode, which keeps no per-allocation times). --combined-only keeps totals by
     /// stack only, without the process: they all go to the first pid asked for (or 0).
@@ -161,12 +182,25 @@ impl Collector {
         min_age: Duration,
         blocks: bool,
         combined: bool,
+        more: Option<&dyn MoreRecords>,
     ) -> Result<(HashMap<u32, ProcessRecords>, Losses)> {
-        let losses = read_losses(maps.counters);
+        let mut losses = read_losses(maps.counters);
+        if let Some(m) = more {
+            m.add_losses(&mut losses);
+        }
         if combined {
             let pid = pids.and_then(|p| p.first()).copied().unwrap_or(0);
             let stacks = Self::read_combined(maps.combined)?;
-            return Ok((HashMap::from([(pid, ProcessRecords { stacks, young: (0, 0) })]), losses));
+            let mut out = HashMap::from([(pid, ProcessRecords { stacks, young: (0, 0) })]);
+            if let Some(m) = more {
+                for &p in pids.unwrap_or_default() {
+                    let r = out.entry(p).or_default();
+                    for (stack_id, bytes, count) in m.combined(p) {
+                        r.stacks.push(StackTotal { stack_id, bytes, count, blocks: Vec::new() });
+                    }
+                }
+            }
+            return Ok((out, losses));
         }
         let mut by = ByStack {
             pids,
@@ -190,6 +224,19 @@ impl Collector {
                 }
             })
             .context("reading the mapping map")?;
+        }
+        if let Some(m) = more {
+            let all;
+            let list = match pids {
+                Some(p) => p,
+                None => {
+                    all = m.pids();
+                    &all
+                }
+            };
+            for &pid in list {
+                m.for_each_block(pid, &mut |addr, size, ts, stack| by.add(pid, addr, size, ts, stack));
+            }
         }
         let mut out: HashMap<u32, ProcessRecords> = HashMap::new();
         for ((pid, _), t) in by.totals {
@@ -221,6 +268,19 @@ impl Collector {
         .context("reading the combined map")?;
         Ok(out)
     }
+}
+
+/// Records kept outside the BPF maps (the in-process capture's regions, src/preload/), read
+/// with them.
+pub trait MoreRecords {
+    /// The processes with records there.
+    fn pids(&self) -> Vec<u32>;
+    /// Each outstanding block of process `pid`: f(addr, size, timestamp_ns, stack_id).
+    fn for_each_block(&self, pid: u32, f: &mut dyn FnMut(u64, u64, u64, u64));
+    /// --combined-only: process `pid`'s totals by stack: (stack id, bytes, blocks).
+    fn combined(&self, pid: u32) -> Vec<(u64, u64, u64)>;
+    /// Adds what went untracked there to `l`.
+    fn add_losses(&self, l: &mut Losses);
 }
 
 /// What a read of the record maps found for one process.
@@ -389,7 +449,7 @@ mod tests {
         let counters = [0u64; 16];
         let maps = RecordMaps { allocs: &allocs, mappings: None, combined: &combined, counters: &counters };
         let c = Collector::new();
-        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false).unwrap();
+        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false, None).unwrap();
         let sorted = |p: u32| {
             let mut v: Vec<(u64, u64, u64)> =
                 by_pid[&p].stacks.iter().map(|t| (t.stack_id, t.bytes, t.count)).collect();
@@ -399,15 +459,15 @@ mod tests {
         assert_eq!(sorted(1), [(7, 16, 2), (9, 100, 1)]);
         assert_eq!(sorted(2), [(7, 32, 1)]);
         assert!(by_pid[&5].stacks.is_empty() && !by_pid.contains_key(&3));
-        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false).unwrap();
+        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false, None).unwrap();
         assert_eq!(all.len(), 3);
-        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false).unwrap();
+        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false, None).unwrap();
         assert_eq!(
             one.remove(&2).unwrap().stacks,
             [StackTotal { stack_id: 7, bytes: 32, count: 1, blocks: vec![(0x10, 32)] }]
         );
         // Younger than -o: hidden, and counted.
-        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false).unwrap();
+        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false, None).unwrap();
         assert!(young[&1].stacks.is_empty());
         assert_eq!(young[&1].young, (3, 116));
     }

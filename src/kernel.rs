@@ -131,6 +131,7 @@ pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs)
         warnings: Vec::new(),
         retired: Vec::new(),
         scan: Default::default(),
+        preload: None,
     };
     let ring = if cfg.trace {
         let mut b = libbpf_rs::RingBufferBuilder::new();

@@ -67,15 +67,18 @@ pub struct Loaded<'obj> {
 
 /// Opens, configures and loads the object for attach mode `mode` (features.rs chose it).
 /// `find_vma`: the kernel has bpf_find_vma (an allocator's own mmaps are told apart with it).
+/// `preload`: processes may run the in-process capture's library (src/preload/).
 pub fn load<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     cfg: &Config,
     mode: AttachMode,
     find_vma: bool,
+    preload: bool,
 ) -> Result<Loaded<'obj>> {
     let mut open = open(storage, cfg, mode)?;
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
     rodata.have_find_vma = find_vma;
+    rodata.have_preload = preload;
     // A thread memleak ptraces waits at a dlopen until the new objects' probes are in.
     rodata.memleak_tgid = std::process::id();
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;

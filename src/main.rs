@@ -28,6 +28,7 @@ mod objects;
 mod objfile;
 mod output;
 mod placement;
+mod preload;
 mod probes;
 mod procmaps;
 mod report;

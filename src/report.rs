@@ -49,13 +49,18 @@ pub struct Reporter<'a, 'obj> {
     pub retired: Vec<ProcessSnapshot>,
     /// Reachability: classified reports, exit scans, suppressions, the gate (src/scan/).
     pub scan: crate::scan::report::Session,
+    /// -c's in-process capture (src/preload/): the regions its processes record into.
+    pub preload: Option<crate::preload::Capture<'a, 'obj>>,
 }
 
 impl Reporter<'_, '_> {
     /// Reads the stacks stored since last time and, while their processes live, records where
     /// their addresses live, so that they stay symbolizable after the processes exit.
     pub fn prepare_symbols(&mut self) -> Result<()> {
-        let new = self.collector.refresh_stacks(self.stacks)?;
+        let mut new = self.collector.refresh_stacks(self.stacks)?;
+        if let Some(p) = self.preload.as_mut() {
+            new.extend(p.refresh_stacks(&mut self.collector));
+        }
         for id in new {
             let pid = self.collector.pid_of(id).unwrap_or(0) as i32;
             let frames: Vec<_> = self.collector.frames(id).unwrap_or_default().to_vec();
@@ -82,6 +87,7 @@ impl Reporter<'_, '_> {
             min_age,
             self.cfg.show_allocs,
             self.cfg.combined_only,
+            self.preload.as_ref().map(|p| p as &dyn crate::collector::MoreRecords),
         )?;
         let read = started.elapsed();
         if let Some(k) = &self.programs {
@@ -150,6 +156,9 @@ impl Reporter<'_, '_> {
         self.symbolizer.forget(pid as i32);
         if let Some(u) = self.unwind.as_mut() {
             u.forget(pid as i32);
+        }
+        if let Some(p) = self.preload.as_mut() {
+            p.forget(pid as i32);
         }
         if let Some(mut p) = last {
             // Its -a addresses are of no use any more, and can be many.

@@ -101,6 +101,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
     // The allocator each process uses: every object that defines allocator functions.
     let mut allocators =
         allocator::Allocators::new(&allocator::Options { obj: cfg.obj.clone(), prefix: cfg.symbols_prefix.clone() });
+    // -c's in-process capture: the library and the socket its processes connect to, made before
+    // the command is forked (its environment names them).
+    let prepared = if cfg.preload { Some(crate::preload::Prepared::new()?) } else { None };
     let targets = match &cfg.target {
         Target::Kernel => unreachable!("kernel mode returned above"),
         Target::Pids(pids) => {
@@ -118,7 +121,10 @@ pub fn run(cfg: &Config) -> Result<i32> {
             let order = ldso::load_order(&prog, &launch)?;
             target::report_load_order(&order, cfg.verbose);
             allocators.check_command(&order)?;
-            let held = target::HeldChild::spawn(&prog, argv)?;
+            let held = match &prepared {
+                Some(p) => target::HeldChild::spawn_with(&prog, argv, &p.child_env(), &p.child_fds())?,
+                None => target::HeldChild::spawn(&prog, argv)?,
+            };
             // Seized before it execs: its probes go on at its exec stop, before its first
             // instruction, and it stops at its exit while its memory map still exists.
             ptrace::seize(held.pid, ptrace::options(cfg.follow))
@@ -134,12 +140,18 @@ pub fn run(cfg: &Config) -> Result<i32> {
     crate::objects::raise_fd_limit();
 
     let mut storage = MaybeUninit::uninit();
-    let loaded = loader::load(&mut storage, cfg, plan.mode, features.find_vma)?;
+    let loaded = loader::load(&mut storage, cfg, plan.mode, features.find_vma, prepared.is_some())?;
     let skel = &loaded.skel;
+    let preload_ids = prepared.as_ref().map(|p| (p.library_id(), p.socket_name().to_string()));
+    let capture = prepared.map(|p| crate::preload::Capture::new(p, cfg, skel)).transpose()?;
     let unwind = if cfg.frame_pointers {
         None
     } else {
-        let tables = UnwindTables::new(skel, cfg.verbose)?;
+        let mut tables = UnwindTables::new(skel, cfg.verbose)?;
+        // The in-process capture walks the same tables, mirrored into its shared memory.
+        if let Some(c) = &capture {
+            tables.set_mirror(c.mirror());
+        }
         Some(Unwinder { skel, tables, met: Rc::new(RefCell::new(Vec::new())) })
     };
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
@@ -163,6 +175,7 @@ pub fn run(cfg: &Config) -> Result<i32> {
         warnings: Vec::new(),
         retired: Vec::new(),
         scan: Default::default(),
+        preload: capture,
     };
     let execs: Rc<RefCell<Vec<proc_event>>> = Default::default();
     let mut b = RingBufferBuilder::new();
@@ -183,6 +196,9 @@ pub fn run(cfg: &Config) -> Result<i32> {
     })?;
     let ring = b.build()?;
     let mut prober = allocator::live::AllocProber::new(allocators, skel, loaded.mode, cfg.verbose);
+    if let Some((library, socket)) = preload_ids {
+        prober = prober.with_preload(library, socket);
+    }
     // Tracing starts: from here a stop signal ends the run with a report (signals.rs).
     signals.arm()?;
     let mut session = Session {

@@ -216,16 +216,36 @@ fn cstring(s: &[u8]) -> Result<CString> {
 impl HeldChild {
     /// Forks `argv` (argv[0] already resolved to `prog`), holding the child before exec.
     pub fn spawn(prog: &Path, argv: &[String]) -> Result<HeldChild> {
+        Self::spawn_with(prog, argv, &[], &[])
+    }
+
+    /// spawn, with `set` in the command's environment (replacing those names; `{pid}` in a
+    /// value becomes the command's pid) and the descriptors `keep` inherited across its exec
+    /// (the in-process capture's library).
+    pub fn spawn_with(prog: &Path, argv: &[String], set: &[(String, String)], keep: &[i32]) -> Result<HeldChild> {
         // Everything the child needs is built before fork: after it, no allocation.
         let path = cstring(prog.as_os_str().as_bytes())?;
         let args: Vec<CString> = argv.iter().map(|a| cstring(a.as_bytes())).collect::<Result<_>>()?;
         let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         arg_ptrs.push(std::ptr::null());
         let env: Vec<CString> = std::env::vars_os()
+            .filter(|(k, _)| !set.iter().any(|(n, _)| k.as_bytes() == n.as_bytes()))
             .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .chain(set.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())))
             .collect::<Result<_>>()?;
         let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
         env_ptrs.push(std::ptr::null());
+        // Values naming the pid, completed in the child into buffers allocated here: (index in
+        // env_ptrs, text before the pid, text after it, the buffer).
+        type WithPid = (usize, Vec<u8>, Vec<u8>, Vec<u8>);
+        let mut with_pid: Vec<WithPid> = Vec::new();
+        // Only memleak's own entries (the last ones): the user's values stay as they are.
+        for (i, e) in env.iter().enumerate().skip(env.len() - set.len()) {
+            let b = e.as_bytes();
+            if let Some(at) = b.windows(5).position(|w| w == b"{pid}") {
+                with_pid.push((i, b[..at].to_vec(), b[at + 5..].to_vec(), Vec::with_capacity(b.len() + 16)));
+            }
+        }
         let user = sudo_user();
         let (go_rd, go_wr) = pipe()?;
         let (err_rd, err_wr) = pipe()?;
@@ -267,6 +287,29 @@ impl HeldChild {
                     if n == 0 || *libc::__errno_location() != libc::EINTR {
                         libc::_exit(127);
                     }
+                }
+                for &fd in keep {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                // Within the capacity reserved before fork: no allocation.
+                let mut digits = [0u8; 12];
+                let mut n = libc::getpid() as u32;
+                let mut d = digits.len();
+                loop {
+                    d -= 1;
+                    digits[d] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                for (i, head, tail, buf) in with_pid.iter_mut() {
+                    buf.clear();
+                    buf.extend_from_slice(head);
+                    buf.extend_from_slice(&digits[d..]);
+                    buf.extend_from_slice(tail);
+                    buf.push(0);
+                    env_ptrs[*i] = buf.as_ptr().cast();
                 }
                 libc::execve(path.as_ptr(), arg_ptrs.as_ptr(), env_ptrs.as_ptr());
                 fail(err);

@@ -23,11 +23,30 @@ pub struct AllocProber<'a, 'obj> {
     verbose: bool,
     /// Notes said already (once per run, not once per process).
     said: HashSet<String>,
+    /// -c's in-process capture: the library's file and memleak's socket name (src/preload/).
+    preload: Option<((u64, u64), String)>,
+    /// The processes whose image runs the library.
+    preloaded: HashSet<i32>,
 }
 
 impl<'a, 'obj> AllocProber<'a, 'obj> {
     pub fn new(allocators: Allocators, skel: &'a MemleakSkel<'obj>, mode: AttachMode, verbose: bool) -> Self {
-        AllocProber { allocators, skel, mode, verbose, said: HashSet::new() }
+        AllocProber { allocators, skel, mode, verbose, said: HashSet::new(), preload: None, preloaded: HashSet::new() }
+    }
+
+    /// Images that can take the preload library (file `library`, socket `socket`) run it; the
+    /// functions it forwards to are not probed there.
+    pub fn with_preload(mut self, library: (u64, u64), socket: String) -> Self {
+        self.allocators.exclude(library);
+        self.preload = Some((library, socket));
+        self
+    }
+
+    /// Whether process `pid` (a forked child) maps the preload library.
+    fn maps_library(&self, pid: i32) -> bool {
+        let Some(((dev, ino), _)) = &self.preload else { return false };
+        let Ok(maps) = crate::procmaps::ProcMaps::read(pid) else { return false };
+        maps.mappings.iter().any(|m| m.is_file() && m.dev == *dev && m.inode == *ino)
     }
 
     /// Says what a set says and attaches it: its links, and what could not be attached.
@@ -37,7 +56,6 @@ impl<'a, 'obj> AllocProber<'a, 'obj> {
                 errln!("memleak: note: {n}");
             }
         }
-        mark_arena_owners(self.skel, set);
         let (links, failed) = attach(&self.skel.progs, self.mode, set);
         if self.verbose {
             for l in set.verbose_lines(self.mode) {
@@ -81,26 +99,45 @@ impl<'a, 'obj> AllocProber<'a, 'obj> {
 
 impl Prober for AllocProber<'_, '_> {
     fn attach(&mut self, pid: i32, at: At) -> Result<Attached> {
-        let set = match at {
+        let (mut set, preload) = match at {
             // Its libraries are not mapped yet: found as its dynamic linker will find them.
             At::Exec => {
                 let order = crate::ldso::load_order_after_exec(pid)?;
-                self.allocators.discover_exec(pid, &order)?
+                let preload = match &self.preload {
+                    None => false,
+                    Some((lib, socket)) => match crate::preload::ineligible(pid, &order, *lib, socket) {
+                        None => true,
+                        Some(why) => {
+                            errln!("memleak: note: pid {pid}: {why}: traced with uprobes");
+                            false
+                        }
+                    },
+                };
+                (self.allocators.discover_exec(pid, &order)?, preload)
             }
             At::Forked => {
                 self.allocators.forget(pid, false);
-                self.allocators.discover_running(pid, true)?
+                let preload = self.maps_library(pid);
+                (self.allocators.discover_running(pid, true)?, preload)
             }
             At::Running => {
                 self.allocators.forget(pid, true);
-                self.allocators.discover_running(pid, false)?
+                (self.allocators.discover_running(pid, false)?, false)
             }
         };
+        // What the library records needs no probe (its arenas still do: marked first).
+        mark_arena_owners(self.skel, &set);
+        if preload {
+            crate::preload::forward::drop_forwarded(&mut set);
+            self.preloaded.insert(pid);
+        } else {
+            self.preloaded.remove(&pid);
+        }
         let (links, failed) = self.apply(&set);
         if let Some(e) = failed.into_iter().next() {
             return Err(e.context("cannot attach the allocator probes"));
         }
-        Ok(Attached { links, glibc: set.glibc })
+        Ok(Attached { links, glibc: set.glibc, preload })
     }
 
     fn set_traced(&self, pid: i32, on: bool) {
@@ -119,7 +156,11 @@ impl Prober for AllocProber<'_, '_> {
     fn linkmap(&mut self, pid: i32, late: Option<Duration>) -> Vec<Link> {
         // A thread the BPF side stopped waits for this: nothing is missed.
         let late = if self.held(pid) { None } else { late };
-        let set = self.allocators.discover_linkmap(pid, late);
+        let mut set = self.allocators.discover_linkmap(pid, late);
+        mark_arena_owners(self.skel, &set);
+        if self.preloaded.contains(&pid) {
+            crate::preload::forward::drop_forwarded(&mut set);
+        }
         self.apply_later(&set)
     }
 
@@ -129,7 +170,11 @@ impl Prober for AllocProber<'_, '_> {
         let pid = stops.lookup(&key, MapFlags::ANY).ok().flatten()?;
         let _ = stops.delete(&key);
         let pid = i32::from_ne_bytes(pid.get(..4)?.try_into().ok()?);
-        let set = self.allocators.discover_linkmap(pid, None);
+        let mut set = self.allocators.discover_linkmap(pid, None);
+        mark_arena_owners(self.skel, &set);
+        if self.preloaded.contains(&pid) {
+            crate::preload::forward::drop_forwarded(&mut set);
+        }
         Some((pid, self.apply_later(&set)))
     }
 

@@ -63,6 +63,8 @@ pub struct ObjectProbes {
     /// mimalloc shared object): its file as the BPF side names it (kernel dev, inode), whose
     /// own mmaps outside probed calls are its arenas, not the program's mappings.
     pub arena_owner: Option<(u32, u64)>,
+    /// Its place in the dynamic linker's symbol lookup order, if it is in it.
+    pub scope: Option<usize>,
 }
 
 impl ObjectProbes {
@@ -85,6 +87,9 @@ pub struct ProbeSet {
     pub notes: Vec<String>,
     /// The process's malloc is glibc's (what the reachability scan knows the heap of).
     pub glibc: bool,
+    /// Where the object never probed (the in-process capture's library) is in the lookup
+    /// order, when the process maps it.
+    pub excluded_scope: Option<usize>,
 }
 
 impl ProbeSet {
@@ -201,6 +206,8 @@ pub struct Allocators {
     wanted: Wanted,
     /// Each file's scan, once.
     scans: HashMap<Key, Arc<Scan>>,
+    /// A file never probed (the in-process capture's library, which defines malloc too).
+    exclude: Option<Key>,
     /// Names of the probed functions by id - 1 (the cookie's high half).
     functions: Vec<String>,
     procs: HashMap<i32, ProcState>,
@@ -223,10 +230,16 @@ impl Allocators {
             obj_seen: false,
             wanted: wanted_map(&opts.prefix),
             scans: HashMap::new(),
+            exclude: None,
             functions: Vec::new(),
             procs: HashMap::new(),
             objects: Objects::default(),
         }
+    }
+
+    /// Never probes the file `key` (device, inode): the in-process capture's library.
+    pub fn exclude(&mut self, key: Key) {
+        self.exclude = Some(key);
     }
 
     /// Forgets what was probed in `pid` (its links are gone: a new image, or it exited).
@@ -361,6 +374,9 @@ impl Allocators {
     ) -> Result<ProbeSet> {
         // Symbol lookup order: the global scope first, in order; then the others as met.
         cands.sort_by_key(|c| c.scope.unwrap_or(usize::MAX));
+        // The in-process capture's library is never probed; where it is in the order is kept.
+        let excluded_scope = cands.iter().find(|c| Some(c.key) == self.exclude).and_then(|c| c.scope);
+        cands.retain(|c| Some(c.key) != self.exclude);
         let mut scans: Vec<Option<Arc<Scan>>> = Vec::with_capacity(cands.len());
         for c in &cands {
             let symtab = if c.executable { Symtab::Global } else { Symtab::No };
@@ -468,7 +484,7 @@ impl Allocators {
                 is_c_library(&cands[i].shown, scans[i].as_ref().and_then(|s| s.soname.as_deref()))
                     && !cands[i].shown.to_string_lossy().contains("musl")
             });
-        let mut set = ProbeSet { pid, notes, glibc, ..ProbeSet::default() };
+        let mut set = ProbeSet { pid, notes, glibc, excluded_scope, ..ProbeSet::default() };
         let mut conflicts = Vec::new();
         for (i, found) in &chosen {
             let c = &cands[*i];
@@ -502,7 +518,7 @@ impl Allocators {
                     && !is_c_library(&c.shown, scans[*i].as_ref().and_then(|s| s.soname.as_deref()))
                     && found.iter().any(|f| f.spec.op == Op::Alloc && f.spec.family != Family::Cxx))
                 .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
-                set.objects.push(ObjectProbes { file, shown, entries, arena_owner });
+                set.objects.push(ObjectProbes { file, shown, entries, arena_owner, scope: c.scope });
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,

@@ -84,12 +84,18 @@ struct mm_struct {
 	struct uprobes_state uprobes_state;
 } __attribute__((preserve_access_index));
 
+/* x86-64: the thread pointer, where a thread's TLS is (in-process capture). */
+struct thread_struct {
+	unsigned long fsbase;
+} __attribute__((preserve_access_index));
+
 struct task_struct {
 	int pid;
 	int tgid;
 	struct mm_struct *mm;
 	unsigned int ptrace;        /* PT_PTRACED when a tracer holds it */
 	struct task_struct *parent; /* its tracer while ptraced */
+	struct thread_struct thread;
 } __attribute__((preserve_access_index));
 
 struct linux_binprm;

@@ -46,6 +46,8 @@ struct {
 const volatile __u32 memleak_tgid = 0;
 /* bpf_find_vma exists (5.17): an allocator's own mmaps are told from the program's. */
 const volatile bool have_find_vma = false;
+/* Some process may run memleak's preload library (in-process capture, -c). */
+const volatile bool have_preload = false;
 
 #include "unwind.bpf.h"
 
@@ -112,6 +114,19 @@ struct {
 	__type(value, __u8);
 } allocator_files SEC(".maps");
 
+/*
+ * In-process capture (docs/in-process-capture.md): processes running memleak's preload library,
+ * which records the malloc family itself. pid -> the offset from a thread's thread pointer of
+ * the library's word holding the stack pointer of its allocator call in flight (0: none).
+ * Written by user space when the process connects (and for its forked children).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __s64);
+} preload_tls SEC(".maps");
+
 #define SIGSTOP_ 19
 
 /* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
@@ -175,6 +190,30 @@ static __always_inline bool outer_in_flight(__u64 outer_sp)
 	return slot == trampoline;
 }
 
+/*
+ * Whether a call entering at sp is made inside an allocator call the preload library is
+ * recording on this thread (glibc's malloc mapping a large block, realloc's mremap, jemalloc's
+ * malloc reached at an address also probed as mallocx): part of that call, counted once by
+ * the library, as the nesting rule above counts a probed call inside another.
+ */
+static __always_inline bool in_preload_call(__u32 pid, __u64 sp)
+{
+	struct task_struct *task;
+	__s64 *off;
+	__u64 fs, outer = 0;
+
+	if (!have_preload)
+		return false;
+	off = bpf_map_lookup_elem(&preload_tls, &pid);
+	if (!off)
+		return false;
+	task = bpf_get_current_task_btf();
+	fs = BPF_CORE_READ(task, thread.fsbase);
+	if (!fs || bpf_probe_read_user(&outer, sizeof(outer), (void *)(fs + *off)))
+		return false;
+	return outer && sp <= outer;
+}
+
 /* munmap(addr, len): its pages' records end; entry only, like free. */
 static __always_inline void on_munmap(__u32 pid, __u64 addr, __u64 len, __u32 fn)
 {
@@ -199,6 +238,8 @@ static __always_inline void on_mprotect(struct pt_regs *ctx, __u32 pid, __u64 ad
 	end = addr + PAGE_UP(len);
 	ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0, 0);
 	if (ts && ts->outer_sp && sp <= ts->outer_sp && outer_in_flight(ts->outer_sp))
+		return;
+	if (in_preload_call(pid, sp))
 		return;
 	if (prot == PROT_NONE_) {
 		range_update(addr, end, 0, pid, RANGE_OP(RANGE_RESERVE, fn));
@@ -360,6 +401,8 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 		 * interrupted it): its block is untracked, and said. */
 		count(CNT_RETURN_MISSED);
 	}
+	if (in_preload_call(pid, sp))
+		return 1;
 	/* An allocator's own arena, mapped outside a probed call (see allocator_files). */
 	if ((op == OP_MMAP || op == OP_MREMAP) && allocator_own_call(sp))
 		return 1;

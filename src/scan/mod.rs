@@ -107,6 +107,9 @@ pub struct Target {
     pub complete: bool,
     /// The allocator is glibc's malloc.
     pub glibc: bool,
+    /// Inodes of shared memory that is memleak's, not the program's (the in-process capture's
+    /// regions hold every block's address): not a root.
+    pub not_roots: Vec<u64>,
 }
 
 /// How a scan went: what it read, what it could not, how long the process was stopped.
@@ -356,6 +359,9 @@ fn copy(t: &Target, threads: &[libc::user_regs_struct], mut blocks: Vec<Block>) 
     let mut rw: Ranges = Vec::new();
     for r in &regions {
         if !(r.read && r.write) {
+            continue;
+        }
+        if r.shared && t.not_roots.contains(&r.inode) && r.name.as_deref().is_some_and(|n| n.starts_with("/memfd:")) {
             continue;
         }
         if r.is_device() {

@@ -10,7 +10,7 @@ use libbpf_rs::MapCore;
 
 use super::options::Mode;
 use super::{Block, Class, Heuristic, Outcome, Stats, Target};
-use crate::collector::{Collector, Losses, RecordMaps, StackTotal, monotonic_ns, read_pod};
+use crate::collector::{Collector, Losses, MoreRecords, RecordMaps, StackTotal, monotonic_ns, read_pod};
 use crate::report::Reporter;
 use crate::skel::types::{alloc_info, alloc_key, map_info};
 use crate::snapshot::{LeakSummary, ProcessInput};
@@ -88,9 +88,15 @@ impl Session {
 }
 
 /// The blocks of `pid`: the allocation map's, and the mapping map's (mmap'd pages; those
-/// without access, PROT_NONE, are address space, not blocks).
-fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, pid: u32) -> Result<Vec<Block>> {
+/// without access, PROT_NONE, are address space, not blocks), and those `more` holds (the
+/// in-process capture's).
+fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, more: Option<&dyn MoreRecords>, pid: u32) -> Result<Vec<Block>> {
     let mut out = Vec::new();
+    if let Some(m) = more {
+        m.for_each_block(pid, &mut |addr, size, timestamp_ns, stack_id| {
+            out.push(Block { addr, size, stack_id, timestamp_ns })
+        });
+    }
     crate::batch::for_each(maps.allocs, |k, v| {
         let key: alloc_key = read_pod(k);
         if key.pid == pid {
@@ -135,6 +141,7 @@ impl Reporter<'_, '_> {
             traced: who.traced.clone(),
             complete: who.from_start && unfiltered && nothing_lost,
             glibc: who.glibc,
+            not_roots: self.preload.as_ref().map(|p| p.region_ids().into_iter().map(|(_, ino)| ino).collect()).unwrap_or_default(),
         }
     }
 
@@ -157,9 +164,13 @@ impl Reporter<'_, '_> {
         if let Some(k) = &self.programs {
             k.add_losses(&mut losses);
         }
+        if let Some(p) = &self.preload {
+            p.add_losses(&mut losses);
+        }
         let target = self.target(pid, who, &losses);
         let maps = &self.maps;
-        let r = super::at_exit(&target, tid, || read_blocks(maps, pid as u32));
+        let more = self.preload.as_ref().map(|p| p as &dyn MoreRecords);
+        let r = super::at_exit(&target, tid, || read_blocks(maps, more, pid as u32));
         self.scan.exits.insert(pid as u32, r.map_err(|e| format!("{e:#}")));
     }
 
@@ -208,7 +219,8 @@ impl Reporter<'_, '_> {
             true => {
                 let target = self.target(pid, who, losses);
                 let maps = &self.maps;
-                match super::live(&target, || read_blocks(maps, pid as u32)) {
+                let more = self.preload.as_ref().map(|p| p as &dyn MoreRecords);
+                match super::live(&target, || read_blocks(maps, more, pid as u32)) {
                     Ok(mut o) => {
                         self.scan.foreign.append(&mut o.foreign);
                         Some(o)

@@ -49,6 +49,9 @@ pub struct Attached {
     pub links: Vec<Link>,
     /// Its allocator is glibc's malloc.
     pub glibc: bool,
+    /// Its image runs the in-process capture's library (src/preload/): the malloc family is
+    /// recorded there, the probes are the rest.
+    pub preload: bool,
 }
 
 /// What attaches a process's allocator probes (user mode; kernel mode has none).
@@ -159,6 +162,10 @@ impl Session<'_, '_, '_> {
     /// Runs until every traced process has exited, a stop signal, or the count of reports.
     pub fn run(&mut self) -> Result<End> {
         let end = self.event_loop()?;
+        // Processes that go on untraced: their libraries stop recording.
+        if let Some(p) = self.rep.preload.as_mut() {
+            p.stop_all();
+        }
         if let Some(r) = &self.ring {
             let _ = r.consume();
         }
@@ -204,13 +211,27 @@ impl Session<'_, '_, '_> {
             pid: p.pid as u32,
             comm: p.comm.clone(),
             exit,
-            warnings: self.prober.as_deref().map(|pr| pr.warnings(p.pid, exit.is_some())).unwrap_or_default(),
+            warnings: self.warnings(p.pid, exit.is_some()),
             scan: crate::scan::report::Subject {
                 traced,
                 from_start: matches!(p.origin, Origin::Command | Origin::Child { .. }),
                 glibc: p.glibc,
             },
         }
+    }
+
+    /// WARNING lines for process `pid`'s report (`exited`: its final one): no allocation call
+    /// seen (by the probes, nor by the in-process capture), a library that never reported.
+    fn warnings(&self, pid: i32, exited: bool) -> Vec<String> {
+        let preload = self.rep.preload.as_ref();
+        let mut w = Vec::new();
+        if !preload.is_some_and(|p| p.seen(pid))
+            && let Some(pr) = self.prober.as_deref()
+        {
+            w.extend(pr.warnings(pid, exited));
+        }
+        w.extend(preload.and_then(|p| p.warning(pid, exited)));
+        w
     }
 
     /// Stops a scan met for traced threads (their own events): handled as usual.
@@ -235,11 +256,21 @@ impl Session<'_, '_, '_> {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let timeout = poll_timeout(wake, Instant::now());
+            let mut timeout = poll_timeout(wake, Instant::now());
             let mut fds = vec![libc::pollfd { fd: self.signals.raw_fd(), events: libc::POLLIN, revents: 0 }];
             if let Some(r) = &self.ring {
                 fds.push(libc::pollfd { fd: r.epoll_fd(), events: libc::POLLIN, revents: 0 });
             }
+            // The in-process capture: processes connecting, asking for their mappings; -t lines
+            // waiting in their regions are read often.
+            let capture: Vec<i32> = self.rep.preload.as_ref().map(|p| p.poll_fds()).unwrap_or_default();
+            for &fd in &capture {
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            }
+            if self.rep.preload.as_ref().is_some_and(|p| p.tracing()) {
+                timeout = if timeout < 0 { 100 } else { timeout.min(100) };
+            }
+            let first_capture = fds.len() - capture.len();
             let pidfds: Vec<i32> = self.reg.iter().filter(|p| p.pidfd.is_some()).map(|p| p.pid).collect();
             for &pid in &pidfds {
                 let fd = self.reg.get(pid).and_then(|p| p.pidfd.as_ref()).map_or(-1, |f| f.as_raw_fd());
@@ -250,6 +281,12 @@ impl Session<'_, '_, '_> {
             if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 return Err(std::io::Error::last_os_error()).context("poll");
             }
+            let ready: Vec<i32> = fds[first_capture..first_capture + capture.len()]
+                .iter()
+                .filter(|f| f.revents != 0)
+                .map(|f| f.fd)
+                .collect();
+            self.service_capture(&ready)?;
             self.drain_rings()?;
             if fds[0].revents & libc::POLLIN != 0 {
                 for sig in self.signals.read() {
@@ -293,6 +330,22 @@ impl Session<'_, '_, '_> {
                 next_report = next_after(due, self.cfg.interval, now);
             }
         }
+    }
+
+    /// The in-process capture's connections (`ready`: those poll found readable) and -t lines.
+    fn service_capture(&mut self, ready: &[i32]) -> Result<()> {
+        let rep = &mut self.rep;
+        let Some(p) = rep.preload.as_mut() else { return Ok(()) };
+        if !ready.is_empty() {
+            p.service(ready, rep.unwind.as_mut(), &mut rep.symbolizer.objects);
+        }
+        if self.cfg.trace {
+            let lines = p.trace_lines();
+            if !lines.is_empty() {
+                output::write_out(&lines)?;
+            }
+        }
+        Ok(())
     }
 
     /// A periodic report: every process traced now.
@@ -355,6 +408,9 @@ impl Session<'_, '_, '_> {
         if let Some(u) = self.rep.unwind.as_mut() {
             u.tick(&mut self.rep.symbolizer.objects, &pids);
         }
+        if let Some(p) = self.rep.preload.as_mut() {
+            p.tick(self.rep.unwind.as_mut(), &mut self.rep.symbolizer.objects);
+        }
         self.rep.prepare_symbols()?;
         if let Some(cg) = self.cgroup.clone() {
             self.join_cgroup_members(&cg);
@@ -394,6 +450,11 @@ impl Session<'_, '_, '_> {
         let Some(prober) = self.prober.as_deref_mut() else { return };
         match prober.attach(pid, at) {
             Ok(a) => {
+                if a.preload
+                    && let Some(c) = self.rep.preload.as_mut()
+                {
+                    c.expect(pid, None);
+                }
                 if let Some(p) = self.reg.get_mut(pid) {
                     let old = std::mem::replace(&mut p.links, a.links);
                     drop_links(old);
@@ -556,10 +617,19 @@ impl Session<'_, '_, '_> {
                 prober.set_traced(pid, true);
                 prober.attach(pid, At::Forked)
             }
-            None => Ok(Attached { links: Vec::new(), glibc: false }),
+            None => Ok(Attached { links: Vec::new(), glibc: false, preload: false }),
         };
         match attached {
             Ok(a) => {
+                if a.preload {
+                    let parent = match self.reg.get(pid).map(|p| p.origin) {
+                        Some(Origin::Child { parent }) => Some(parent),
+                        _ => None,
+                    };
+                    if let Some(c) = self.rep.preload.as_mut() {
+                        c.expect(pid, parent);
+                    }
+                }
                 if let Some(p) = self.reg.get_mut(pid) {
                     p.links = a.links;
                     p.glibc = a.glibc;
@@ -593,6 +663,13 @@ impl Session<'_, '_, '_> {
         }
         if let Some(u) = self.rep.unwind.as_mut() {
             u.load_exec(&mut self.rep.symbolizer.objects, pid);
+        }
+        // The old image's in-process records are gone with it (its stacks read first).
+        if self.rep.preload.is_some() {
+            let _ = self.rep.prepare_symbols();
+            if let Some(c) = self.rep.preload.as_mut() {
+                c.forget(pid);
+            }
         }
         self.reattach(pid, At::Exec);
     }

@@ -34,6 +34,15 @@ struct Placed {
     unsupported_bytes: u64,
 }
 
+/// A second home for the tables (the in-process capture's shared memory, src/preload/): every
+/// rule, page and row written to the BPF maps is written there too, at the same index, so that
+/// an object's `unwind_object` describes its table in either.
+pub trait Mirror {
+    fn rule(&mut self, index: u32, rule: &crate::skel::types::unwind_rule);
+    fn pages(&mut self, first: u32, pages: &[unwind_page]);
+    fn rows(&mut self, first: u32, rows: &[u32]);
+}
+
 /// An object's identity for "process once": its build-id, or its path and size and mtime.
 type ObjectId = Vec<u8>;
 
@@ -58,6 +67,7 @@ pub struct UnwindTables {
     pub build_secs: f64,
     /// Objects that got no table and why (shown once).
     pub failures: Vec<String>,
+    mirror: Option<Box<dyn Mirror>>,
 }
 
 impl UnwindTables {
@@ -76,10 +86,20 @@ impl UnwindTables {
             rows_total: 0,
             build_secs: 0.0,
             failures: Vec::new(),
+            mirror: None,
         };
         // Rule 0: no CFI.
         t.rule_index(skel, Rule::NONE)?;
         Ok(t)
+    }
+
+    /// Writes the tables into `m` too from now on (the rules placed so far at once): set before
+    /// any object is placed.
+    pub fn set_mirror(&mut self, mut m: Box<dyn Mirror>) {
+        for (r, &i) in &self.rules {
+            m.rule(u32::from(i), &r.to_bpf());
+        }
+        self.mirror = Some(m);
     }
 
     fn rule_index(&mut self, skel: &MemleakSkel, r: Rule) -> Result<u16> {
@@ -92,6 +112,9 @@ impl UnwindTables {
         }
         let v = r.to_bpf();
         skel.maps.unwind_rules.update(&i.to_ne_bytes(), pod_bytes(&v), MapFlags::ANY).context("writing a rule")?;
+        if let Some(m) = self.mirror.as_mut() {
+            m.rule(i, &v);
+        }
         self.rules.insert(r, i as u16);
         Ok(i as u16)
     }
@@ -329,6 +352,10 @@ impl UnwindTables {
         }
         write_batch(&skel.maps.unwind_rows, &row_keys, &row_vals)?;
         write_batch(&skel.maps.unwind_pages, &page_keys, &page_vals)?;
+        if let Some(m) = self.mirror.as_mut() {
+            m.rows(self.next_row, &row_vals);
+            m.pages(self.next_page, &page_vals);
+        }
         let obj = unwind_object {
             vaddr_minus_offset: t.vaddr_minus_offset,
             page_base: self.next_page,
