@@ -51,7 +51,8 @@ fn build_dlopen_fixture(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Runs `memleak -c cmd` to the command's exit; returns the final report.
 fn trace(cmd: &str, extra: &[&str]) -> (Vec<Stack>, Vec<String>) {
-    let out = Command::new(MEMLEAK).args(extra).args(["-c", cmd]).output().expect("memleak runs");
+    let args = [extra, &["-c", cmd]].concat();
+    let out = common::memleak_command(&args).output().expect("memleak runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "memleak -c {cmd}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let r = final_report(&lines(&stdout));
@@ -249,8 +250,8 @@ fn rust_chain_is_the_same_with_and_without_frame_pointers() {
 fn dlopened_library_gets_its_table() {
     let dir = out_dir("dlopen");
     let (lib, main) = build_dlopen_fixture(&dir);
-    let mut child = Command::new(MEMLEAK)
-        .args(["-v", "-c", &format!("{} {}", main.display(), lib.display())])
+    let cmd = format!("{} {}", main.display(), lib.display());
+    let mut child = common::memleak_command(&["-v", "-c", &cmd])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

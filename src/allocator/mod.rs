@@ -63,8 +63,8 @@ pub struct ObjectProbes {
     /// mimalloc shared object): its file as the BPF side names it (kernel dev, inode), whose
     /// own mmaps outside probed calls are its arenas, not the program's mappings.
     pub arena_owner: Option<(u32, u64)>,
-    /// Its place in the dynamic linker's symbol lookup order, if it is in it.
-    pub scope: Option<usize>,
+    /// Its file (device, inode).
+    pub key: Key,
 }
 
 impl ObjectProbes {
@@ -87,9 +87,10 @@ pub struct ProbeSet {
     pub notes: Vec<String>,
     /// The process's malloc is glibc's (what the reachability scan knows the heap of).
     pub glibc: bool,
-    /// Where the object never probed (the in-process capture's library) is in the lookup
-    /// order, when the process maps it.
-    pub excluded_scope: Option<usize>,
+    /// The functions the object never probed (the in-process capture's library), where the
+    /// process maps it, forwards to, as (file, entry offset): for each name it
+    /// interposes, the first definition after it in the lookup order (dlsym RTLD_NEXT's).
+    pub forwarded: Vec<(Key, u64)>,
 }
 
 impl ProbeSet {
@@ -484,7 +485,8 @@ impl Allocators {
                 is_c_library(&cands[i].shown, scans[i].as_ref().and_then(|s| s.soname.as_deref()))
                     && !cands[i].shown.to_string_lossy().contains("musl")
             });
-        let mut set = ProbeSet { pid, notes, glibc, excluded_scope, ..ProbeSet::default() };
+        let forwarded = excluded_scope.map(|lib| forwarding_targets(lib, &cands, &scans)).unwrap_or_default();
+        let mut set = ProbeSet { pid, notes, glibc, forwarded, ..ProbeSet::default() };
         let mut conflicts = Vec::new();
         for (i, found) in &chosen {
             let c = &cands[*i];
@@ -518,7 +520,7 @@ impl Allocators {
                     && !is_c_library(&c.shown, scans[*i].as_ref().and_then(|s| s.soname.as_deref()))
                     && found.iter().any(|f| f.spec.op == Op::Alloc && f.spec.family != Family::Cxx))
                 .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
-                set.objects.push(ObjectProbes { file, shown, entries, arena_owner, scope: c.scope });
+                set.objects.push(ObjectProbes { file, shown, entries, arena_owner, key: c.key });
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,
@@ -617,6 +619,24 @@ impl Allocators {
         let missing: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
         (!missing.is_empty()).then(|| format!("{} has no {}: not traced", shown.display(), missing.join(", ")))
     }
+}
+
+/// For each name the in-process capture's library interposes (at place `lib` in the lookup
+/// order), the first definition after it: (file, offset).
+fn forwarding_targets(lib: usize, cands: &[Candidate], scans: &[Option<Arc<Scan>>]) -> Vec<(Key, u64)> {
+    let mut out = Vec::new();
+    for name in crate::preload::layout::INTERPOSED {
+        // cands are in lookup order.
+        let hit = (0..cands.len()).filter(|&i| cands[i].scope.is_some_and(|s| s > lib)).find_map(|i| {
+            scans[i].as_ref()?.found.iter().find(|f| f.symbol == name).map(|f| (cands[i].key, f.offset))
+        });
+        if let Some(t) = hit
+            && !out.contains(&t)
+        {
+            out.push(t);
+        }
+    }
+    out
 }
 
 /// libc.so.6, libc-2.21.so, musl's libc.musl-x86_64.so.1 and ld-musl-x86_64.so.1: the C

@@ -253,10 +253,34 @@ impl Drop for Proc {
 
 /// A memleak command line. The SUDO_* variables are removed (the test script may run under
 /// sudo, and with them -c would run commands as that user); tests of that set their own.
+///
+/// MEMLEAK_TEST_CAPTURE=preload|uprobes runs every -c of the suite with that `--capture` (./test
+/// runs the suite in both), except where a test chose how to attach itself (-O, -S, --attach,
+/// --capture).
 pub fn memleak_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(memleak_bin());
-    cmd.args(args).env_remove("SUDO_UID").env_remove("SUDO_GID").env_remove("SUDO_USER");
+    cmd.args(capture_args(args)).args(args).env_remove("SUDO_UID").env_remove("SUDO_GID").env_remove("SUDO_USER");
     cmd
+}
+
+/// Whether a -c command line without --capture runs the in-process capture (the default,
+/// unless MEMLEAK_TEST_CAPTURE says uprobes).
+pub fn preload_capture() -> bool {
+    std::env::var("MEMLEAK_TEST_CAPTURE").map_or(true, |m| m != "uprobes")
+}
+
+/// The `--capture` MEMLEAK_TEST_CAPTURE asks for, for a memleak command line `args`.
+pub fn capture_args(args: &[&str]) -> Vec<String> {
+    let Ok(mode) = std::env::var("MEMLEAK_TEST_CAPTURE") else { return vec![] };
+    let chosen = |a: &&str| {
+        ["-O", "-S", "--obj", "--symbols-prefix", "--attach", "--capture"].contains(a)
+            || a.starts_with("--attach=")
+            || a.starts_with("--capture=")
+    };
+    if mode.is_empty() || !args.contains(&"-c") || args.iter().any(chosen) {
+        return vec![];
+    }
+    vec!["--capture".into(), mode]
 }
 
 /// stderr without memleak's `Tracing ... in OBJECT (pid N)` lines (what it probed).

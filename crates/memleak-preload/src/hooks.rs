@@ -13,15 +13,41 @@ use crate::process::{self, Info};
 use crate::record::{self, Rec};
 use crate::thread::{self, Thread};
 
-/// Defines `$name` (at most four arguments) as a tail-jumping trampoline to `$imp`, which takes
-/// four arguments then the stack pointer and frame pointer at the entry (r8, r9).
+/// Defines `$name` (at most four arguments) as a trampoline to `$imp`, which takes four
+/// arguments then the stack pointer and frame pointer at the entry (r8, r9). When `$imp`
+/// returns, the stack it used below the caller's frame (`$scrub` bytes) is zeroed: the
+/// addresses of blocks its recording handled would otherwise stay in dead frames deeper than
+/// the program's own calls reach, and a thread that exits leaves its whole stack, scanned by a
+/// reachability scan, to glibc's cache. (Measured: a recorded malloc uses about 680 bytes of
+/// stack below its caller, glibc's malloc included; free about 100.)
 macro_rules! trampoline {
-    ($name:ident, $imp:ident) => {
+    ($name:ident, $imp:ident, $scrub:literal) => {
         #[unsafe(no_mangle)]
         #[unsafe(naked)]
-        pub unsafe extern "C" fn $name() {
-            core::arch::naked_asm!("mov r8, rsp", "mov r9, rbp", "jmp {imp}", imp = sym $imp)
+        pub unsafe extern "C-unwind" fn $name() {
+            core::arch::naked_asm!(
+                ".cfi_startproc",
+                "mov r8, rsp",
+                "mov r9, rbp",
+                "sub rsp, 8",
+                ".cfi_adjust_cfa_offset 8",
+                "call {imp}",
+                "mov r11, rax",
+                concat!("lea rdi, [rsp - ", $scrub, "]"),
+                concat!("mov ecx, ", $scrub, " / 8"),
+                "xor eax, eax",
+                "rep stosq",
+                "mov rax, r11",
+                "add rsp, 8",
+                ".cfi_adjust_cfa_offset -8",
+                "ret",
+                ".cfi_endproc",
+                imp = sym $imp
+            )
         }
+    };
+    ($name:ident, $imp:ident) => {
+        trampoline!($name, $imp, 1024);
     };
 }
 
@@ -61,7 +87,9 @@ pub unsafe extern "C" fn pthread_getattr_np(th: usize, attr: *mut c_void) -> i32
 type Fn1 = unsafe extern "C" fn(usize) -> *mut c_void;
 type Fn2 = unsafe extern "C" fn(usize, usize) -> *mut c_void;
 type Fn3 = unsafe extern "C" fn(usize, usize, usize) -> *mut c_void;
-type FreeFn = unsafe extern "C" fn(*mut c_void, usize, usize);
+/// Operator new: it may throw.
+type Fn3U = unsafe extern "C-unwind" fn(usize, usize, usize) -> *mut c_void;
+type FreeFn = unsafe extern "C-unwind" fn(*mut c_void, usize, usize);
 type PmFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> i32;
 
 /// The stack of the allocator call whose entry had `sp` and `bp`, stored with an allocation of
@@ -69,12 +97,7 @@ type PmFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> i32;
 fn capture(p: &Info, t: &Thread, sp: usize, bp: usize, size: u64) -> u64 {
     let bounds = thread::stack_bounds(t);
     let (w, id) = if t.busy.get() {
-        // A signal handler's call inside this library's bookkeeping: its own buffers.
-        let mut frames = thread::Frames::NEW;
-        let mut cache = thread::MapCache::NEW;
-        let w = crate::walk::walk(p, bounds, &mut cache, sp as u64, bp as u64, &mut frames);
-        let id = record::store_stack(p, &frames.ips[..w.depth], &frames.locs[..w.depth], w.truncated, size);
-        (w, id)
+        capture_nested(p, bounds, sp, bp, size)
     } else {
         t.busy.set(true);
         // SAFETY: the cache and frames are this thread's, used only while busy is set (a
@@ -92,6 +115,18 @@ fn capture(p: &Info, t: &Thread, sp: usize, bp: usize, size: u64) -> u64 {
         }
     }
     id
+}
+
+/// A signal handler's call inside this library's bookkeeping: buffers of its own, on its stack
+/// (apart, so that the usual call does not reserve them).
+#[inline(never)]
+#[cold]
+fn capture_nested(p: &Info, bounds: (u64, u64), sp: usize, bp: usize, size: u64) -> (crate::walk::Walked, u64) {
+    let mut frames = thread::Frames::NEW;
+    let mut cache = thread::MapCache::NEW;
+    let w = crate::walk::walk(p, bounds, &mut cache, sp as u64, bp as u64, &mut frames);
+    let id = record::store_stack(p, &frames.ips[..w.depth], &frames.locs[..w.depth], w.truncated, size);
+    (w, id)
 }
 
 /// Whether a call entered at `sp` is nested in the allocator call in flight on this thread
@@ -380,6 +415,9 @@ const fn new_form(i: usize) -> (bool, bool) {
     (aligned, nothrow)
 }
 
+/// `std::nothrow`'s stand-in: the nothrow forms only take its address.
+static NOTHROW: u8 = 0;
+
 #[inline(always)]
 fn new_via(i: usize, size: usize, a1: usize, a2: usize, sp: usize, bp: usize) -> *mut c_void {
     let (aligned, nothrow) = new_form(i);
@@ -388,10 +426,36 @@ fn new_via(i: usize, size: usize, a1: usize, a2: usize, sp: usize, bp: usize) ->
         return arena_alloc(size, align);
     }
     let f = real_late(init::NEW + i);
+    if !nothrow && process::current().is_some() && !nested(thread::get(), sp) {
+        // A throwing form: an exception thrown through this call would leave it marked in flight
+        // (nothing here runs when one passes), and every later call of the thread would look
+        // nested in it. So the real nothrow form allocates; only when it fails does the
+        // throwing one run, outside any recorded call, to throw (its new-handler runs again).
+        let g = real_late(init::NEW + i + 2);
+        if g != 0 {
+            let nt = &NOTHROW as *const u8 as usize;
+            let q = alloc_call(size as u64, sp, bp, || {
+                // SAFETY: the C++ runtime's nothrow operator new, with its arguments.
+                unsafe {
+                    if aligned {
+                        transmute::<usize, Fn3U>(g)(size, align, nt)
+                    } else {
+                        transmute::<usize, Fn3U>(g)(size, nt, 0)
+                    }
+                }
+            });
+            if !q.is_null() {
+                return q;
+            }
+            // SAFETY: the throwing form, as called: it throws, or its new-handler found memory
+            // (then the block goes unrecorded, what it allocated below it recorded instead).
+            return unsafe { transmute::<usize, Fn3U>(f)(size, a1, a2) };
+        }
+    }
     alloc_call(size as u64, sp, bp, || {
         if f != 0 {
             // SAFETY: the C++ runtime's (or the allocator's) operator new, as called.
-            return unsafe { transmute::<usize, Fn3>(f)(size, a1, a2) };
+            return unsafe { transmute::<usize, Fn3U>(f)(size, a1, a2) };
         }
         // No operator new below (nothing loaded libstdc++ into the global scope): the C
         // allocator, and an abort where the C++ runtime would throw.
@@ -412,7 +476,14 @@ fn new_via(i: usize, size: usize, a1: usize, a2: usize, sp: usize, bp: usize) ->
 
 macro_rules! new_imp {
     ($imp:ident, $i:expr) => {
-        unsafe extern "C" fn $imp(size: usize, a1: usize, a2: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+        unsafe extern "C-unwind" fn $imp(
+            size: usize,
+            a1: usize,
+            a2: usize,
+            _: usize,
+            sp: usize,
+            bp: usize,
+        ) -> *mut c_void {
             new_via($i, size, a1, a2, sp, bp)
         }
     };
@@ -452,26 +523,26 @@ fn free_via(which: usize, p: *mut c_void, a1: usize, a2: usize) {
 }
 
 macro_rules! free_fn {
-    ($name:ident, $which:expr) => {
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name(p: *mut c_void, a1: usize, a2: usize) {
+    ($name:ident, $imp:ident, $which:expr) => {
+        unsafe extern "C-unwind" fn $imp(p: *mut c_void, a1: usize, a2: usize, _: usize, _: usize, _: usize) {
             free_via($which, p, a1, a2)
         }
+        trampoline!($name, $imp, 256);
     };
 }
 
-free_fn!(free, init::FREE);
-free_fn!(cfree, init::CFREE);
-free_fn!(__libc_free, init::LIBC_FREE);
-free_fn!(_ZdlPv, init::DELETE);
-free_fn!(_ZdaPv, init::DELETE + 1);
-free_fn!(_ZdlPvm, init::DELETE + 2);
-free_fn!(_ZdaPvm, init::DELETE + 3);
-free_fn!(_ZdlPvSt11align_val_t, init::DELETE + 4);
-free_fn!(_ZdaPvSt11align_val_t, init::DELETE + 5);
-free_fn!(_ZdlPvmSt11align_val_t, init::DELETE + 6);
-free_fn!(_ZdaPvmSt11align_val_t, init::DELETE + 7);
-free_fn!(_ZdlPvRKSt9nothrow_t, init::DELETE + 8);
-free_fn!(_ZdaPvRKSt9nothrow_t, init::DELETE + 9);
-free_fn!(_ZdlPvSt11align_val_tRKSt9nothrow_t, init::DELETE + 10);
-free_fn!(_ZdaPvSt11align_val_tRKSt9nothrow_t, init::DELETE + 11);
+free_fn!(free, free_imp, init::FREE);
+free_fn!(cfree, cfree_imp, init::CFREE);
+free_fn!(__libc_free, libc_free_imp, init::LIBC_FREE);
+free_fn!(_ZdlPv, delete0_imp, init::DELETE);
+free_fn!(_ZdaPv, delete1_imp, init::DELETE + 1);
+free_fn!(_ZdlPvm, delete2_imp, init::DELETE + 2);
+free_fn!(_ZdaPvm, delete3_imp, init::DELETE + 3);
+free_fn!(_ZdlPvSt11align_val_t, delete4_imp, init::DELETE + 4);
+free_fn!(_ZdaPvSt11align_val_t, delete5_imp, init::DELETE + 5);
+free_fn!(_ZdlPvmSt11align_val_t, delete6_imp, init::DELETE + 6);
+free_fn!(_ZdaPvmSt11align_val_t, delete7_imp, init::DELETE + 7);
+free_fn!(_ZdlPvRKSt9nothrow_t, delete8_imp, init::DELETE + 8);
+free_fn!(_ZdaPvRKSt9nothrow_t, delete9_imp, init::DELETE + 9);
+free_fn!(_ZdlPvSt11align_val_tRKSt9nothrow_t, delete10_imp, init::DELETE + 10);
+free_fn!(_ZdaPvSt11align_val_tRKSt9nothrow_t, delete11_imp, init::DELETE + 11);

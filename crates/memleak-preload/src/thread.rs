@@ -34,8 +34,11 @@ pub struct Thread {
     /// stack bounds cannot be asked for now.
     pub in_getattr: Cell<bool>,
     pub stack_known: Cell<bool>,
-    pub stack_lo: Cell<u64>,
-    pub stack_hi: Cell<u64>,
+    /// The stack's bounds, stored inverted: a thread's TLS lies in its stack, which memleak
+    /// records as a block (its mmap); the block's start stored here as a plain value would read
+    /// to a reachability scan as a pointer to it.
+    pub stack_lo_inv: Cell<u64>,
+    pub stack_hi_inv: Cell<u64>,
     pub rng: Cell<u64>,
     /// Used only while `busy` is set by this thread.
     pub cache: UnsafeCell<MapCache>,
@@ -56,7 +59,8 @@ const EMPTY_MAP: MapEntry =
     MapEntry { start: 0, end: 0, adj: 0, file_adj: 0, page_base: 0, first_page: 0, npages: 0, obj: 0 };
 
 /// The executable mappings a thread's walks met last, valid while the mapping list's sequence
-/// stays (and the region is the same: a forked child has its own).
+/// stays (and the region is the same: a forked child has its own). Entries keep their start and
+/// end inverted (see `stack_lo_inv`: a JIT's mapping is a block too).
 pub struct MapCache {
     pub seq: u32,
     pub region: usize,
@@ -79,8 +83,8 @@ impl Thread {
         internal: Cell::new(false),
         in_getattr: Cell::new(false),
         stack_known: Cell::new(false),
-        stack_lo: Cell::new(0),
-        stack_hi: Cell::new(0),
+        stack_lo_inv: Cell::new(!0),
+        stack_hi_inv: Cell::new(!0),
         rng: Cell::new(0),
         cache: UnsafeCell::new(MapCache::NEW),
         frames: UnsafeCell::new(Frames::NEW),
@@ -110,22 +114,33 @@ pub fn stack_bounds(t: &Thread) -> (u64, u64) {
     if !t.stack_known.get() && !t.in_getattr.get() {
         t.stack_known.set(true);
         t.internal.set(true);
-        let mut attr = [0u64; 8];
-        let mut addr: *mut core::ffi::c_void = core::ptr::null_mut();
-        let mut size = 0usize;
-        // SAFETY: attr is a pthread_attr_t-sized buffer (56 bytes on x86-64), destroyed after use.
-        unsafe {
-            if getattr(crate::sys::pthread_self(), attr.as_mut_ptr().cast()) == 0 {
-                if crate::sys::pthread_attr_getstack(attr.as_ptr().cast(), &mut addr, &mut size) == 0 {
-                    t.stack_lo.set(addr as u64);
-                    t.stack_hi.set(addr as u64 + size as u64);
-                }
-                crate::sys::pthread_attr_destroy(attr.as_mut_ptr().cast());
-            }
-        }
+        ask_bounds(t);
         t.internal.set(false);
     }
-    (t.stack_lo.get(), t.stack_hi.get())
+    (!t.stack_lo_inv.get(), !t.stack_hi_inv.get())
+}
+
+/// Asks glibc for the stack's bounds. What it leaves in this frame is wiped before it returns:
+/// a thread that exits leaves its stack to glibc's cache, where a scan reads it whole, and the
+/// stack's start found there would keep the stack "reachable by its start".
+#[inline(never)]
+fn ask_bounds(t: &Thread) {
+    let mut attr = [0u64; 8];
+    let mut addr: *mut core::ffi::c_void = core::ptr::null_mut();
+    let mut size = 0usize;
+    // SAFETY: attr is a pthread_attr_t-sized buffer (56 bytes on x86-64), destroyed after use.
+    unsafe {
+        if getattr(crate::sys::pthread_self(), attr.as_mut_ptr().cast()) == 0 {
+            if crate::sys::pthread_attr_getstack(attr.as_ptr().cast(), &mut addr, &mut size) == 0 {
+                t.stack_lo_inv.set(!(addr as u64));
+                t.stack_hi_inv.set(!(addr as u64 + size as u64));
+            }
+            crate::sys::pthread_attr_destroy(attr.as_mut_ptr().cast());
+        }
+        core::ptr::write_volatile(&mut attr, [0; 8]);
+        core::ptr::write_volatile(&mut addr, core::ptr::null_mut());
+        core::ptr::write_volatile(&mut size, 0);
+    }
 }
 
 /// pthread_getattr_np below this library, the thread marked as inside it.

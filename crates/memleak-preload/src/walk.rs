@@ -214,15 +214,15 @@ fn find(p: &Info, c: &mut MapCache, pc: u64) -> Option<MapEntry> {
     let seq = h.maps_seq.load(Acquire);
     if c.seq == seq && c.region == p.header as usize {
         for e in c.ents.iter() {
-            if pc >= e.start && pc < e.end {
-                return Some(*e);
+            if pc >= !e.start && pc < !e.end {
+                return Some(MapEntry { start: !e.start, end: !e.end, ..*e });
             }
         }
     } else {
         c.seq = seq;
         c.region = p.header as usize;
         for e in c.ents.iter_mut() {
-            e.end = 0;
+            e.end = !0;
         }
     }
     let found = lookup(p, pc).or_else(|| {
@@ -230,7 +230,7 @@ fn find(p: &Info, c: &mut MapCache, pc: u64) -> Option<MapEntry> {
             let f = lookup(p, pc);
             c.seq = h.maps_seq.load(Acquire);
             for e in c.ents.iter_mut() {
-                e.end = 0;
+                e.end = !0;
             }
             f
         } else {
@@ -239,7 +239,7 @@ fn find(p: &Info, c: &mut MapCache, pc: u64) -> Option<MapEntry> {
     })?;
     let slot = (c.next as usize) % CACHE;
     c.next = c.next.wrapping_add(1);
-    c.ents[slot] = found;
+    c.ents[slot] = MapEntry { start: !found.start, end: !found.end, ..found };
     Some(found)
 }
 
