@@ -172,7 +172,11 @@ impl Session<'_, '_, '_> {
         if self.cfg.verbose
             && let Some(u) = &self.rep.unwind
         {
-            let l = crate::collector::Collector::losses(self.rep.maps.counters);
+            let mut l = crate::collector::Collector::losses(self.rep.maps.counters);
+            // The in-process capture's walks too (the same tables, the same counters).
+            if let Some(p) = &self.rep.preload {
+                p.add_losses(&mut l);
+            }
             errln!(
                 "memleak: unwind: {} objects, {} rows built in {:.3} s; {} stacks unwound, {} ended early",
                 u.tables.built,
@@ -454,6 +458,8 @@ impl Session<'_, '_, '_> {
                     && let Some(c) = self.rep.preload.as_mut()
                 {
                     c.expect(pid, None);
+                } else if self.cfg.verbose && self.cfg.preload {
+                    errln!("memleak: capture: uprobes for pid {pid}");
                 }
                 if let Some(p) = self.reg.get_mut(pid) {
                     let old = std::mem::replace(&mut p.links, a.links);
