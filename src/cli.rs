@@ -325,7 +325,7 @@ impl Args {
         }
         if self.max_allocs > crate::loader::MAX_ALLOCS_LIMIT {
             bail!(
-                "--max-allocs {}: the kernel's hash maps hold at most {} entries",
+                "--max-allocs {}: the allocation table holds at most {} records",
                 self.max_allocs,
                 crate::loader::MAX_ALLOCS_LIMIT
             );
@@ -554,7 +554,7 @@ mod tests {
             (&["-p", "1", "--pprof", "x", "--folded", "x"][..], "x is given for two outputs"),
             (
                 &["-p", "1", "--max-allocs", "134217729"][..],
-                "--max-allocs 134217729: the kernel's hash maps hold at most 134217728 entries",
+                "--max-allocs 134217729: the allocation table holds at most 134217728 records",
             ),
             (&["-p", "1", "--max-allocs", "4294967296"][..], "invalid value '4294967296'"),
             (&["-p", "1", "18446744073709551616"][..], "invalid value '18446744073709551616'"),

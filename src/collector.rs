@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use libbpf_rs::MapCore;
 
 use crate::batch;
-use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, map_info, stack};
+use crate::records::RecordTable;
+use crate::skel::types::{alloc_key, combined_info, counter, map_info, stack};
 use crate::symbolizer::RawFrame;
 
 /// One stack's outstanding allocations.
@@ -176,11 +177,7 @@ impl Collector {
             blocks,
             ..Default::default()
         };
-        batch::for_each(maps.allocs, |k, v| {
-            let (key, info): (alloc_key, alloc_info) = (read_pod(k), read_pod(v));
-            by.add(key.pid, key.addr, info.size, info.timestamp_ns, info.stack_id);
-        })
-        .context("reading the allocation map")?;
+        maps.allocs.for_each(|r| by.add(r.pid, r.addr, r.size, r.timestamp_ns, r.stack_id));
         if let Some(mappings) = maps.mappings {
             batch::for_each(mappings, |k, v| {
                 let (key, info): (alloc_key, map_info) = (read_pod(k), read_pod(v));
@@ -300,7 +297,10 @@ fn recursion_misses(fd: BorrowedFd) -> u64 {
 
 /// The maps of either BPF object (user mode's or kernel mode's) that a snapshot reads.
 pub struct RecordMaps<'a, M: MapCore> {
-    pub allocs: &'a M,
+    /// The allocation table, mapped.
+    pub allocs: &'a RecordTable,
+    /// The BPF side's count of records in it (`live_records` in the mmapped .bss).
+    pub live: &'a u64,
     /// User mode's mapping records (mmap, mremap, mprotect); kernel mode has none.
     pub mappings: Option<&'a M>,
     pub combined: &'a M,
@@ -356,12 +356,7 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use libbpf_rs::{MapFlags, MapHandle, MapType};
-
-    fn bytes<T>(v: &T) -> &[u8] {
-        // SAFETY: a plain C struct from the shared header, read as its bytes.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-    }
+    use libbpf_rs::{MapHandle, MapType};
 
     fn hash<K, V>(entries: u32) -> MapHandle {
         let opts = libbpf_sys::bpf_map_create_opts {
@@ -376,18 +371,18 @@ mod tests {
     /// process asked for present; the single-pid call as before.
     #[test]
     fn records_grouped_by_process() {
-        let allocs = hash::<alloc_key, alloc_info>(64);
+        let (_map, allocs) = crate::records::tests::table(64);
         let combined = hash::<u64, combined_info>(4);
         let old = monotonic_ns().saturating_sub(10_000_000_000);
         for (pid, addr, size, stack_id) in
             [(1, 0x10, 8, 7), (1, 0x20, 8, 7), (1, 0x30, 100, 9), (2, 0x10, 32, 7), (3, 0x40, 1, 7)]
         {
-            let key = alloc_key { pid, addr, ..Default::default() };
-            let info = alloc_info { size, timestamp_ns: old, stack_id };
-            allocs.update(bytes(&key), bytes(&info), MapFlags::ANY).unwrap();
+            assert!(allocs.insert(&crate::records::Record { pid, addr, size, timestamp_ns: old, stack_id }));
         }
         let counters = [0u64; 16];
-        let maps = RecordMaps { allocs: &allocs, mappings: None, combined: &combined, counters: &counters };
+        let live = 5u64;
+        let maps =
+            RecordMaps { allocs: &allocs, live: &live, mappings: None, combined: &combined, counters: &counters };
         let c = Collector::new();
         let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false).unwrap();
         let sorted = |p: u32| {

@@ -30,6 +30,7 @@ mod output;
 mod placement;
 mod probes;
 mod procmaps;
+mod records;
 mod report;
 mod run;
 mod scan;

@@ -128,7 +128,7 @@ impl Reporter<'_, '_> {
             self.scan.verbose();
             errln!(
                 "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
-                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
+                self.maps.allocs.bytes(),
                 map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
             );
         }
@@ -160,9 +160,13 @@ impl Reporter<'_, '_> {
         }
     }
 
-    /// Deletes every record of process `pid` from the allocation and mapping maps.
+    /// Deletes every record of process `pid` from the allocation table and the mapping map.
     fn remove_records(&self, pid: u32) -> Result<()> {
-        for map in std::iter::once(self.maps.allocs).chain(self.maps.mappings) {
+        // SAFETY: live_records is an aligned u64 in the mmapped .bss, which the BPF side only
+        // changes atomically; user space does the same.
+        let live = unsafe { &*std::sync::atomic::AtomicU64::from_ptr(std::ptr::from_ref(self.maps.live).cast_mut()) };
+        self.maps.allocs.remove_pid(pid, live);
+        if let Some(map) = self.maps.mappings {
             let mut keys: Vec<Vec<u8>> = Vec::new();
             crate::batch::for_each(map, |k, _| {
                 // struct alloc_key starts with the pid.

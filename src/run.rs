@@ -144,10 +144,12 @@ pub fn run(cfg: &Config) -> Result<i32> {
     };
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
+    let table = crate::records::RecordTable::map(&skel.maps.allocs)?;
     let rep = Reporter {
         cfg,
         maps: RecordMaps {
-            allocs: &skel.maps.allocs,
+            allocs: &table,
+            live: &bss.live_records,
             mappings: Some(&skel.maps.mappings),
             combined: &skel.maps.combined,
             counters: &bss.counters,

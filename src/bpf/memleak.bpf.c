@@ -515,14 +515,21 @@ int memleak_return(struct pt_regs *ctx)
 	return on_return(ctx);
 }
 
-/* Ends a record of the process that exec'd (ctx: its pid): its old image's memory is gone. */
-static long drop_record(void *map, struct alloc_key *key, struct alloc_info *info, __u32 *pid)
+/* Ends the records of the process that exec'd (ctx: its pid) in one bucket: its old image's
+ * memory is gone. */
+static long drop_records(void *map, __u32 *key, struct alloc_bucket *b, __u32 *pid)
 {
-	if (key->pid != *pid)
-		return 0;
-	if (combined_only)
-		combined_add(info->stack_id, -(__s64)info->size, -1);
-	bpf_map_delete_elem(map, key);
+	for (int i = 0; i < REC_SLOTS; i++) {
+		__u64 addr = b->addr[i], stack_id = b->info[i].stack_id, size = b->info[i].size;
+
+		if (addr <= REC_BUSY || b->pid[i] != *pid)
+			continue;
+		if (__sync_val_compare_and_swap(&b->addr[i], addr, REC_EMPTY) != addr)
+			continue;
+		__sync_fetch_and_add(&live_records, -1);
+		if (combined_only)
+			combined_add(stack_id, -(__s64)size, -1);
+	}
 	return 0;
 }
 
@@ -547,7 +554,7 @@ int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_bi
 		ts->outer_sp = 0;
 	}
 	bpf_map_delete_elem(&heap_seen, &pid);
-	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
+	bpf_for_each_map_elem(&allocs, drop_records, &pid, 0);
 	bpf_for_each_map_elem(&mappings, drop_mapping, &pid, 0);
 	e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
 	if (e) {

@@ -79,6 +79,25 @@ struct alloc_info {
 };
 
 /*
+ * The allocation records: an open-addressing table in a BPF array (BPF_F_MMAPABLE) that user
+ * space maps and scans directly (src/records.rs; records.bpf.h). A record {pid, addr} lives in
+ * one of two buckets its hash picks, in whichever slot it claimed (compare-and-swap of addr from
+ * REC_EMPTY to REC_BUSY); addr is written last, so a slot whose addr is a real address is
+ * complete. Free: the same compare-and-swap back to REC_EMPTY. No tombstones: a lookup scans
+ * both buckets whole.
+ */
+#define REC_SLOTS 8
+#define REC_EMPTY 0
+#define REC_BUSY 1
+
+struct alloc_bucket {
+	__u64 addr[REC_SLOTS]; /* REC_EMPTY, REC_BUSY (being written), or the block's address */
+	__u32 pid[REC_SLOTS];
+	__u32 pad[REC_SLOTS];
+	struct alloc_info info[REC_SLOTS];
+};
+
+/*
  * User mode: a mapping made by a traced mmap or mremap (or made accessible by mprotect), keyed
  * {pid, start}: whole pages [start, start + size). munmap, mremap, mprotect and MAP_FIXED trim,
  * split or remove exactly the pages they touch. A PROT_NONE range is address space, not memory:

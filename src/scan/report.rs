@@ -12,7 +12,7 @@ use super::options::Mode;
 use super::{Block, Class, Heuristic, Outcome, Stats, Target};
 use crate::collector::{Collector, Losses, RecordMaps, StackTotal, monotonic_ns, read_pod};
 use crate::report::Reporter;
-use crate::skel::types::{alloc_info, alloc_key, map_info};
+use crate::skel::types::{alloc_key, map_info};
 use crate::snapshot::{LeakSummary, ProcessInput};
 
 /// What a scan needs to know of a process, from the session.
@@ -91,19 +91,11 @@ impl Session {
 /// without access, PROT_NONE, are address space, not blocks).
 fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, pid: u32) -> Result<Vec<Block>> {
     let mut out = Vec::new();
-    crate::batch::for_each(maps.allocs, |k, v| {
-        let key: alloc_key = read_pod(k);
-        if key.pid == pid {
-            let info: alloc_info = read_pod(v);
-            out.push(Block {
-                addr: key.addr,
-                size: info.size,
-                stack_id: info.stack_id,
-                timestamp_ns: info.timestamp_ns,
-            });
+    maps.allocs.for_each(|r| {
+        if r.pid == pid {
+            out.push(Block { addr: r.addr, size: r.size, stack_id: r.stack_id, timestamp_ns: r.timestamp_ns });
         }
-    })
-    .context("reading the allocation map")?;
+    });
     if let Some(mappings) = maps.mappings {
         crate::batch::for_each(mappings, |k, v| {
             let key: alloc_key = read_pod(k);
