@@ -101,6 +101,11 @@ pub struct Args {
     #[arg(short, long, value_name = "N", default_value_t = 1)]
     pub sample_rate: u32,
 
+    /// Sample on average one allocation per N bytes allocated (a Poisson process over the
+    /// bytes, as tcmalloc and Go profile): bytes and counts reported are estimates
+    #[arg(long, value_name = "N")]
+    pub sample_bytes: Option<u64>,
+
     /// Display only this many top allocating stacks
     #[arg(short = 'T', long, value_name = "N", default_value_t = 10)]
     pub top: usize,
@@ -233,6 +238,8 @@ pub struct Config {
     pub combined_only: bool,
     pub wa_missing_free: bool,
     pub sample_rate: u32,
+    /// --sample-bytes (0: off).
+    pub sample_bytes: u64,
     pub top: usize,
     pub min_size: u64,
     pub max_size: u64,
@@ -309,6 +316,14 @@ impl Args {
         if self.sample_rate == 0 {
             bail!("sample rate (-s) must be at least 1");
         }
+        if let Some(n) = self.sample_bytes {
+            if n == 0 || n > 1 << 32 {
+                bail!("--sample-bytes {n}: give 1 to 4294967296 bytes");
+            }
+            if self.sample_rate > 1 || self.combined_only {
+                bail!("--sample-bytes goes with neither -s nor --combined-only");
+            }
+        }
         if self.top == 0 {
             bail!("-T/--top must be at least 1");
         }
@@ -362,6 +377,7 @@ impl Args {
             combined_only: self.combined_only,
             wa_missing_free: self.wa_missing_free,
             sample_rate: self.sample_rate,
+            sample_bytes: self.sample_bytes.unwrap_or(0),
             top: self.top,
             min_size,
             max_size,

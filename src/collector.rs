@@ -155,6 +155,9 @@ impl Collector {
     /// kernel mode's are pid 0's. `min_age`: blocks younger are left out, and counted (not in
     /// combined mode, which keeps no per-allocation times). --combined-only keeps totals by
     /// stack only, without the process: they all go to the first pid asked for (or 0).
+    /// `sample_bytes` (--sample-bytes, 0: off): each block counts as the inverse of its chance
+    /// to have been sampled, an estimate of what it stands for.
+    #[allow(clippy::too_many_arguments)]
     pub fn collect_by_pid(
         &self,
         maps: &RecordMaps<impl MapCore>,
@@ -162,6 +165,7 @@ impl Collector {
         min_age: Duration,
         blocks: bool,
         combined: bool,
+        sample_bytes: u64,
     ) -> Result<(HashMap<u32, ProcessRecords>, Losses)> {
         let losses = read_losses(maps.counters);
         if combined {
@@ -175,6 +179,7 @@ impl Collector {
             // An age past u64 nanoseconds (585 years) hides every block, as it should.
             min_age: u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX),
             blocks,
+            sample_bytes,
             ..Default::default()
         };
         maps.allocs.for_each(|r| by.add(r.pid, r.addr, r.size, r.timestamp_ns, r.stack_id));
@@ -189,6 +194,11 @@ impl Collector {
             .context("reading the mapping map")?;
         }
         let mut out: HashMap<u32, ProcessRecords> = HashMap::new();
+        for (key, (bytes, n)) in std::mem::take(&mut by.estimates) {
+            if let Some(t) = by.totals.get_mut(&key) {
+                (t.bytes, t.count) = (bytes.round() as u64, n.round() as u64);
+            }
+        }
         for ((pid, _), t) in by.totals {
             out.entry(pid).or_default().stacks.push(t);
         }
@@ -235,7 +245,10 @@ struct ByStack<'p> {
     now: u64,
     min_age: u64,
     blocks: bool,
+    sample_bytes: u64,
     totals: HashMap<(u32, u64), StackTotal>,
+    /// With --sample-bytes: the estimated (bytes, count) of each total.
+    estimates: HashMap<(u32, u64), (f64, f64)>,
     young: HashMap<u32, (u64, u64)>,
 }
 
@@ -256,7 +269,20 @@ impl ByStack<'_> {
         if self.blocks {
             t.blocks.push((addr, size));
         }
+        if self.sample_bytes > 0 {
+            let w = sample_weight(size, self.sample_bytes);
+            let e = self.estimates.entry((pid, stack_id)).or_default();
+            e.0 += size as f64 * w;
+            e.1 += w;
+        }
     }
+}
+
+/// What a block sampled by --sample-bytes N stands for: the inverse of its chance to be
+/// sampled, 1 - exp(-size / N) (records.bpf.h).
+pub fn sample_weight(size: u64, n: u64) -> f64 {
+    let p = -(-(size as f64) / n as f64).exp_m1();
+    if p > 0.0 { 1.0 / p } else { 1.0 }
 }
 
 /// What an attached program records: its skipped runs count as missed allocations, frees, or
@@ -384,7 +410,7 @@ mod tests {
         let maps =
             RecordMaps { allocs: &allocs, live: &live, mappings: None, combined: &combined, counters: &counters };
         let c = Collector::new();
-        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false).unwrap();
+        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false, 0).unwrap();
         let sorted = |p: u32| {
             let mut v: Vec<(u64, u64, u64)> =
                 by_pid[&p].stacks.iter().map(|t| (t.stack_id, t.bytes, t.count)).collect();
@@ -394,15 +420,15 @@ mod tests {
         assert_eq!(sorted(1), [(7, 16, 2), (9, 100, 1)]);
         assert_eq!(sorted(2), [(7, 32, 1)]);
         assert!(by_pid[&5].stacks.is_empty() && !by_pid.contains_key(&3));
-        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false).unwrap();
+        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false, 0).unwrap();
         assert_eq!(all.len(), 3);
-        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false).unwrap();
+        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false, 0).unwrap();
         assert_eq!(
             one.remove(&2).unwrap().stacks,
             [StackTotal { stack_id: 7, bytes: 32, count: 1, blocks: vec![(0x10, 32)] }]
         );
         // Younger than -o: hidden, and counted.
-        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false).unwrap();
+        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false, 0).unwrap();
         assert!(young[&1].stacks.is_empty());
         assert_eq!(young[&1].young, (3, 116));
     }

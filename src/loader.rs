@@ -64,6 +64,10 @@ pub fn load<'obj>(
     let mut open = open(storage, cfg, mode)?;
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
     rodata.have_find_vma = find_vma;
+    // A call sampling or a size filter leaves out takes no return probe; its nested calls
+    // are told by their stacks, which takes the table walk and bpf_find_vma.
+    let filtered = cfg.sample_rate > 1 || cfg.sample_bytes > 0 || cfg.min_size > 0 || cfg.max_size < u64::MAX;
+    rodata.skip_unsampled = filtered && find_vma && !cfg.frame_pointers && !cfg.wa_missing_free;
     // A thread memleak ptraces waits at a dlopen until the new objects' probes are in.
     rodata.memleak_tgid = std::process::id();
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
@@ -78,6 +82,11 @@ macro_rules! configure_records {
         rodata.min_size = $cfg.min_size;
         rodata.max_size = $cfg.max_size;
         rodata.sample_rate = $cfg.sample_rate;
+        rodata.sample_bytes = $cfg.sample_bytes;
+        for (k, e) in rodata.exp_neg64.iter_mut().enumerate() {
+            // exp(-k / 64) in 32.32 fixed point.
+            *e = ((-(k as f64) / 64.0).exp() * 4294967296.0).round() as u64;
+        }
         rodata.trace_all = $cfg.trace;
         rodata.combined_only = $cfg.combined_only;
         rodata.wa_missing_free = $cfg.wa_missing_free;

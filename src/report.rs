@@ -82,6 +82,7 @@ impl Reporter<'_, '_> {
             min_age,
             self.cfg.show_allocs,
             self.cfg.combined_only,
+            self.cfg.sample_bytes,
         )?;
         let read = started.elapsed();
         if let Some(k) = &self.programs {
@@ -110,6 +111,7 @@ impl Reporter<'_, '_> {
             &mut self.symbolizer,
         );
         snap.retired = self.retired.clone();
+        snap.sample_bytes = self.cfg.sample_bytes;
         snap.warnings = self.warnings.clone();
         let built = started.elapsed();
         let costs = self.outputs.write(&snap)?;

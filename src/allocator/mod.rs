@@ -63,6 +63,8 @@ pub struct ObjectProbes {
     /// mimalloc shared object): its file as the BPF side names it (kernel dev, inode), whose
     /// own mmaps outside probed calls are its arenas, not the program's mappings.
     pub arena_owner: Option<(u32, u64)>,
+    /// Its file as the kernel names it: (dev, inode).
+    pub key: (u32, u64),
 }
 
 impl ObjectProbes {
@@ -502,7 +504,8 @@ impl Allocators {
                     && !is_c_library(&c.shown, scans[*i].as_ref().and_then(|s| s.soname.as_deref()))
                     && found.iter().any(|f| f.spec.op == Op::Alloc && f.spec.family != Family::Cxx))
                 .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
-                set.objects.push(ObjectProbes { file, shown, entries, arena_owner });
+                let key = (crate::procmaps::kernel_dev(c.key.0), c.key.1);
+                set.objects.push(ObjectProbes { file, shown, entries, arena_owner, key });
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,

@@ -111,6 +111,24 @@ struct map_info {
 	__u32 slot;         /* its slot in map_slots (ranges.bpf.h) */
 };
 
+/*
+ * Sampling (-s, --sample-bytes, -z/-Z): a call sampled out takes no return probe and leaves no
+ * state, so a call made inside it (malloc's mmap, operator new's malloc) cannot see it in
+ * flight. A sampled-in call with no call in flight looks at its stack instead: a frame inside
+ * an allocation function (the probed ones that take a return probe) means it is nested. Their
+ * code, by file (the key is struct unwind_obj_key), as file offsets [start, end), sorted.
+ */
+#define ALLOC_FN_RANGES 64
+
+struct alloc_fn_ranges {
+	__u32 n;
+	__u32 pad;
+	struct {
+		__u32 start;
+		__u32 end;
+	} r[ALLOC_FN_RANGES];
+};
+
 /* --combined-only: per-stack totals kept in BPF. */
 struct combined_info {
 	__u64 total_size;

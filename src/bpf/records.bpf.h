@@ -13,6 +13,11 @@
 const volatile __u64 min_size = 0;
 const volatile __u64 max_size = (__u64)-1;
 const volatile __u32 sample_rate = 1;
+/* --sample-bytes: on average one sample per sample_bytes bytes allocated, a Poisson process
+ * over the bytes: a block of size s is sampled with probability 1 - exp(-s / sample_bytes).
+ * exp_neg64[k] = exp(-k / 64) in 32.32 fixed point, set by the loader. */
+const volatile __u64 sample_bytes = 0;
+const volatile __u64 exp_neg64[2048] = {};
 const volatile bool trace_all = false;
 const volatile bool combined_only = false;
 const volatile bool wa_missing_free = false;
@@ -87,12 +92,34 @@ static __always_inline void emit(__u32 kind, __u32 fn, __u64 size, __u64 addr)
 	bpf_ringbuf_submit(e, 0);
 }
 
-/* The -z/-Z bounds and -s sampling, decided before any stack walk or map update. */
+/* 2^32 times the probability that --sample-bytes samples a block of size bytes. */
+static __always_inline __u64 sample_p32(__u64 size)
+{
+	__u64 x, lo, e;
+
+	if (size >= 32 * sample_bytes)
+		return 1ULL << 32; /* 1 - exp(-32): always */
+	/* x = size / sample_bytes in 32.32 fixed point, below 32 (sample_bytes <= 2^32). */
+	if (size < (1ULL << 32))
+		x = (size << 32) / sample_bytes;
+	else
+		x = ((size << 26) / sample_bytes) << 6;
+	/* exp(-x) = exp(-(x >> 26) / 64) * exp(-lo), lo < 1/64: 1 - lo + lo^2/2 is within 7e-8. */
+	lo = x & ((1ULL << 26) - 1);
+	e = (1ULL << 32) - lo + ((lo * lo) >> 33);
+	e = (exp_neg64[(x >> 26) & 2047] * e) >> 32;
+	return (1ULL << 32) - e;
+}
+
+/* The -z/-Z bounds and -s or --sample-bytes sampling, decided before any stack walk or map
+ * update. */
 static __always_inline bool sampled_in(__u64 size)
 {
 	if (size < min_size || size > max_size)
 		return false;
 	if (sample_rate > 1 && bpf_get_prandom_u32() % sample_rate)
+		return false;
+	if (sample_bytes && (__u64)bpf_get_prandom_u32() >= sample_p32(size))
 		return false;
 	return true;
 }
