@@ -325,7 +325,22 @@ __noinline int record_insert(__u32 pid, __u64 addr, __u64 size, __u64 stack_id, 
 
 	if (addr <= REC_BUSY)
 		return 0;
-	if (rec_find(pid, addr, &b, &i)) {
+	rec_buckets(pid, addr, &k1, &k2);
+	b1 = bpf_map_lookup_elem(&allocs, &k1);
+	b2 = bpf_map_lookup_elem(&allocs, &k2);
+	if (!b1 || !b2) {
+		count(CNT_ALLOCS_FULL);
+		return 0;
+	}
+	/* One look at each bucket: a record of this block already there, and how full it is. */
+	s = rec_slot(b1, pid, addr);
+	b = b1;
+	if (s < 0) {
+		s = rec_slot(b2, pid, addr);
+		b = b2;
+	}
+	if (s >= 0) {
+		i = s & (REC_SLOTS - 1);
 		struct alloc_info old = b->info[i];
 
 		b->info[i] = info;
@@ -338,11 +353,6 @@ __noinline int record_insert(__u32 pid, __u64 addr, __u64 size, __u64 stack_id, 
 		return 1;
 	}
 	if (__sync_fetch_and_add(&live_records, 1) >= max_records)
-		goto full;
-	rec_buckets(pid, addr, &k1, &k2);
-	b1 = bpf_map_lookup_elem(&allocs, &k1);
-	b2 = bpf_map_lookup_elem(&allocs, &k2);
-	if (!b1 || !b2)
 		goto full;
 	if (rec_used(b2) < rec_used(b1)) {
 		b = b2;
