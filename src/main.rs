@@ -29,6 +29,7 @@ mod objfile;
 mod output;
 mod placement;
 mod probes;
+mod procfs;
 mod procmaps;
 mod records;
 mod report;

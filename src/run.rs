@@ -33,13 +33,8 @@ const CAP_CHECKPOINT_RESTORE: u32 = 40;
 /// `process`: a process is traced, whose files memleak opens through /proc/PID/map_files,
 /// which takes CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE.
 fn check_privileges(process: bool) -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |c: u32| eff & (1u64 << c) != 0;
+    let own = crate::procfs::Status::own();
+    let has = |c: u32| own.has_cap(c);
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && (!process || has(CAP_CHECKPOINT_RESTORE))) {
         return Ok(());
     }

@@ -45,8 +45,13 @@ impl<'a, 'obj> AllocProber<'a, 'obj> {
                 errln!("memleak: {l} (pid {})", set.pid);
             }
         }
+        // Another process probed in the same objects, the same way (a job's thousand
+        // children): said once; -v says it for each.
+        let pid_tag = format!(" (pid {})", set.pid);
         for l in &set.lines {
-            errln!("{l}");
+            if self.said.insert(l.replace(&pid_tag, "")) || self.verbose {
+                errln!("{l}");
+            }
         }
         (links, failed)
     }
