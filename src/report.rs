@@ -166,7 +166,7 @@ impl Reporter<'_, '_> {
     fn remove_records(&self, pid: u32) -> Result<()> {
         // SAFETY: live_records is an aligned u64 in the mmapped .bss, which the BPF side only
         // changes atomically; user space does the same.
-        let live = unsafe { &*std::sync::atomic::AtomicU64::from_ptr(std::ptr::from_ref(self.maps.live).cast_mut()) };
+        let live = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::from_ref(self.maps.live).cast_mut()) };
         self.maps.allocs.remove_pid(pid, live);
         if let Some(map) = self.maps.mappings {
             let mut keys: Vec<Vec<u8>> = Vec::new();

@@ -75,6 +75,8 @@ pub fn run(cfg: &Config) -> Result<i32> {
     loader::note_map_memory(cfg.max_allocs);
     let probed = Instant::now();
     let features = Features::probe();
+    // Where a probe may sit: on multi-byte nops too where the kernel emulates them.
+    crate::placement::set_multibyte_nops(features.uprobe_nop_optimize);
     if cfg.verbose {
         errln!("memleak: kernel features ({:.1} ms): {features:?}", probed.elapsed().as_secs_f64() * 1e3);
     }

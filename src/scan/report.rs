@@ -218,7 +218,9 @@ impl Reporter<'_, '_> {
         if let Some(o) = &outcome {
             process.warnings.extend(scan_warnings(&o.stats));
             // (Untracked blocks are said by the loss lines already.)
-            if who.from_start && (cfg.sample_rate > 1 || cfg.sample_bytes > 0 || cfg.min_size > 0 || cfg.max_size < u64::MAX) {
+            if who.from_start
+                && (cfg.sample_rate > 1 || cfg.sample_bytes > 0 || cfg.min_size > 0 || cfg.max_size < u64::MAX)
+            {
                 process.warnings.push(
                     "blocks sampled out or filtered by size are unknown to the scan: memory the allocator holds outside the known blocks was scanned as a root".into(),
                 );
