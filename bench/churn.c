@@ -4,7 +4,10 @@
  *                             N malloc(16 + (i & 255)) per thread, each freed 64 later; prints
  *                             "ns_per_pair X", timed inside the process (start-up excluded).
  *                             With LEAK_EVERY > 0, every LEAK_EVERY-th iteration also leaks a
- *                             1000-byte block from leak_one().
+ *                             1000-byte block from leak_one(). With CHURN_START=wait in the
+ *                             environment it first prints "ready" and waits for a line on
+ *                             stdin (a tracer attaching with -p); with CHURN_END=wait it waits
+ *                             for one after printing its time (a tracer reading its statistics).
  *   churn hold N [SECONDS]    allocates N blocks of 32 bytes from one stack, keeps them, prints
  *                             "holding N", then sleeps
  *   churn maps N [wait]       N times: mmap 16 pages, munmap the last 4 (a trim: a pass over
@@ -71,6 +74,10 @@ int main(int argc, char **argv)
 		pthread_t tid[64];
 		pairs = atol(argv[2]);
 		leak_every = argc > 4 ? atol(argv[4]) : 0;
+		if (getenv("CHURN_START") && !strcmp(getenv("CHURN_START"), "wait")) {
+			printf("ready\n");
+			wait_line(1);
+		}
 		double t0 = now_ns();
 		for (int i = 0; i < threads && i < 64; i++)
 			pthread_create(&tid[i], NULL, churn, NULL);
@@ -78,6 +85,7 @@ int main(int argc, char **argv)
 			pthread_join(tid[i], NULL);
 		double t = now_ns() - t0;
 		printf("ns_per_pair %.1f\n", t / ((double)pairs * threads));
+		wait_line(getenv("CHURN_END") && !strcmp(getenv("CHURN_END"), "wait"));
 		return 0;
 	}
 	if (argc >= 3 && !strcmp(argv[1], "hold")) {

@@ -101,6 +101,11 @@ pub struct Args {
     #[arg(short, long, value_name = "N", default_value_t = 1)]
     pub sample_rate: u32,
 
+    /// Sample on average one allocation per N bytes allocated (a Poisson process over the
+    /// bytes, as tcmalloc and Go profile): bytes and counts reported are estimates
+    #[arg(long, value_name = "N")]
+    pub sample_bytes: Option<u64>,
+
     /// Display only this many top allocating stacks
     #[arg(short = 'T', long, value_name = "N", default_value_t = 10)]
     pub top: usize,
@@ -247,6 +252,8 @@ pub struct Config {
     pub combined_only: bool,
     pub wa_missing_free: bool,
     pub sample_rate: u32,
+    /// --sample-bytes (0: off).
+    pub sample_bytes: u64,
     pub top: usize,
     pub min_size: u64,
     pub max_size: u64,
@@ -340,6 +347,14 @@ impl Args {
         if self.sample_rate == 0 {
             bail!("sample rate (-s) must be at least 1");
         }
+        if let Some(n) = self.sample_bytes {
+            if n == 0 || n > 1 << 32 {
+                bail!("--sample-bytes {n}: give 1 to 4294967296 bytes");
+            }
+            if self.sample_rate > 1 || self.combined_only {
+                bail!("--sample-bytes goes with neither -s nor --combined-only");
+            }
+        }
         if self.top == 0 {
             bail!("-T/--top must be at least 1");
         }
@@ -356,7 +371,7 @@ impl Args {
         }
         if self.max_allocs > crate::loader::MAX_ALLOCS_LIMIT {
             bail!(
-                "--max-allocs {}: the kernel's hash maps hold at most {} entries",
+                "--max-allocs {}: the allocation table holds at most {} records",
                 self.max_allocs,
                 crate::loader::MAX_ALLOCS_LIMIT
             );
@@ -393,6 +408,7 @@ impl Args {
             combined_only: self.combined_only,
             wa_missing_free: self.wa_missing_free,
             sample_rate: self.sample_rate,
+            sample_bytes: self.sample_bytes.unwrap_or(0),
             top: self.top,
             min_size,
             max_size,
@@ -586,7 +602,7 @@ mod tests {
             (&["-p", "1", "--pprof", "x", "--folded", "x"][..], "x is given for two outputs"),
             (
                 &["-p", "1", "--max-allocs", "134217729"][..],
-                "--max-allocs 134217729: the kernel's hash maps hold at most 134217728 entries",
+                "--max-allocs 134217729: the allocation table holds at most 134217728 records",
             ),
             (&["-p", "1", "--max-allocs", "4294967296"][..], "invalid value '4294967296'"),
             (&["-p", "1", "18446744073709551616"][..], "invalid value '18446744073709551616'"),

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use libbpf_rs::MapCore;
 
 use crate::batch;
-use crate::skel::types::{alloc_info, alloc_key, combined_info, counter, map_info, stack};
+use crate::records::RecordTable;
+use crate::skel::types::{alloc_key, combined_info, counter, map_info, stack};
 use crate::symbolizer::RawFrame;
 
 /// One stack's outstanding allocations.
@@ -175,6 +176,9 @@ impl Collector {
     /// kernel mode's are pid 0's. `min_age`: blocks younger are left out, and counted (not in
     /// combined mode, which keeps no per-allocation times). --combined-only keeps totals by
     /// stack only, without the process: they all go to the first pid asked for (or 0).
+    /// `sample_bytes` (--sample-bytes, 0: off): each block counts as the inverse of its chance
+    /// to have been sampled, an estimate of what it stands for.
+    #[allow(clippy::too_many_arguments)]
     pub fn collect_by_pid(
         &self,
         maps: &RecordMaps<impl MapCore>,
@@ -182,6 +186,7 @@ impl Collector {
         min_age: Duration,
         blocks: bool,
         combined: bool,
+        sample_bytes: u64,
         more: Option<&dyn MoreRecords>,
     ) -> Result<(HashMap<u32, ProcessRecords>, Losses)> {
         let mut losses = read_losses(maps.counters);
@@ -208,13 +213,10 @@ impl Collector {
             // An age past u64 nanoseconds (585 years) hides every block, as it should.
             min_age: u64::try_from(min_age.as_nanos()).unwrap_or(u64::MAX),
             blocks,
+            sample_bytes,
             ..Default::default()
         };
-        batch::for_each(maps.allocs, |k, v| {
-            let (key, info): (alloc_key, alloc_info) = (read_pod(k), read_pod(v));
-            by.add(key.pid, key.addr, info.size, info.timestamp_ns, info.stack_id);
-        })
-        .context("reading the allocation map")?;
+        maps.allocs.for_each(|r| by.add(r.pid, r.addr, r.size, r.timestamp_ns, r.stack_id));
         if let Some(mappings) = maps.mappings {
             batch::for_each(mappings, |k, v| {
                 let (key, info): (alloc_key, map_info) = (read_pod(k), read_pod(v));
@@ -239,6 +241,11 @@ impl Collector {
             }
         }
         let mut out: HashMap<u32, ProcessRecords> = HashMap::new();
+        for (key, (bytes, n)) in std::mem::take(&mut by.estimates) {
+            if let Some(t) = by.totals.get_mut(&key) {
+                (t.bytes, t.count) = (bytes.round() as u64, n.round() as u64);
+            }
+        }
         for ((pid, _), t) in by.totals {
             out.entry(pid).or_default().stacks.push(t);
         }
@@ -298,7 +305,10 @@ struct ByStack<'p> {
     now: u64,
     min_age: u64,
     blocks: bool,
+    sample_bytes: u64,
     totals: HashMap<(u32, u64), StackTotal>,
+    /// With --sample-bytes: the estimated (bytes, count) of each total.
+    estimates: HashMap<(u32, u64), (f64, f64)>,
     young: HashMap<u32, (u64, u64)>,
 }
 
@@ -319,7 +329,20 @@ impl ByStack<'_> {
         if self.blocks {
             t.blocks.push((addr, size));
         }
+        if self.sample_bytes > 0 {
+            let w = sample_weight(size, self.sample_bytes);
+            let e = self.estimates.entry((pid, stack_id)).or_default();
+            e.0 += size as f64 * w;
+            e.1 += w;
+        }
     }
+}
+
+/// What a block sampled by --sample-bytes N stands for: the inverse of its chance to be
+/// sampled, 1 - exp(-size / N) (records.bpf.h).
+pub fn sample_weight(size: u64, n: u64) -> f64 {
+    let p = -(-(size as f64) / n as f64).exp_m1();
+    if p > 0.0 { 1.0 / p } else { 1.0 }
 }
 
 /// What an attached program records: its skipped runs count as missed allocations, frees, or
@@ -360,7 +383,10 @@ fn recursion_misses(fd: BorrowedFd) -> u64 {
 
 /// The maps of either BPF object (user mode's or kernel mode's) that a snapshot reads.
 pub struct RecordMaps<'a, M: MapCore> {
-    pub allocs: &'a M,
+    /// The allocation table, mapped.
+    pub allocs: &'a RecordTable,
+    /// The BPF side's count of records in it (`live_records` in the mmapped .bss).
+    pub live: &'a u64,
     /// User mode's mapping records (mmap, mremap, mprotect); kernel mode has none.
     pub mappings: Option<&'a M>,
     pub combined: &'a M,
@@ -416,12 +442,7 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use libbpf_rs::{MapFlags, MapHandle, MapType};
-
-    fn bytes<T>(v: &T) -> &[u8] {
-        // SAFETY: a plain C struct from the shared header, read as its bytes.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-    }
+    use libbpf_rs::{MapHandle, MapType};
 
     fn hash<K, V>(entries: u32) -> MapHandle {
         let opts = libbpf_sys::bpf_map_create_opts {
@@ -436,20 +457,20 @@ mod tests {
     /// process asked for present; the single-pid call as before.
     #[test]
     fn records_grouped_by_process() {
-        let allocs = hash::<alloc_key, alloc_info>(64);
+        let (_map, allocs) = crate::records::tests::table(64);
         let combined = hash::<u64, combined_info>(4);
         let old = monotonic_ns().saturating_sub(10_000_000_000);
         for (pid, addr, size, stack_id) in
             [(1, 0x10, 8, 7), (1, 0x20, 8, 7), (1, 0x30, 100, 9), (2, 0x10, 32, 7), (3, 0x40, 1, 7)]
         {
-            let key = alloc_key { pid, addr, ..Default::default() };
-            let info = alloc_info { size, timestamp_ns: old, stack_id };
-            allocs.update(bytes(&key), bytes(&info), MapFlags::ANY).unwrap();
+            assert!(allocs.insert(&crate::records::Record { pid, addr, size, timestamp_ns: old, stack_id }));
         }
         let counters = [0u64; 16];
-        let maps = RecordMaps { allocs: &allocs, mappings: None, combined: &combined, counters: &counters };
+        let live = 5u64;
+        let maps =
+            RecordMaps { allocs: &allocs, live: &live, mappings: None, combined: &combined, counters: &counters };
         let c = Collector::new();
-        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false, None).unwrap();
+        let (by_pid, _) = c.collect_by_pid(&maps, Some(&[1, 2, 5]), Duration::ZERO, false, false, 0, None).unwrap();
         let sorted = |p: u32| {
             let mut v: Vec<(u64, u64, u64)> =
                 by_pid[&p].stacks.iter().map(|t| (t.stack_id, t.bytes, t.count)).collect();
@@ -459,15 +480,15 @@ mod tests {
         assert_eq!(sorted(1), [(7, 16, 2), (9, 100, 1)]);
         assert_eq!(sorted(2), [(7, 32, 1)]);
         assert!(by_pid[&5].stacks.is_empty() && !by_pid.contains_key(&3));
-        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false, None).unwrap();
+        let (all, _) = c.collect_by_pid(&maps, None, Duration::ZERO, false, false, 0, None).unwrap();
         assert_eq!(all.len(), 3);
-        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false, None).unwrap();
+        let (mut one, _) = c.collect_by_pid(&maps, Some(&[2]), Duration::ZERO, true, false, 0, None).unwrap();
         assert_eq!(
             one.remove(&2).unwrap().stacks,
             [StackTotal { stack_id: 7, bytes: 32, count: 1, blocks: vec![(0x10, 32)] }]
         );
         // Younger than -o: hidden, and counted.
-        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false, None).unwrap();
+        let (young, _) = c.collect_by_pid(&maps, Some(&[1]), Duration::from_secs(60), false, false, 0, None).unwrap();
         assert!(young[&1].stacks.is_empty());
         assert_eq!(young[&1].young, (3, 116));
     }

@@ -36,6 +36,9 @@ pub struct Features {
     pub uprobe_multi_process_filter: bool,
     /// uprobe sessions (6.13).
     pub uprobe_session: bool,
+    /// A uprobe on a 5-byte nop is optimized into a call, and multi-byte nops are emulated
+    /// (6.18): the kernel has `arch_uprobe_optimize` (/proc/kallsyms).
+    pub uprobe_nop_optimize: bool,
 }
 
 impl Features {
@@ -57,6 +60,7 @@ impl Features {
             // A kernel with the fixed filter checks the pid before the path.
             uprobe_multi_process_filter: uprobe_link_errno(sys::BPF_TRACE_UPROBE_MULTI, -1) == Some(libc::EINVAL),
             uprobe_session: uprobe_link_errno(sys::BPF_TRACE_UPROBE_SESSION, 0) == Some(libc::EBADF),
+            uprobe_nop_optimize: kernel_has_symbol("arch_uprobe_optimize"),
         }
     }
 
@@ -75,6 +79,7 @@ impl Features {
             uprobe_multi: true,
             uprobe_multi_process_filter: true,
             uprobe_session: true,
+            uprobe_nop_optimize: true,
         }
     }
 
@@ -216,6 +221,17 @@ fn uprobe_link_errno(attach: sys::bpf_attach_type, pid: i32) -> Option<i32> {
         return None;
     }
     Some(-fd)
+}
+
+/// Whether the running kernel has a function of this name (/proc/kallsyms; names are listed to
+/// every reader, addresses to root only).
+fn kernel_has_symbol(name: &str) -> bool {
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open("/proc/kallsyms") else { return false };
+    std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.rsplit_once(' ').is_some_and(|(_, sym)| sym == name))
 }
 
 #[cfg(test)]

@@ -109,13 +109,15 @@ pub fn run(cfg: &Config, signals: &mut Signals, outputs: crate::output::Outputs)
         }
     }
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
+    let table = crate::records::RecordTable::map(&skel.maps.allocs)?;
 
     signals.arm()?;
     outputs.status("Attaching to kernel allocators, Ctrl+C to quit.")?;
     let rep = Reporter {
         cfg,
         maps: RecordMaps {
-            allocs: &skel.maps.allocs,
+            allocs: &table,
+            live: &bss.live_records,
             mappings: None,
             combined: &skel.maps.combined,
             counters: &bss.counters,

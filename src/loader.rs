@@ -14,33 +14,21 @@ pub const MAX_STACKS: u32 = 32_768;
 pub const MAX_COMBINED: u32 = 32_768;
 pub const TRACE_RINGBUF: u32 = 4 << 20;
 
-/// The most entries a hash map can have: the kernel rounds the size up to a power of two of
-/// 16-byte buckets whose total must fit in 32 bits (more fails with E2BIG). Checked here:
-/// 2^27 loads, 2^27 + 1 does not.
+/// The most records the allocation table may hold: 2^27, 8 GiB of kernel memory
+/// (src/records.rs: 64 bytes per record at a full table).
 pub const MAX_ALLOCS_LIMIT: u32 = 1 << 27;
-/// Kernel memory of the allocation map (docs/design.md, measured with `-v`): 16 bytes per
-/// bucket, the size rounded up to a power of two, taken at start; 96 bytes per outstanding
-/// allocation.
-const BUCKET_BYTES: u64 = 16;
-const RECORD_BYTES: u64 = 96;
-/// Above this --max-allocs, memleak says how much kernel memory the map takes.
+/// Above this --max-allocs, memleak says how much kernel memory the table takes.
 const LARGE_MAP: u32 = 10_000_000;
 
-/// (bytes taken at start, bytes more when full) of an allocation map of `n` entries.
-pub fn allocs_map_memory(n: u32) -> (u64, u64) {
-    (u64::from(n).next_power_of_two() * BUCKET_BYTES, u64::from(n) * RECORD_BYTES)
-}
-
-/// With a large --max-allocs, says on stderr what the allocation map will take, before it does.
+/// With a large --max-allocs, says on stderr what the allocation table will take, before it does.
 pub fn note_map_memory(max_allocs: u32) {
     if max_allocs <= LARGE_MAP {
         return;
     }
-    let (start, full) = allocs_map_memory(max_allocs);
     errln!(
-        "memleak: note: --max-allocs {max_allocs} takes {} of kernel memory at start (the allocation map's buckets), and {} more when the map is full ({RECORD_BYTES} bytes per outstanding allocation)",
-        human(start),
-        human(full)
+        "memleak: note: --max-allocs {max_allocs} takes {} of kernel memory at start (the allocation table, {} bytes per allocation it can hold)",
+        human(crate::records::table_bytes(max_allocs)),
+        crate::records::table_bytes(max_allocs) / u64::from(max_allocs)
     );
 }
 
@@ -54,7 +42,7 @@ fn human(bytes: u64) -> String {
 pub fn load_error(e: libbpf_rs::Error, max_allocs: u32) -> anyhow::Error {
     if e.kind() == libbpf_rs::ErrorKind::TooBig {
         return anyhow::anyhow!(
-            "cannot load the BPF programs: the kernel refuses an allocation map of {max_allocs} entries (--max-allocs): {e}"
+            "cannot load the BPF programs: the kernel refuses an allocation table for {max_allocs} records (--max-allocs): {e}"
         );
     }
     anyhow::Error::new(e).context("cannot load the BPF programs")
@@ -79,6 +67,10 @@ pub fn load<'obj>(
     let rodata = open.maps.rodata_data.as_deref_mut().context("BPF object without .rodata")?;
     rodata.have_find_vma = find_vma;
     rodata.have_preload = preload;
+    // A call sampling or a size filter leaves out takes no return probe; its nested calls
+    // are told by their stacks, which takes the table walk and bpf_find_vma.
+    let filtered = cfg.sample_rate > 1 || cfg.sample_bytes > 0 || cfg.min_size > 0 || cfg.max_size < u64::MAX;
+    rodata.skip_unsampled = filtered && find_vma && !cfg.frame_pointers && !cfg.wa_missing_free;
     // A thread memleak ptraces waits at a dlopen until the new objects' probes are in.
     rodata.memleak_tgid = std::process::id();
     let skel = open.load().map_err(|e| load_error(e, cfg.max_allocs))?;
@@ -93,10 +85,17 @@ macro_rules! configure_records {
         rodata.min_size = $cfg.min_size;
         rodata.max_size = $cfg.max_size;
         rodata.sample_rate = $cfg.sample_rate;
+        rodata.sample_bytes = $cfg.sample_bytes;
+        for (k, e) in rodata.exp_neg64.iter_mut().enumerate() {
+            // exp(-k / 64) in 32.32 fixed point.
+            *e = ((-(k as f64) / 64.0).exp() * 4294967296.0).round() as u64;
+        }
         rodata.trace_all = $cfg.trace;
         rodata.combined_only = $cfg.combined_only;
         rodata.wa_missing_free = $cfg.wa_missing_free;
-        $open.maps.allocs.set_max_entries($cfg.max_allocs)?;
+        rodata.max_records = u64::from($cfg.max_allocs);
+        rodata.alloc_buckets = $crate::records::buckets_for($cfg.max_allocs);
+        $open.maps.allocs.set_max_entries(rodata.alloc_buckets)?;
         $open.maps.stacks.set_max_entries($crate::loader::MAX_STACKS)?;
         $open.maps.combined.set_max_entries(if $cfg.combined_only { $crate::loader::MAX_COMBINED } else { 1 })?;
         // A ring buffer's size is a power-of-two number of pages; the smallest when -t is off.
@@ -135,12 +134,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allocation_map_memory() {
-        // The default: 16 MiB of buckets (measured: 16778112 bytes with -v).
-        assert_eq!(allocs_map_memory(1 << 20), (16 << 20, 96 << 20));
-        // 20 M rounds up to 2^25 buckets: 512 MiB (measured: 536871808 bytes).
-        assert_eq!(allocs_map_memory(20_000_000).0, 512 << 20);
-        assert_eq!(allocs_map_memory(MAX_ALLOCS_LIMIT), (2 << 30, 12 << 30));
+    fn allocation_table_memory() {
+        // The default: 64 MiB (209,716 buckets of 320 bytes).
+        assert_eq!(crate::records::table_bytes(1 << 20), 209_716 * 320);
+        assert_eq!(crate::records::table_bytes(20_000_000), 1_280_000_000);
+        assert_eq!(crate::records::table_bytes(MAX_ALLOCS_LIMIT), 26_843_546 * 320);
         assert_eq!(human(512 << 20), "512 MiB");
         assert_eq!(human(1_920_000_000), "1.8 GiB");
     }

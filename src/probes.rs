@@ -24,6 +24,8 @@ pub struct EntryPoint {
     pub entry_offset: u64,
     /// File offset of the probed instruction: where the uprobe attaches.
     pub file_offset: u64,
+    /// The function's size in bytes (0: unknown).
+    pub size: u64,
     pub placement: Placement,
 }
 
@@ -70,7 +72,7 @@ pub fn entry_points(
             let placement = place(&code, f.spec.reads());
             let file_offset = off + placement.delta;
             let cookie = f.spec.cookie_at(id(&names, f.spec.display), &placement.args);
-            EntryPoint { names, op: f.spec.op, cookie, entry_offset: off, file_offset, placement }
+            EntryPoint { names, op: f.spec.op, cookie, entry_offset: off, file_offset, size: f.size, placement }
         })
         .collect()
 }

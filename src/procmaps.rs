@@ -10,7 +10,11 @@ pub struct Mapping {
     pub start: u64,
     pub end: u64,
     pub offset: u64,
+    pub readable: bool,
+    pub writable: bool,
     pub executable: bool,
+    /// MAP_SHARED (`s` in the permissions), not private.
+    pub shared: bool,
     /// The backing file as the process sees it, or a pseudo-name such as `[heap]`, `[vdso]`,
     /// or None for anonymous memory. A file deleted since it was mapped ends in " (deleted)".
     pub path: Option<Arc<Path>>,
@@ -93,7 +97,10 @@ fn parse_line(line: &str) -> Option<Mapping> {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
         offset,
+        readable: perms.as_bytes().first() == Some(&b'r'),
+        writable: perms.as_bytes().get(1) == Some(&b'w'),
         executable: perms.as_bytes().get(2) == Some(&b'x'),
+        shared: perms.as_bytes().get(3) == Some(&b's'),
         path: path.map(|p| Arc::from(PathBuf::from(p).as_path())),
         dev: libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
         inode,

@@ -87,6 +87,7 @@ impl Reporter<'_, '_> {
             min_age,
             self.cfg.show_allocs,
             self.cfg.combined_only,
+            self.cfg.sample_bytes,
             self.preload.as_ref().map(|p| p as &dyn crate::collector::MoreRecords),
         )?;
         let read = started.elapsed();
@@ -116,6 +117,7 @@ impl Reporter<'_, '_> {
             &mut self.symbolizer,
         );
         snap.retired = self.retired.clone();
+        snap.sample_bytes = self.cfg.sample_bytes;
         snap.warnings = self.warnings.clone();
         let built = started.elapsed();
         let costs = self.outputs.write(&snap)?;
@@ -134,7 +136,7 @@ impl Reporter<'_, '_> {
             self.scan.verbose();
             errln!(
                 "memleak: kernel memory: allocation map {} bytes, stack map {} bytes",
-                map_memory(self.maps.allocs).map_or("?".into(), |b| b.to_string()),
+                self.maps.allocs.bytes(),
                 map_memory(self.stacks).map_or("?".into(), |b| b.to_string())
             );
         }
@@ -169,9 +171,13 @@ impl Reporter<'_, '_> {
         }
     }
 
-    /// Deletes every record of process `pid` from the allocation and mapping maps.
+    /// Deletes every record of process `pid` from the allocation table and the mapping map.
     fn remove_records(&self, pid: u32) -> Result<()> {
-        for map in std::iter::once(self.maps.allocs).chain(self.maps.mappings) {
+        // SAFETY: live_records is an aligned u64 in the mmapped .bss, which the BPF side only
+        // changes atomically; user space does the same.
+        let live = unsafe { std::sync::atomic::AtomicU64::from_ptr(std::ptr::from_ref(self.maps.live).cast_mut()) };
+        self.maps.allocs.remove_pid(pid, live);
+        if let Some(map) = self.maps.mappings {
             let mut keys: Vec<Vec<u8>> = Vec::new();
             crate::batch::for_each(map, |k, _| {
                 // struct alloc_key starts with the pid.

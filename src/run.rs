@@ -33,13 +33,8 @@ const CAP_CHECKPOINT_RESTORE: u32 = 40;
 /// `process`: a process is traced, whose files memleak opens through /proc/PID/map_files,
 /// which takes CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE.
 fn check_privileges(process: bool) -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |c: u32| eff & (1u64 << c) != 0;
+    let own = crate::procfs::Status::own();
+    let has = |c: u32| own.has_cap(c);
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && (!process || has(CAP_CHECKPOINT_RESTORE))) {
         return Ok(());
     }
@@ -80,6 +75,8 @@ pub fn run(cfg: &Config) -> Result<i32> {
     loader::note_map_memory(cfg.max_allocs);
     let probed = Instant::now();
     let features = Features::probe();
+    // Where a probe may sit: on multi-byte nops too where the kernel emulates them.
+    crate::placement::set_multibyte_nops(features.uprobe_nop_optimize);
     if cfg.verbose {
         errln!("memleak: kernel features ({:.1} ms): {features:?}", probed.elapsed().as_secs_f64() * 1e3);
     }
@@ -156,10 +153,12 @@ pub fn run(cfg: &Config) -> Result<i32> {
     };
     let _exec_link = skel.progs.memleak_exec.attach().context("cannot attach to sched_process_exec")?;
     let bss = skel.maps.bss_data.as_deref().context("BPF object without .bss")?;
+    let table = crate::records::RecordTable::map(&skel.maps.allocs)?;
     let rep = Reporter {
         cfg,
         maps: RecordMaps {
-            allocs: &skel.maps.allocs,
+            allocs: &table,
+            live: &bss.live_records,
             mappings: Some(&skel.maps.mappings),
             combined: &skel.maps.combined,
             counters: &bss.counters,

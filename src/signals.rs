@@ -135,6 +135,12 @@ pub fn kills_by_default(sig: i32) -> bool {
     .contains(&sig)
 }
 
+impl From<&crate::procfs::Status> for Masks {
+    fn from(s: &crate::procfs::Status) -> Masks {
+        Masks { pending: s.sig_pending, blocked: s.sig_blocked, ignored: s.sig_ignored, caught: s.sig_caught }
+    }
+}
+
 /// The signal masks of a process, from /proc/PID/status.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Masks {
@@ -147,23 +153,7 @@ pub struct Masks {
 
 impl Masks {
     pub fn of(pid: i32) -> Option<Masks> {
-        Some(Masks::parse(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?))
-    }
-
-    pub fn parse(status: &str) -> Masks {
-        let mut m = Masks::default();
-        for line in status.lines() {
-            let Some((k, v)) = line.split_once(':') else { continue };
-            let v = u64::from_str_radix(v.trim(), 16).unwrap_or(0);
-            match k {
-                "SigPnd" | "ShdPnd" => m.pending |= v,
-                "SigBlk" => m.blocked |= v,
-                "SigIgn" => m.ignored |= v,
-                "SigCgt" => m.caught |= v,
-                _ => {}
-            }
-        }
-        m
+        Some(Masks::from(&crate::procfs::Status::of(pid)?))
     }
 
     /// Whether `sig`, delivered now, ends the process: its default action, not caught nor
@@ -190,7 +180,7 @@ mod tests {
     fn masks_tell_a_dying_process() {
         let status = "Name:\tx\nSigQ:\t0/1\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000002\n\
                       SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nSigCgt:\t0000000000000000\n";
-        let m = Masks::parse(status);
+        let m = Masks::from(&crate::procfs::Status::parse(status));
         assert_eq!(m.pending, 2);
         assert!(m.dying(), "SIGINT pending, default action");
         assert!(!Masks { caught: 2, ..m }.dying(), "a handler for SIGINT");

@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub kernel: bool,
     /// -s N: about one allocation in N is recorded; every number here is as recorded.
     pub sample_rate: u32,
+    /// --sample-bytes N (0: off): bytes and counts are estimates, each block weighed by the
+    /// inverse of its chance to be sampled.
+    pub sample_bytes: u64,
     /// By pid; each process's stacks in rank order (first: the largest by --sort).
     pub processes: Vec<ProcessSnapshot>,
     /// Processes that exited before this report, as their final reports left them: the text
@@ -369,6 +372,7 @@ impl Builder {
             is_final,
             kernel,
             sample_rate,
+            sample_bytes: 0,
             processes: out,
             retired: Vec::new(),
             losses,
@@ -442,6 +446,7 @@ pub mod tests {
             is_final: false,
             kernel: false,
             sample_rate: 1,
+            sample_bytes: 0,
             processes: vec![ProcessSnapshot {
                 pid: 42,
                 comm: "prog".into(),

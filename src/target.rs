@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::procfs::Status;
+
 use crate::ldso::{self, LoadOrder};
 
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -31,8 +33,7 @@ pub fn check_pid(pid: i32) -> Result<()> {
         bail!("pid {pid} is a kernel thread: run memleak without -p to trace the kernel's allocators");
     }
     // /proc/TID exists for every thread too; the probes and records go by process.
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let tgid = status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<i32>().ok());
+    let tgid = Status::of(pid).and_then(|s| s.tgid);
     if let Some(tgid) = tgid
         && tgid != pid
     {
@@ -58,27 +59,15 @@ pub fn check_access(pid: i32) -> Result<()> {
     if err.raw_os_error() != Some(libc::EACCES) && err.raw_os_error() != Some(libc::EPERM) {
         return Err(err).with_context(|| format!("cannot check access to process {pid} (/proc/{pid}/environ)"));
     }
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let own = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    bail!("{}", access_denied(pid, &status, &own))
+    bail!("{}", access_denied(pid, &Status::of(pid).unwrap_or_default(), &Status::own()))
 }
 
 /// Why the kernel refused access to `pid`, from its status and memleak's own.
-fn access_denied(pid: i32, status: &str, own: &str) -> String {
-    let ids = |s: &str, key: &str| -> Vec<u32> {
-        s.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-            .unwrap_or_default()
-    };
-    let (uid, gid) = (ids(status, "Uid:"), ids(status, "Gid:"));
-    let (my_uid, my_gid) = (ids(own, "Uid:"), ids(own, "Gid:"));
-    let cap_eff = own
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has_ptrace = cap_eff & (1 << CAP_SYS_PTRACE) != 0;
+fn access_denied(pid: i32, status: &Status, own: &Status) -> String {
+    let ids = |v: Option<[u32; 4]>| v.map(|a| a.to_vec()).unwrap_or_default();
+    let (uid, gid) = (ids(status.uid), ids(status.gid));
+    let (my_uid, my_gid) = (ids(own.uid), ids(own.gid));
+    let has_ptrace = own.has_cap(CAP_SYS_PTRACE);
     // The effective ids: a set-uid program's real uid is its caller's.
     let target_uid = uid.get(1).map_or("?".to_string(), |u| u.to_string());
     // The kernel compares memleak's filesystem ids (the 4th) with the target's real,
@@ -393,9 +382,10 @@ fn resume_stopped(pid: i32) {
 #[cfg(test)]
 mod access_tests {
     use super::access_denied;
+    use crate::procfs::Status;
 
-    fn status(uid: &str, gid: &str, cap_eff: &str) -> String {
-        format!("Name:\tx\nUid:\t{uid}\nGid:\t{gid}\nCapEff:\t{cap_eff}\n")
+    fn status(uid: &str, gid: &str, cap_eff: &str) -> Status {
+        Status::parse(&format!("Name:\tx\nUid:\t{uid}\nGid:\t{gid}\nCapEff:\t{cap_eff}\n"))
     }
 
     #[test]

@@ -132,8 +132,8 @@ fn bad_arguments() {
         (&["-p", "1", "--bogus"][..], "unexpected argument '--bogus'"),
         (&["-p", "1", "-q"][..], "unexpected argument '-q'"),
         (&["-p", "abc"][..], "invalid value 'abc'"),
-        (&["-p", "1", "--max-allocs", "268435456"][..], "the kernel's hash maps hold at most 134217728 entries"),
-        (&["-p", "1", "--max-allocs", "134217729"][..], "--max-allocs 134217729: the kernel's hash maps hold at most"),
+        (&["-p", "1", "--max-allocs", "268435456"][..], "the allocation table holds at most 134217728 records"),
+        (&["-p", "1", "--max-allocs", "134217729"][..], "--max-allocs 134217729: the allocation table holds at most"),
     ] {
         let out = memleak_output(args);
         assert_one_line_error(&out, needle);

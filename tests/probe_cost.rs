@@ -151,9 +151,20 @@ fn the_benchmark_runs_at_a_small_n() {
         .expect("run bench/overhead");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for label in
-        ["untraced", "memleak", "entry-probe baseline", "cost ratio", "fixed cost", "report at 20000 outstanding"]
-    {
+    for label in [
+        "untraced",
+        "floor: empty programs",
+        "floor, entries only",
+        "memleak -p ",
+        "memleak -p -s 1000",
+        "memleak -p --sample-bytes",
+        "heaptrack",
+        "entry-probe design",
+        "memleak -p / floor",
+        "memleak -c / heaptrack",
+        "fixed cost",
+        "report at 20000 outstanding",
+    ] {
         let line = text.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} line:\n{text}"));
         assert!(line.chars().any(|c| c.is_ascii_digit()), "{label}: no number in {line:?}");
     }

@@ -56,14 +56,21 @@ impl<'a, 'obj> AllocProber<'a, 'obj> {
                 errln!("memleak: note: {n}");
             }
         }
+        // Arena owners are marked before the forwarded functions are dropped (attach, linkmap).
+        mark_allocation_functions(self.skel, set);
         let (links, failed) = attach(&self.skel.progs, self.mode, set);
         if self.verbose {
             for l in set.verbose_lines(self.mode) {
                 errln!("memleak: {l} (pid {})", set.pid);
             }
         }
+        // Another process probed in the same objects, the same way (a job's thousand
+        // children): said once; -v says it for each.
+        let pid_tag = format!(" (pid {})", set.pid);
         for l in &set.lines {
-            errln!("{l}");
+            if self.said.insert(l.replace(&pid_tag, "")) || self.verbose {
+                errln!("{l}");
+            }
         }
         (links, failed)
     }
@@ -189,6 +196,44 @@ impl Prober for AllocProber<'_, '_> {
         }
         vec![self.allocators.unseen_warning(pid)]
     }
+}
+
+/// Tells the BPF side where each object's allocation functions are (memleak.h, struct
+/// alloc_fn_ranges): a sampled call made from inside one is nested in it.
+fn mark_allocation_functions(skel: &MemleakSkel, set: &ProbeSet) {
+    use crate::skel::types::{alloc_fn_ranges, unwind_obj_key};
+    for o in &set.objects {
+        let mut ranges: Vec<(u32, u32)> = o
+            .entries
+            .iter()
+            .filter(|e| e.needs_return() && e.size > 0)
+            .filter_map(|e| Some((u32::try_from(e.entry_offset).ok()?, u32::try_from(e.entry_offset + e.size).ok()?)))
+            .collect();
+        ranges.sort();
+        ranges.dedup();
+        let mut value = alloc_fn_ranges::default();
+        if ranges.len() > value.r.len() {
+            errln!(
+                "memleak: note: {}: {} allocation functions, {} kept for sampling's nesting check",
+                o.shown.display(),
+                ranges.len(),
+                value.r.len()
+            );
+        }
+        for (slot, (start, end)) in value.r.iter_mut().zip(&ranges) {
+            (slot.start, slot.end) = (*start, *end);
+        }
+        value.n = ranges.len().min(value.r.len()) as u32;
+        let key = unwind_obj_key { dev: o.key.0, pad: 0, ino: o.key.1 };
+        if let Err(e) = skel.maps.alloc_fns.update(pod(&key), pod(&value), MapFlags::ANY) {
+            errln!("memleak: note: cannot note where {}'s allocation functions are: {e}", o.shown.display());
+        }
+    }
+}
+
+fn pod<T>(v: &T) -> &[u8] {
+    // SAFETY: a plain C struct from the shared header, read as its bytes.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
 /// Tells the BPF side which files are allocators whose own mmaps are their arenas.

@@ -63,8 +63,10 @@ pub struct ObjectProbes {
     /// mimalloc shared object): its file as the BPF side names it (kernel dev, inode), whose
     /// own mmaps outside probed calls are its arenas, not the program's mappings.
     pub arena_owner: Option<(u32, u64)>,
-    /// Its file (device, inode).
-    pub key: Key,
+    /// Its file as the kernel names it: (dev, inode).
+    pub key: (u32, u64),
+    /// Its file as user space names it (device, inode).
+    pub file_key: Key,
 }
 
 impl ObjectProbes {
@@ -520,7 +522,8 @@ impl Allocators {
                     && !is_c_library(&c.shown, scans[*i].as_ref().and_then(|s| s.soname.as_deref()))
                     && found.iter().any(|f| f.spec.op == Op::Alloc && f.spec.family != Family::Cxx))
                 .then(|| (crate::procmaps::kernel_dev(c.key.0), c.key.1));
-                set.objects.push(ObjectProbes { file, shown, entries, arena_owner, key: c.key });
+                let key = (crate::procmaps::kernel_dev(c.key.0), c.key.1);
+                set.objects.push(ObjectProbes { file, shown, entries, arena_owner, key, file_key: c.key });
             }
             let print = match situation {
                 Situation::Start | Situation::Exec => true,
@@ -627,9 +630,9 @@ fn forwarding_targets(lib: usize, cands: &[Candidate], scans: &[Option<Arc<Scan>
     let mut out = Vec::new();
     for name in crate::preload::layout::INTERPOSED {
         // cands are in lookup order.
-        let hit = (0..cands.len()).filter(|&i| cands[i].scope.is_some_and(|s| s > lib)).find_map(|i| {
-            scans[i].as_ref()?.found.iter().find(|f| f.symbol == name).map(|f| (cands[i].key, f.offset))
-        });
+        let hit = (0..cands.len())
+            .filter(|&i| cands[i].scope.is_some_and(|s| s > lib))
+            .find_map(|i| scans[i].as_ref()?.found.iter().find(|f| f.symbol == name).map(|f| (cands[i].key, f.offset)));
         if let Some(t) = hit
             && !out.contains(&t)
         {

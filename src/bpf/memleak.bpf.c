@@ -48,6 +48,9 @@ const volatile __u32 memleak_tgid = 0;
 const volatile bool have_find_vma = false;
 /* Some process may run memleak's preload library (in-process capture, -c). */
 const volatile bool have_preload = false;
+/* Sampling or size filters with the table walk: a call left out takes no return probe (its
+ * nested calls are told by their stacks, memleak.h: struct alloc_fn_ranges). */
+const volatile bool skip_unsampled = false;
 
 #include "unwind.bpf.h"
 
@@ -127,6 +130,14 @@ struct {
 	__type(value, __s64);
 } preload_tls SEC(".maps");
 
+/* The code of every allocation function, by file (user space writes it at attach). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct unwind_obj_key);
+	__type(value, struct alloc_fn_ranges);
+} alloc_fns SEC(".maps");
+
 #define SIGSTOP_ 19
 
 /* ---- The unwinder seam: fills st->stack and returns its id (0 if it could not be stored). */
@@ -162,14 +173,72 @@ static __always_inline __u32 unwind_frame_pointers(struct pt_regs *ctx, struct s
 	return depth;
 }
 
-static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_state *ts)
+static __always_inline void walk_stack(struct pt_regs *ctx, struct task_state *ts)
 {
 	ts->stack.pid = bpf_get_current_pid_tgid() >> 32;
 	if (frame_pointers_only)
 		ts->stack.depth = unwind_frame_pointers(ctx, &ts->stack);
 	else
 		ts->stack.depth = unwind_tables(ctx, &ts->unwind, &ts->stack);
+}
+
+static __always_inline __u64 capture_stack(struct pt_regs *ctx, struct task_state *ts)
+{
+	walk_stack(ctx, ts);
 	return store_stack(&ts->stack, ts->size);
+}
+
+/* Frames looked at for an allocation call in flight: allocator internals are a few deep
+ * (glibc: malloc → tcache_init → _int_malloc → arena_get2 → _int_new_arena → new_heap →
+ * alloc_new_heap → mmap is 7). */
+#define NESTING_FRAMES 16
+
+struct nesting_ctx {
+	struct stack *st;
+	bool nested;
+};
+
+/* Whether frame i's return address lies inside an allocation function. */
+static long nesting_frame(__u64 i, struct nesting_ctx *c)
+{
+	struct vma_found f = {};
+	struct unwind_obj_key key = {};
+	struct alloc_fn_ranges *r;
+	__u64 pc, off;
+
+	if (i >= MAX_STACK_DEPTH || i >= c->st->depth)
+		return 1;
+	pc = c->st->ips[i];
+	if (bpf_find_vma(bpf_get_current_task_btf(), pc, unwind_vma_cb, &f, 0) || !f.has_file)
+		return 0;
+	key.dev = f.dev;
+	key.ino = f.ino;
+	r = bpf_map_lookup_elem(&alloc_fns, &key);
+	if (!r)
+		return 0;
+	/* A return address: the call is the byte before it. */
+	off = pc - 1 - f.start + (f.pgoff << 12);
+	for (int j = 0; j < ALLOC_FN_RANGES; j++) {
+		if (j >= r->n)
+			break;
+		if (off >= r->r[j].start && off < r->r[j].end) {
+			c->nested = true;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * With skip_unsampled: whether the call whose stack is in ts->stack was made from inside an
+ * allocation call that was sampled out (and so left no state).
+ */
+static __always_inline bool nested_in_unsampled(struct task_state *ts)
+{
+	struct nesting_ctx c = { .st = &ts->stack };
+
+	bpf_loop(NESTING_FRAMES, nesting_frame, &c, 0);
+	return c.nested;
 }
 
 /*
@@ -376,6 +445,10 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 			size *= args.a[COOKIE_COUNT(cookie) & 7];
 		/* realloc's old block; posix_memalign's out pointer */
 		arg = args.a[COOKIE_PTR(cookie) & 7];
+		/* Sampled out: no state, no return probe (a realloc always ends its old block at
+		 * its return, so it takes it). */
+		if (skip_unsampled && op != OP_REALLOC && op != OP_REALLOCF && !sampled_in(size))
+			return 1;
 		break;
 	default:
 		return 1;
@@ -422,6 +495,20 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 		/* A reservation: address space, never counted, kept whatever its size. */
 		ts->record = 1;
 		ts->stack_id = 0;
+		if (skip_unsampled) {
+			walk_stack(ctx, ts);
+			if (nested_in_unsampled(ts))
+				goto nested;
+		}
+	} else if (skip_unsampled) {
+		/* An allocation call here was sampled in (see above); an mmap or realloc may not be. */
+		ts->record = (op == OP_ALLOC || op == OP_MEMALIGN_OUT) || sampled_in(size);
+		if (ts->record) {
+			walk_stack(ctx, ts);
+			if (nested_in_unsampled(ts))
+				goto nested;
+			ts->stack_id = store_stack(&ts->stack, size);
+		}
 	} else {
 		ts->record = sampled_in(size);
 		if (ts->record)
@@ -429,6 +516,10 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 	}
 	/* Always: the return probe is what ends the call, even one not recorded. */
 	return 0;
+nested:
+	/* Part of an allocation call that was sampled out: nothing of it is recorded. */
+	ts->outer_sp = 0;
+	return 1;
 }
 
 /* mmap's return: the new pages (MAP_FIXED replaced whatever was there). */
@@ -558,14 +649,21 @@ int memleak_return(struct pt_regs *ctx)
 	return on_return(ctx);
 }
 
-/* Ends a record of the process that exec'd (ctx: its pid): its old image's memory is gone. */
-static long drop_record(void *map, struct alloc_key *key, struct alloc_info *info, __u32 *pid)
+/* Ends the records of the process that exec'd (ctx: its pid) in one bucket: its old image's
+ * memory is gone. */
+static long drop_records(void *map, __u32 *key, struct alloc_bucket *b, __u32 *pid)
 {
-	if (key->pid != *pid)
-		return 0;
-	if (combined_only)
-		combined_add(info->stack_id, -(__s64)info->size, -1);
-	bpf_map_delete_elem(map, key);
+	for (int i = 0; i < REC_SLOTS; i++) {
+		__u64 addr = b->addr[i], stack_id = b->info[i].stack_id, size = b->info[i].size;
+
+		if (addr <= REC_BUSY || b->pid[i] != *pid)
+			continue;
+		if (__sync_val_compare_and_swap(&b->addr[i], addr, REC_EMPTY) != addr)
+			continue;
+		__sync_fetch_and_add(&live_records, -1);
+		if (combined_only)
+			combined_add(stack_id, -(__s64)size, -1);
+	}
 	return 0;
 }
 
@@ -590,7 +688,7 @@ int BPF_PROG(memleak_exec, struct task_struct *p, __u32 old_pid, struct linux_bi
 		ts->outer_sp = 0;
 	}
 	bpf_map_delete_elem(&heap_seen, &pid);
-	bpf_for_each_map_elem(&allocs, drop_record, &pid, 0);
+	bpf_for_each_map_elem(&allocs, drop_records, &pid, 0);
 	bpf_for_each_map_elem(&mappings, drop_mapping, &pid, 0);
 	e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
 	if (e) {

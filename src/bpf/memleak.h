@@ -79,6 +79,25 @@ struct alloc_info {
 };
 
 /*
+ * The allocation records: an open-addressing table in a BPF array (BPF_F_MMAPABLE) that user
+ * space maps and scans directly (src/records.rs; records.bpf.h). A record {pid, addr} lives in
+ * one of two buckets its hash picks, in whichever slot it claimed (compare-and-swap of addr from
+ * REC_EMPTY to REC_BUSY); addr is written last, so a slot whose addr is a real address is
+ * complete. Free: the same compare-and-swap back to REC_EMPTY. No tombstones: a lookup scans
+ * both buckets whole.
+ */
+#define REC_SLOTS 8
+#define REC_EMPTY 0
+#define REC_BUSY 1
+
+struct alloc_bucket {
+	__u64 addr[REC_SLOTS]; /* REC_EMPTY, REC_BUSY (being written), or the block's address */
+	__u32 pid[REC_SLOTS];
+	__u32 pad[REC_SLOTS];
+	struct alloc_info info[REC_SLOTS];
+};
+
+/*
  * User mode: a mapping made by a traced mmap or mremap (or made accessible by mprotect), keyed
  * {pid, start}: whole pages [start, start + size). munmap, mremap, mprotect and MAP_FIXED trim,
  * split or remove exactly the pages they touch. A PROT_NONE range is address space, not memory:
@@ -90,6 +109,24 @@ struct map_info {
 	__u64 stack_id;
 	__u32 reserved;     /* 1: PROT_NONE, not counted */
 	__u32 slot;         /* its slot in map_slots (ranges.bpf.h) */
+};
+
+/*
+ * Sampling (-s, --sample-bytes, -z/-Z): a call sampled out takes no return probe and leaves no
+ * state, so a call made inside it (malloc's mmap, operator new's malloc) cannot see it in
+ * flight. A sampled-in call with no call in flight looks at its stack instead: a frame inside
+ * an allocation function (the probed ones that take a return probe) means it is nested. Their
+ * code, by file (the key is struct unwind_obj_key), as file offsets [start, end), sorted.
+ */
+#define ALLOC_FN_RANGES 64
+
+struct alloc_fn_ranges {
+	__u32 n;
+	__u32 pad;
+	struct {
+		__u32 start;
+		__u32 end;
+	} r[ALLOC_FN_RANGES];
 };
 
 /* --combined-only: per-stack totals kept in BPF. */

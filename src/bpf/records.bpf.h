@@ -13,6 +13,11 @@
 const volatile __u64 min_size = 0;
 const volatile __u64 max_size = (__u64)-1;
 const volatile __u32 sample_rate = 1;
+/* --sample-bytes: on average one sample per sample_bytes bytes allocated, a Poisson process
+ * over the bytes: a block of size s is sampled with probability 1 - exp(-s / sample_bytes).
+ * exp_neg64[k] = exp(-k / 64) in 32.32 fixed point, set by the loader. */
+const volatile __u64 sample_bytes = 0;
+const volatile __u64 exp_neg64[2048] = {};
 const volatile bool trace_all = false;
 const volatile bool combined_only = false;
 const volatile bool wa_missing_free = false;
@@ -20,13 +25,21 @@ const volatile bool wa_missing_free = false;
 /* Why something went untracked, by enum counter: every snapshot prints the non-zero ones. */
 __u64 counters[NR_COUNTERS];
 
+/* The allocation table (memleak.h, struct alloc_bucket): its buckets and the most records it
+ * keeps at once (--max-allocs), set by the loader. */
+const volatile __u32 alloc_buckets = 1;
+const volatile __u64 max_records = 1;
+
+/* Records in the table now (a record is counted before its slot is claimed). */
+__u64 live_records = 0;
+
 /* Sizes are set by the loader; these are placeholders. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, RECORD_MAP_FLAGS);
-	__uint(max_entries, 1000000);
-	__type(key, struct alloc_key);
-	__type(value, struct alloc_info);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct alloc_bucket);
 } allocs SEC(".maps");
 
 struct {
@@ -79,12 +92,34 @@ static __always_inline void emit(__u32 kind, __u32 fn, __u64 size, __u64 addr)
 	bpf_ringbuf_submit(e, 0);
 }
 
-/* The -z/-Z bounds and -s sampling, decided before any stack walk or map update. */
+/* 2^32 times the probability that --sample-bytes samples a block of size bytes. */
+static __always_inline __u64 sample_p32(__u64 size)
+{
+	__u64 x, lo, e;
+
+	if (size >= 32 * sample_bytes)
+		return 1ULL << 32; /* 1 - exp(-32): always */
+	/* x = size / sample_bytes in 32.32 fixed point, below 32 (sample_bytes <= 2^32). */
+	if (size < (1ULL << 32))
+		x = (size << 32) / sample_bytes;
+	else
+		x = ((size << 26) / sample_bytes) << 6;
+	/* exp(-x) = exp(-(x >> 26) / 64) * exp(-lo), lo < 1/64: 1 - lo + lo^2/2 is within 7e-8. */
+	lo = x & ((1ULL << 26) - 1);
+	e = (1ULL << 32) - lo + ((lo * lo) >> 33);
+	e = (exp_neg64[(x >> 26) & 2047] * e) >> 32;
+	return (1ULL << 32) - e;
+}
+
+/* The -z/-Z bounds and -s or --sample-bytes sampling, decided before any stack walk or map
+ * update. */
 static __always_inline bool sampled_in(__u64 size)
 {
 	if (size < min_size || size > max_size)
 		return false;
 	if (sample_rate > 1 && bpf_get_prandom_u32() % sample_rate)
+		return false;
+	if (sample_bytes && (__u64)bpf_get_prandom_u32() >= sample_p32(size))
 		return false;
 	return true;
 }
@@ -171,24 +206,75 @@ static __always_inline void combined_add(__u64 stack_id, __s64 size, __s64 n)
 	}
 }
 
-/* Ends the record of a block, if it is tracked. */
-static __always_inline void record_free(__u32 pid, __u64 addr, __u32 fn)
+/* The two buckets of {pid, addr}: halves of one 64-bit mix, each scaled to the table's size. */
+static __always_inline void rec_buckets(__u32 pid, __u64 addr, __u32 *b1, __u32 *b2)
 {
-	struct alloc_key key = { .pid = pid, .addr = addr };
-	long err;
+	__u64 h = addr ^ ((__u64)pid << 40) ^ pid;
 
-	if (combined_only || trace_all) {
-		struct alloc_info *info = bpf_map_lookup_elem(&allocs, &key);
-		if (!info)
-			return;
-		if (combined_only)
-			combined_add(info->stack_id, -(__s64)info->size, -1);
-		if (trace_all)
-			emit(EV_FREE, fn, info->size, addr);
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ULL;
+	h ^= h >> 33;
+	*b1 = ((h & 0xffffffffULL) * alloc_buckets) >> 32;
+	*b2 = ((h >> 32) * alloc_buckets) >> 32;
+}
+
+/* The slot of {pid, addr} in bucket b, or -1. */
+static __always_inline int rec_slot(struct alloc_bucket *b, __u32 pid, __u64 addr)
+{
+	for (int i = 0; i < REC_SLOTS; i++)
+		if (b->addr[i] == addr && b->pid[i] == pid)
+			return i;
+	return -1;
+}
+
+/* Where the record of {pid, addr} is: its bucket and slot; false if there is none. */
+static __always_inline bool rec_find(__u32 pid, __u64 addr, struct alloc_bucket **bucket, __u32 *slot)
+{
+	__u32 k1, k2;
+	struct alloc_bucket *b;
+	int i;
+
+	rec_buckets(pid, addr, &k1, &k2);
+	b = bpf_map_lookup_elem(&allocs, &k1);
+	if (!b)
+		return false;
+	i = rec_slot(b, pid, addr);
+	if (i < 0 && k2 != k1) {
+		b = bpf_map_lookup_elem(&allocs, &k2);
+		if (!b)
+			return false;
+		i = rec_slot(b, pid, addr);
 	}
-	err = bpf_map_delete_elem(&allocs, &key);
-	if (err && err != -ENOENT_ /* not tracked */)
-		count(CNT_FREE_FAILED);
+	if (i < 0)
+		return false;
+	*bucket = b;
+	*slot = i & (REC_SLOTS - 1);
+	return true;
+}
+
+/* Ends the record of a block, if it is tracked. A global function: the verifier checks it
+ * once, not at each call site. */
+__noinline int record_free(__u32 pid, __u64 addr, __u32 fn)
+{
+	struct alloc_bucket *b;
+	struct alloc_info info;
+	__u32 i;
+
+	if (addr <= REC_BUSY || !rec_find(pid, addr, &b, &i))
+		return 0;
+	if (combined_only || trace_all)
+		info = b->info[i];
+	/* Two frees of one block at once (a double free): one ends the record. */
+	if (__sync_val_compare_and_swap(&b->addr[i], addr, REC_EMPTY) != addr)
+		return 0;
+	__sync_fetch_and_add(&live_records, -1);
+	if (combined_only)
+		combined_add(info.stack_id, -(__s64)info.size, -1);
+	if (trace_all)
+		emit(EV_FREE, fn, info.size, addr);
+	return 1;
 }
 
 /*
@@ -201,20 +287,101 @@ static __always_inline void end_missed_free(__u32 pid, __u64 addr, __u32 fn)
 		record_free(pid, addr, fn);
 }
 
-/* Starts the record of a block. */
-static __always_inline void record_insert(__u32 pid, __u64 addr, __u64 size, __u64 stack_id, __u32 fn)
+/* Claims an empty slot of bucket b (REC_BUSY); its index, or -1. */
+static __always_inline int rec_claim(struct alloc_bucket *b)
 {
-	struct alloc_key key = { .pid = pid, .addr = addr };
-	struct alloc_info info = { .size = size, .timestamp_ns = bpf_ktime_get_ns(), .stack_id = stack_id };
+	for (int i = 0; i < REC_SLOTS; i++)
+		if (b->addr[i] == REC_EMPTY && __sync_val_compare_and_swap(&b->addr[i], REC_EMPTY, REC_BUSY) == REC_EMPTY)
+			return i;
+	return -1;
+}
 
-	if (bpf_map_update_elem(&allocs, &key, &info, BPF_ANY)) {
-		count(CNT_ALLOCS_FULL);
-		return;
+/* Slots of bucket b in use; without a branch per slot (which the verifier would follow both
+ * ways, 2^16 paths for two buckets). */
+static __always_inline __u64 rec_used(struct alloc_bucket *b)
+{
+	__u64 n = 0, x;
+
+	for (int i = 0; i < REC_SLOTS; i++) {
+		x = b->addr[i];
+		x |= 0 - x;
+		barrier_var(x); /* or clang makes it a compare and branch again */
+		n += x >> 63;
 	}
+	return n;
+}
+
+/*
+ * Starts the record of a block: in the less full of its two buckets (two choices keep every
+ * bucket below its 8 slots at the table's load, at most 5 records a bucket: docs/design.md).
+ * A record of the same block still there (its free was missed) is replaced.
+ */
+__noinline int record_insert(__u32 pid, __u64 addr, __u64 size, __u64 stack_id, __u32 fn)
+{
+	struct alloc_info info = { .size = size, .timestamp_ns = bpf_ktime_get_ns(), .stack_id = stack_id };
+	struct alloc_bucket *b1, *b2, *b;
+	__u32 k1, k2, i;
+	int s;
+
+	if (addr <= REC_BUSY)
+		return 0;
+	rec_buckets(pid, addr, &k1, &k2);
+	b1 = bpf_map_lookup_elem(&allocs, &k1);
+	b2 = bpf_map_lookup_elem(&allocs, &k2);
+	if (!b1 || !b2) {
+		count(CNT_ALLOCS_FULL);
+		return 0;
+	}
+	/* One look at each bucket: a record of this block already there, and how full it is. */
+	s = rec_slot(b1, pid, addr);
+	b = b1;
+	if (s < 0) {
+		s = rec_slot(b2, pid, addr);
+		b = b2;
+	}
+	if (s >= 0) {
+		i = s & (REC_SLOTS - 1);
+		struct alloc_info old = b->info[i];
+
+		b->info[i] = info;
+		if (combined_only) {
+			combined_add(old.stack_id, -(__s64)old.size, -1);
+			combined_add(stack_id, size, 1);
+		}
+		if (trace_all)
+			emit(EV_ALLOC, fn, size, addr);
+		return 1;
+	}
+	if (__sync_fetch_and_add(&live_records, 1) >= max_records)
+		goto full;
+	if (rec_used(b2) < rec_used(b1)) {
+		b = b2;
+		b2 = b1;
+	} else {
+		b = b1;
+	}
+	s = rec_claim(b);
+	if (s < 0) {
+		b = b2;
+		s = rec_claim(b);
+	}
+	if (s < 0)
+		goto full;
+	i = s & (REC_SLOTS - 1);
+	b->pid[i] = pid;
+	b->info[i] = info;
+	/* The address last: a reader that sees it sees the rest. */
+	asm volatile("" ::: "memory");
+	*(volatile __u64 *)&b->addr[i] = addr;
 	if (combined_only)
 		combined_add(stack_id, size, 1);
 	if (trace_all)
 		emit(EV_ALLOC, fn, size, addr);
+	return 1;
+full:
+	__sync_fetch_and_add(&live_records, -1);
+	count(CNT_ALLOCS_FULL);
+	return 0;
 }
 
 /* Never used by the programs: they put the shared enums and event type into BTF, so the Rust

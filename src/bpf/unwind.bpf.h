@@ -104,6 +104,19 @@ struct {
 	__type(value, struct unwind_shared);
 } unwind_shared_vmas SEC(".maps");
 
+/*
+ * The rules a thread looked up last, direct-mapped by (object id, virtual address): a hit
+ * skips the page and the binary search of its rows. An object's table never changes once it
+ * has one, so an entry stays right; only objects with a table are cached.
+ */
+#define UNWIND_RULE_CACHE 64
+
+struct unwind_rule_hit {
+	__u64 tag; /* object id << 32 | virtual address; 0: empty */
+	__u32 idx; /* the rule index */
+	__u32 pad;
+};
+
 /* Per-thread scratch of one walk (in task storage: uprobe_multi runs preemptible). */
 struct unwind_scratch {
 	__u64 pc;
@@ -119,6 +132,7 @@ struct unwind_scratch {
 	__u32 guess;  /* pc came from the frame-pointer fallback: the stop reason if it is wrong */
 	__u64 mm;     /* the mm the cache describes (an exec keeps the task, not the mm) */
 	struct unwind_vma vmas[UNWIND_VMA_CACHE];
+	struct unwind_rule_hit rules[UNWIND_RULE_CACHE];
 };
 
 /* bpf_loop's context: where the walk writes. */
@@ -382,7 +396,18 @@ static long unwind_step(__u64 i, void *data)
 	}
 	u->guess = 0;
 	if (v->npages) {
-		idx = unwind_rule_index(v, lookup_pc);
+		__u64 vaddr = lookup_pc + v->adj, tag = (__u64)v->obj << 32 | (__u32)vaddr;
+		struct unwind_rule_hit *hit = &u->rules[(tag ^ (tag >> 7) ^ (tag >> 32)) & (UNWIND_RULE_CACHE - 1)];
+
+		if (v->obj && !(vaddr >> 32) && hit->tag == tag) {
+			idx = hit->idx;
+		} else {
+			idx = unwind_rule_index(v, lookup_pc);
+			if (v->obj && !(vaddr >> 32)) {
+				hit->tag = tag;
+				hit->idx = idx;
+			}
+		}
 		if (idx)
 			rule = bpf_map_lookup_elem(&unwind_rules, &idx);
 	}

@@ -39,6 +39,8 @@ struct Document<'a> {
     is_final: bool,
     mode: &'static str,
     sample_rate: u32,
+    /// --sample-bytes (0: off): bytes and counts are then estimates.
+    sample_bytes: u64,
     losses: BTreeMap<&'static str, u64>,
     warnings: Vec<String>,
     /// Each module the frames name, once: its build-id.
@@ -210,6 +212,7 @@ fn document(snap: &Snapshot, max_allocs: u32) -> Document<'_> {
         is_final: snap.is_final,
         mode: if snap.kernel { "kernel" } else { "process" },
         sample_rate: snap.sample_rate,
+        sample_bytes: snap.sample_bytes,
         losses: losses(&snap.losses),
         warnings: super::text::loss_lines(&snap.losses, max_allocs)
             .into_iter()

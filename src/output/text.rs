@@ -183,6 +183,13 @@ pub fn format(time: &str, opts: &Options, snap: &Snapshot) -> String {
         let _ =
             writeln!(out, "\tNOTE: {n} allocations ({bytes} bytes) younger than {} ms not shown (-o)", opts.min_age_ms);
     }
+    if snap.sample_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "\tNOTE: sampled, one sample per {} bytes allocated on average (--sample-bytes): bytes and counts are estimates",
+            snap.sample_bytes
+        );
+    }
     let several = snap.processes.len() > 1;
     for p in &snap.processes {
         if several {

@@ -15,7 +15,7 @@ pub fn drop_forwarded(set: &mut ProbeSet) -> usize {
     let mut dropped = 0;
     for o in set.objects.iter_mut() {
         let before = o.entries.len();
-        o.entries.retain(|e| !set.forwarded.contains(&(o.key, e.entry_offset)));
+        o.entries.retain(|e| !set.forwarded.contains(&(o.file_key, e.entry_offset)));
         dropped += before - o.entries.len();
     }
     set.objects.retain(|o| !o.entries.is_empty());

@@ -11,9 +11,9 @@
 //! on that connection for its mappings when a walk meets a new object. A forked child connects
 //! again for a region of its own; an exec'd image too. An image that cannot take the library
 //! (static, set-user-ID, LD_PRELOAD gone) is traced with uprobes, with a note.
+pub mod forward;
 #[path = "../../crates/memleak-preload/src/layout.rs"]
 pub mod layout;
-pub mod forward;
 pub mod region;
 mod shm;
 mod tables;
@@ -163,7 +163,6 @@ impl<'a, 'obj> Capture<'a, 'obj> {
         Box::new(tables::Mirror(self.tables.clone()))
     }
 
-
     /// Process `pid`'s image runs the library (said at its exec stop, or for a forked child).
     pub fn expect(&mut self, pid: i32, parent: Option<i32>) {
         self.expected.insert(pid, Instant::now());
@@ -193,9 +192,12 @@ impl<'a, 'obj> Capture<'a, 'obj> {
 
     fn set_tls(&mut self, pid: i32, off: i64) {
         self.tls.insert(pid, off);
-        if let Err(e) = self.skel.maps.preload_tls.update(&(pid as u32).to_ne_bytes(), &off.to_ne_bytes(), MapFlags::ANY)
+        if let Err(e) =
+            self.skel.maps.preload_tls.update(&(pid as u32).to_ne_bytes(), &off.to_ne_bytes(), MapFlags::ANY)
         {
-            errln!("memleak: note: pid {pid}: cannot tell the BPF side of its preload library ({e}): mmaps made inside malloc may count twice");
+            errln!(
+                "memleak: note: pid {pid}: cannot tell the BPF side of its preload library ({e}): mmaps made inside malloc may count twice"
+            );
         }
     }
 
@@ -257,7 +259,14 @@ impl<'a, 'obj> Capture<'a, 'obj> {
         let refuse = |conn: &OwnedFd| {
             let w = Welcome { magic: HELLO_MAGIC, ok: 0 };
             // SAFETY: a send of a plain struct on our own socket.
-            unsafe { libc::send(conn.as_raw_fd(), (&w as *const Welcome).cast(), size_of::<Welcome>(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            unsafe {
+                libc::send(
+                    conn.as_raw_fd(),
+                    (&w as *const Welcome).cast(),
+                    size_of::<Welcome>(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
         };
         // Only a process memleak traces in-process now; a hello that says nothing sane is refused.
         let Some(hello) = hello.filter(|h| h.magic == HELLO_MAGIC && self.expected.contains_key(&pid)) else {
@@ -505,7 +514,7 @@ pub fn ineligible(pid: i32, order: &LoadOrder, library: (u64, u64), socket: &str
     }
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     let want = format!("{ENV}={socket}");
-    let last = environ.split(|&b| b == 0).filter(|v| v.starts_with(format!("{ENV}=").as_bytes())).last();
+    let last = environ.split(|&b| b == 0).filter(|v| v.starts_with(format!("{ENV}=").as_bytes())).next_back();
     if last != Some(want.as_bytes()) {
         return Some(format!("{exe} was started without memleak's {ENV} variable"));
     }
@@ -550,9 +559,8 @@ fn listen() -> Result<(String, OwnedFd)> {
 
 fn accept(listener: &OwnedFd) -> Option<OwnedFd> {
     // SAFETY: accept4 on our listening socket; a new descriptor of ours.
-    let fd = unsafe {
-        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
-    };
+    let fd =
+        unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
     // SAFETY: a new descriptor owned by nobody else.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -585,9 +593,8 @@ fn readable(conn: &OwnedFd) -> bool {
 fn read_hello(conn: &OwnedFd) -> Option<Hello> {
     let mut h = Hello::default();
     // SAFETY: a non-blocking receive into a local plain struct.
-    let n = unsafe {
-        libc::recv(conn.as_raw_fd(), (&mut h as *mut Hello).cast(), size_of::<Hello>(), libc::MSG_DONTWAIT)
-    };
+    let n =
+        unsafe { libc::recv(conn.as_raw_fd(), (&mut h as *mut Hello).cast(), size_of::<Hello>(), libc::MSG_DONTWAIT) };
     (n == size_of::<Hello>() as isize).then_some(h)
 }
 
@@ -630,7 +637,10 @@ mod tests {
             size_of::<unwind_obj_key>() as u32,
             size_of::<unwind_object>() as u32,
             4,
-            &libbpf_sys::bpf_map_create_opts { sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _, ..Default::default() },
+            &libbpf_sys::bpf_map_create_opts {
+                sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+                ..Default::default()
+            },
         )
         .expect("a BPF hash map (root)");
         let m = mappings(&objects, text);

@@ -212,8 +212,7 @@ impl Region {
                 let frames = if self.seen_stacks.insert(i) {
                     let depth = (unsafe { std::ptr::read_volatile(&e.depth) } as usize).min(MAX_DEPTH);
                     // SAFETY: plain arrays inside our mapping, copied.
-                    let (ips, locs) =
-                        unsafe { (std::ptr::read_volatile(&e.ips), std::ptr::read_volatile(&e.locs)) };
+                    let (ips, locs) = unsafe { (std::ptr::read_volatile(&e.ips), std::ptr::read_volatile(&e.locs)) };
                     Some(ips[..depth].iter().copied().zip(locs[..depth].iter().copied()).collect())
                 } else {
                     None
@@ -278,8 +277,9 @@ impl Region {
                 break;
             }
             // SAFETY: plain fields of the event just published.
-            let (kind, size, addr) =
-                unsafe { (std::ptr::read_volatile(&e.kind), std::ptr::read_volatile(&e.size), std::ptr::read_volatile(&e.addr)) };
+            let (kind, size, addr) = unsafe {
+                (std::ptr::read_volatile(&e.kind), std::ptr::read_volatile(&e.size), std::ptr::read_volatile(&e.addr))
+            };
             out.push((kind, size, addr));
             tail = tail.wrapping_add(1);
         }
@@ -311,9 +311,8 @@ impl Region {
         let mut buf = [0u8; 64];
         loop {
             // SAFETY: a non-blocking read into a local buffer from our end of the connection.
-            let n = unsafe {
-                libc::recv(self.conn.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-            };
+            let n =
+                unsafe { libc::recv(self.conn.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n <= 0 {
                 break;
             }

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 pub const PAGE: u64 = 4096;
 /// Most iovecs per process_vm_readv (the kernel's UIO_MAXIOV).
@@ -43,39 +43,25 @@ impl Region {
     }
 }
 
-/// The mappings of `pid`, by address. A path is shown as the process sees it.
+/// The mappings of `pid`, by address (procmaps reads them). A path is shown as the process
+/// sees it.
 pub fn regions(pid: i32) -> Result<Vec<Region>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
-    Ok(parse(&text))
+    Ok(crate::procmaps::ProcMaps::read(pid)?.mappings.iter().map(Region::from).collect())
 }
 
-fn parse(text: &str) -> Vec<Region> {
-    let mut v: Vec<Region> = text
-        .lines()
-        .filter_map(|line| {
-            // 7f2c...-7f2c... rw-p 00028000 fe:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6
-            let mut it = line.splitn(6, ' ');
-            let (start, end) = it.next()?.split_once('-')?;
-            let perms = it.next()?.as_bytes();
-            let _offset = it.next()?;
-            let _dev = it.next()?;
-            let inode = it.next()?.parse().ok()?;
-            let name = it.next().map(str::trim_start).filter(|p| !p.is_empty()).map(String::from);
-            Some(Region {
-                start: u64::from_str_radix(start, 16).ok()?,
-                end: u64::from_str_radix(end, 16).ok()?,
-                read: perms.first() == Some(&b'r'),
-                write: perms.get(1) == Some(&b'w'),
-                exec: perms.get(2) == Some(&b'x'),
-                shared: perms.get(3) == Some(&b's'),
-                inode,
-                name,
-            })
-        })
-        .collect();
-    v.sort_by_key(|r| r.start);
-    v
+impl From<&crate::procmaps::Mapping> for Region {
+    fn from(m: &crate::procmaps::Mapping) -> Region {
+        Region {
+            start: m.start,
+            end: m.end,
+            read: m.readable,
+            write: m.writable,
+            exec: m.executable,
+            shared: m.shared,
+            inode: m.inode,
+            name: m.path.as_ref().map(|p| p.to_string_lossy().into_owned()),
+        }
+    }
 }
 
 /// The region holding `addr`.
@@ -254,12 +240,13 @@ mod tests {
 
     #[test]
     fn parses_permissions_and_names() {
-        let r = parse(
+        let maps = crate::procmaps::ProcMaps::parse(
             "7f0b8a400000-7f0b8a401000 rw-p 00000000 00:00 0 \n\
              55d0c1a2b000-55d0c1a4c000 rw-p 00000000 00:00 0                          [heap]\n\
              7f0b8a228000-7f0b8a3bd000 r-xp 00026000 fe:01 2214 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
              7f0b8a500000-7f0b8a501000 rw-s 00000000 00:05 77 /dev/dri/card0\n",
         );
+        let r: Vec<Region> = maps.mappings.iter().map(Region::from).collect();
         assert_eq!(r.len(), 4);
         assert_eq!(r[0].name.as_deref(), Some("[heap]"));
         assert!(r[0].read && r[0].write && !r[0].exec && r[0].is_anonymous());

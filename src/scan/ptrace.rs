@@ -69,8 +69,7 @@ fn errno() -> i32 {
 
 /// The pid tracing `tid`, 0 if none.
 fn tracer_of(pid: i32, tid: i32) -> i32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    crate::procfs::Status::of_thread(pid, tid).map_or(0, |s| s.tracer)
 }
 
 /// The registers of a thread in a ptrace stop.

@@ -12,7 +12,7 @@ use super::options::Mode;
 use super::{Block, Class, Heuristic, Outcome, Stats, Target};
 use crate::collector::{Collector, Losses, MoreRecords, RecordMaps, StackTotal, monotonic_ns, read_pod};
 use crate::report::Reporter;
-use crate::skel::types::{alloc_info, alloc_key, map_info};
+use crate::skel::types::{alloc_key, map_info};
 use crate::snapshot::{LeakSummary, ProcessInput};
 
 /// What a scan needs to know of a process, from the session.
@@ -97,19 +97,11 @@ fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, more: Option<&dyn MoreRecords>,
             out.push(Block { addr, size, stack_id, timestamp_ns })
         });
     }
-    crate::batch::for_each(maps.allocs, |k, v| {
-        let key: alloc_key = read_pod(k);
-        if key.pid == pid {
-            let info: alloc_info = read_pod(v);
-            out.push(Block {
-                addr: key.addr,
-                size: info.size,
-                stack_id: info.stack_id,
-                timestamp_ns: info.timestamp_ns,
-            });
+    maps.allocs.for_each(|r| {
+        if r.pid == pid {
+            out.push(Block { addr: r.addr, size: r.size, stack_id: r.stack_id, timestamp_ns: r.timestamp_ns });
         }
-    })
-    .context("reading the allocation map")?;
+    });
     if let Some(mappings) = maps.mappings {
         crate::batch::for_each(mappings, |k, v| {
             let key: alloc_key = read_pod(k);
@@ -131,7 +123,7 @@ fn read_blocks<M: MapCore>(maps: &RecordMaps<M>, more: Option<&dyn MoreRecords>,
 impl Reporter<'_, '_> {
     fn target(&self, pid: i32, who: &Subject, losses: &Losses) -> Target {
         let c = self.cfg;
-        let unfiltered = c.sample_rate == 1 && c.min_size == 0 && c.max_size == u64::MAX;
+        let unfiltered = c.sample_rate == 1 && c.sample_bytes == 0 && c.min_size == 0 && c.max_size == u64::MAX;
         let nothing_lost = losses.allocs_map_full == 0
             && losses.no_thread_state == 0
             && losses.allocs_missed == 0
@@ -141,7 +133,11 @@ impl Reporter<'_, '_> {
             traced: who.traced.clone(),
             complete: who.from_start && unfiltered && nothing_lost,
             glibc: who.glibc,
-            not_roots: self.preload.as_ref().map(|p| p.region_ids().into_iter().map(|(_, ino)| ino).collect()).unwrap_or_default(),
+            not_roots: self
+                .preload
+                .as_ref()
+                .map(|p| p.region_ids().into_iter().map(|(_, ino)| ino).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -238,12 +234,14 @@ impl Reporter<'_, '_> {
         if let Some(o) = &outcome {
             process.warnings.extend(scan_warnings(&o.stats));
             // (Untracked blocks are said by the loss lines already.)
-            if who.from_start && (cfg.sample_rate > 1 || cfg.min_size > 0 || cfg.max_size < u64::MAX) {
+            if who.from_start
+                && (cfg.sample_rate > 1 || cfg.sample_bytes > 0 || cfg.min_size > 0 || cfg.max_size < u64::MAX)
+            {
                 process.warnings.push(
                     "blocks sampled out or filtered by size are unknown to the scan: memory the allocator holds outside the known blocks was scanned as a root".into(),
                 );
             }
-            let (entries, young) = by_stack_and_class(o, min_age, cfg.show_allocs);
+            let (entries, young) = by_stack_and_class(o, min_age, cfg.show_allocs, cfg.sample_bytes);
             process.young = young;
             process.classes = entries.iter().map(|e| e.1.words().to_string()).collect();
             process.stacks = entries.into_iter().map(|e| e.0).collect();
@@ -317,10 +315,12 @@ type Entries = Vec<(StackTotal, Class)>;
 
 /// Each stack's blocks older than `min_age`, one total per class; and the younger blocks left
 /// out: (count, bytes).
-fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> (Entries, (u64, u64)) {
+/// With --sample-bytes (`sample_bytes` > 0) each block counts for what it stands for.
+fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool, sample_bytes: u64) -> (Entries, (u64, u64)) {
     let now = monotonic_ns();
     let min_age = min_age.as_nanos() as u64;
     let mut by: HashMap<(u64, Class), StackTotal> = HashMap::new();
+    let mut estimates: HashMap<(u64, Class), (f64, f64)> = HashMap::new();
     let mut young = (0u64, 0u64);
     for (b, c) in o.blocks.iter().zip(&o.class) {
         if now.saturating_sub(b.timestamp_ns) < min_age {
@@ -333,6 +333,17 @@ fn by_stack_and_class(o: &Outcome, min_age: Duration, addrs: bool) -> (Entries, 
         t.count += 1;
         if addrs {
             t.blocks.push((b.addr, b.size));
+        }
+        if sample_bytes > 0 {
+            let w = crate::collector::sample_weight(b.size, sample_bytes);
+            let e = estimates.entry((b.stack_id, *c)).or_default();
+            e.0 += b.size as f64 * w;
+            e.1 += w;
+        }
+    }
+    for (key, (bytes, n)) in estimates {
+        if let Some(t) = by.get_mut(&key) {
+            (t.bytes, t.count) = (bytes.round() as u64, n.round() as u64);
         }
     }
     (by.into_iter().map(|((_, c), t)| (t, c)).collect(), young)

@@ -187,8 +187,7 @@ impl Session<'_, '_, '_> {
             );
         }
         if self.cfg.verbose {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-            let peak = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim();
+            let peak = crate::procfs::Status::own().vm_hwm.unwrap_or_else(|| "?".into());
             errln!("memleak: peak memory (VmHWM) {peak}");
         }
         Ok(end)
@@ -778,11 +777,9 @@ fn is_thread_of(tid: i32, pid: i32) -> bool {
     tid != pid && ids_of(tid).0 == Some(pid)
 }
 
-/// The process (Tgid) and parent (PPid) of a thread id, from /proc/TID/status.
+/// The process (Tgid) and parent (PPid) of a thread id.
 fn ids_of(tid: i32) -> (Option<i32>, Option<i32>) {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
-    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok());
-    (field("Tgid:"), field("PPid:"))
+    crate::procfs::Status::of(tid).map_or((None, None), |s| (s.tgid, s.ppid))
 }
 
 /// Detaching uprobe links takes tens of milliseconds each (the kernel waits for the programs

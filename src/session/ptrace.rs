@@ -112,16 +112,10 @@ pub fn decode(status: i32) -> Change {
     if event != 0 { Change::Event(event, sig) } else { Change::Signal(sig) }
 }
 
-/// The ids (real, effective, saved, filesystem) of a process's user and group, from
-/// /proc/PID/status.
+/// The ids (real, effective, saved, filesystem) of a process's user and group.
 pub fn credentials(pid: i32) -> Option<([u32; 4], [u32; 4])> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let ids = |key: &str| -> Option<[u32; 4]> {
-        let line = status.lines().find_map(|l| l.strip_prefix(key))?;
-        let v: Vec<u32> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        v.try_into().ok()
-    };
-    Some((ids("Uid:")?, ids("Gid:")?))
+    let s = crate::procfs::Status::of(pid)?;
+    Some((s.uid?, s.gid?))
 }
 
 #[cfg(test)]

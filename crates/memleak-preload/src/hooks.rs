@@ -366,7 +366,14 @@ fn aligned_via(which: usize, align: usize, size: usize, sp: usize, bp: usize) ->
     alloc_call(size as u64, sp, bp, || unsafe { f(align, size) })
 }
 
-unsafe extern "C" fn aligned_alloc_imp(align: usize, size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+unsafe extern "C" fn aligned_alloc_imp(
+    align: usize,
+    size: usize,
+    _: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+) -> *mut c_void {
     aligned_via(init::ALIGNED_ALLOC, align, size, sp, bp)
 }
 
@@ -374,7 +381,14 @@ unsafe extern "C" fn memalign_imp(align: usize, size: usize, _: usize, _: usize,
     aligned_via(init::MEMALIGN, align, size, sp, bp)
 }
 
-unsafe extern "C" fn libc_memalign_imp(align: usize, size: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
+unsafe extern "C" fn libc_memalign_imp(
+    align: usize,
+    size: usize,
+    _: usize,
+    _: usize,
+    sp: usize,
+    bp: usize,
+) -> *mut c_void {
     aligned_via(init::LIBC_MEMALIGN, align, size, sp, bp)
 }
 

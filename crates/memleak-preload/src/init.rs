@@ -232,7 +232,8 @@ mod tests {
 
     #[test]
     fn the_names_resolved_are_those_said_to_be_interposed() {
-        let names: Vec<&[u8]> = NAMES.iter().filter(|n| **n != b"pthread_getattr_np\0").map(|n| &n[..n.len() - 1]).collect();
+        let names: Vec<&[u8]> =
+            NAMES.iter().filter(|n| **n != b"pthread_getattr_np\0").map(|n| &n[..n.len() - 1]).collect();
         let said: Vec<&[u8]> = crate::layout::INTERPOSED.iter().map(|n| n.as_bytes()).collect();
         assert_eq!(names, said);
     }

@@ -236,15 +236,7 @@ unsafe fn setup(info: &mut Info) -> bool {
             && syscall6(SYS_SETSOCKOPT, fd as usize, SOL_SOCKET, SO_SNDTIMEO, &tv as *const _ as usize, 16, 0) == 0
             && retry(|| syscall3(SYS_CONNECT, fd as usize, &addr as *const _ as usize, 2 + 1 + len)) == 0
             && retry(|| {
-                syscall6(
-                    SYS_SENDTO,
-                    fd as usize,
-                    &hello as *const _ as usize,
-                    size_of::<Hello>(),
-                    MSG_NOSIGNAL,
-                    0,
-                    0,
-                )
+                syscall6(SYS_SENDTO, fd as usize, &hello as *const _ as usize, size_of::<Hello>(), MSG_NOSIGNAL, 0, 0)
             }) == size_of::<Hello>() as isize
             && receive(fd, &mut welcome, &mut fds)
     };
