@@ -514,7 +514,7 @@ pub fn ineligible(pid: i32, order: &LoadOrder, library: (u64, u64), socket: &str
     }
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     let want = format!("{ENV}={socket}");
-    let last = environ.split(|&b| b == 0).filter(|v| v.starts_with(format!("{ENV}=").as_bytes())).next_back();
+    let last = environ.split(|&b| b == 0).rfind(|v| v.starts_with(format!("{ENV}=").as_bytes()));
     if last != Some(want.as_bytes()) {
         return Some(format!("{exe} was started without memleak's {ENV} variable"));
     }

@@ -163,9 +163,9 @@ fn resolve() {
         let f = unsafe { dlsym(RTLD_NEXT, name.as_ptr().cast()) } as usize;
         REAL[i].store(f, Relaxed);
     }
-    for i in 0..COUNT {
+    for (i, slot) in REAL.iter().enumerate() {
         if real(i) == 0 && fallback(i) != i {
-            REAL[i].store(real(fallback(i)), Relaxed);
+            slot.store(real(fallback(i)), Relaxed);
         }
     }
     // SAFETY: a NUL-terminated name; the function is looked up anywhere.
