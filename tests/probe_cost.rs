@@ -161,7 +161,9 @@ fn the_benchmark_runs_at_a_small_n() {
         "heaptrack",
         "entry-probe design",
         "memleak -p / floor",
-        "memleak -c / heaptrack",
+        // Both capture modes of -c (bench/overhead runs each one --help offers).
+        "memleak -c --capture uprobes / heaptrack",
+        "memleak -c --capture preload / heaptrack",
         "fixed cost",
         "report at 20000 outstanding",
     ] {
