@@ -99,6 +99,8 @@ impl Reporter<'_, '_> {
             let records = by_pid.remove(&s.pid).unwrap_or_default();
             let mut p = ProcessInput::new(s.pid, s.comm.clone(), s.exit, records.stacks, records.young);
             p.warnings.extend(s.warnings.iter().cloned());
+            // After the read: what it met out of bounds in the process's region.
+            p.warnings.extend(self.preload.as_ref().and_then(|c| c.scribbled(s.pid)));
             // Classified (its blocks' stacks one per class) and suppressions applied.
             self.scan_report(&mut p, &s.scan, s.exit.is_some(), last, min_age, &losses)?;
             inputs.push(p);

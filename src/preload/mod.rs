@@ -362,6 +362,15 @@ impl<'a, 'obj> Capture<'a, 'obj> {
         self.regions.get(&pid).is_some_and(|r| r.seen())
     }
 
+    /// A WARNING for a process whose region it wrote over (values out of bounds met by the
+    /// reads of the region so far).
+    pub fn scribbled(&self, pid: u32) -> Option<String> {
+        let n = self.regions.get(&(pid as i32)).map(|r| r.rejected()).filter(|&n| n > 0)?;
+        Some(format!(
+            "pid {pid} wrote over its in-process capture region: {n} values out of bounds ignored (its report may miss blocks or stacks)"
+        ))
+    }
+
     /// A WARNING for a process that was to run the library and never reported to memleak.
     pub fn warning(&self, pid: i32, exited: bool) -> Option<String> {
         let since = self.expected.get(&pid)?;
@@ -445,12 +454,20 @@ impl crate::collector::MoreRecords for Capture<'_, '_> {
 /// Adds a region's stacks to the collector (new ids into `new`).
 pub fn add_stacks(r: &mut Region, collector: &mut crate::collector::Collector, new: &mut Vec<u64>) {
     use crate::symbolizer::RawFrame;
+    let mut bad = 0;
     for s in r.read_stacks() {
+        // An id another process's stack has (BPF's ids hash the pid in; so do the library's):
+        // a scribble, which must not change that process's counts.
+        if collector.pid_of(s.id).is_some_and(|p| p != r.pid as u32) {
+            bad += 1;
+            continue;
+        }
         let frames = s.frames.map(|f| f.into_iter().map(|(ip, loc)| RawFrame { ip, loc }).collect());
         if collector.add_stack(s.id, r.pid as u32, frames, s.alloc_count, s.alloc_bytes) {
             new.push(s.id);
         }
     }
+    r.rejected_in_read(bad);
 }
 
 /// The executable mappings of /proc/PID/maps `text` as the library walks them: each file's

@@ -18,6 +18,8 @@ const STACK_SLOTS: u64 = 2 * MAX_STACKS;
 const EVENTS: u64 = 1 << 16;
 /// Executable mappings a process's list holds.
 pub const MAX_MAPS: u64 = 8192;
+/// No block is larger (user space addresses are 47 bits): a size above is a scribble.
+const MAX_BLOCK: u64 = 1 << 47;
 
 /// Where each part of a region lies, decided by memleak (the process only reads the offsets).
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +99,9 @@ pub struct Region {
     pub last_maps: String,
     /// The connection is still open (not polled once the process hung up).
     pub open: bool,
+    /// The most values out of bounds (written over by the process) one read of the region met:
+    /// ignored, and said in a WARNING.
+    rejected: AtomicU64,
 }
 
 impl Region {
@@ -126,7 +131,28 @@ impl Region {
         h.maps_off = layout.maps_off as u64;
         h.size = layout.size as u64;
         h.stack_pid = pid as u32;
-        Ok(Region { pid, shm, layout, conn, seen_stacks: HashSet::new(), last_maps: String::new(), open: true })
+        Ok(Region {
+            pid,
+            shm,
+            layout,
+            conn,
+            seen_stacks: HashSet::new(),
+            last_maps: String::new(),
+            open: true,
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    /// Notes that one read met `n` values out of bounds.
+    pub fn rejected_in_read(&self, n: u64) {
+        if n > 0 {
+            self.rejected.fetch_max(n, Relaxed);
+        }
+    }
+
+    /// The most values out of bounds one read met (0: the region was sane).
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Relaxed)
     }
 
     pub fn fd(&self) -> &OwnedFd {
@@ -168,6 +194,7 @@ impl Region {
         let (off, n) = (self.layout.allocs_off, self.layout.alloc_slots as usize);
         let keys = self.shm.ptr.wrapping_add(off) as *const AtomicU64;
         let infos = self.shm.ptr.wrapping_add(self.layout.alloc_infos_off) as *const BlockInfo;
+        let mut bad = 0;
         for (a, b) in self.shm.data_ranges(off, n * 8) {
             for i in (a - off) / 8..((b - off).div_ceil(8)).min(n) {
                 // SAFETY: i < n keys and infos, inside our mapping.
@@ -182,12 +209,17 @@ impl Region {
                         (info.size.load(Relaxed), info.timestamp_ns.load(Relaxed), info.stack_id.load(Relaxed));
                     std::sync::atomic::fence(Acquire);
                     if key.load(Relaxed) == k {
-                        f(addr, size, ts, stack);
+                        if size > MAX_BLOCK || addr.checked_add(size).is_none_or(|e| e > ADDR_MASK + 1) {
+                            bad += 1;
+                        } else {
+                            f(addr, size, ts, stack);
+                        }
                         break;
                     }
                 }
             }
         }
+        self.rejected_in_read(bad);
     }
 
     /// The stacks stored (frames of those not read before) with their allocation counts.
@@ -197,6 +229,7 @@ impl Region {
         let off = self.layout.stack_index_off;
         let slots = base.wrapping_add(off) as *const StackSlot;
         let entries = base.wrapping_add(self.layout.stacks_off) as *const StackEntry;
+        let mut bad = 0;
         for (a, b) in self.shm.data_ranges(off, STACK_SLOTS as usize * size_of::<StackSlot>()) {
             let first = (a - off) / size_of::<StackSlot>();
             let last = (b - off).div_ceil(size_of::<StackSlot>()).min(STACK_SLOTS as usize);
@@ -204,13 +237,22 @@ impl Region {
                 // SAFETY: i < STACK_SLOTS, inside our mapping.
                 let s = unsafe { &*slots.add(i) };
                 let (hash, entry) = (s.hash.load(Acquire), s.entry.load(Acquire));
-                if hash == 0 || entry == 0 || entry > MAX_STACKS {
+                if hash == 0 || entry == 0 {
+                    continue;
+                }
+                if entry > MAX_STACKS {
+                    bad += 1;
                     continue;
                 }
                 // SAFETY: entry - 1 < MAX_STACKS, inside our mapping.
                 let e = unsafe { &*entries.add(entry as usize - 1) };
                 let frames = if self.seen_stacks.insert(i) {
-                    let depth = (unsafe { std::ptr::read_volatile(&e.depth) } as usize).min(MAX_DEPTH);
+                    // SAFETY: a plain field inside our mapping, copied.
+                    let depth = unsafe { std::ptr::read_volatile(&e.depth) } as usize;
+                    if depth > MAX_DEPTH {
+                        bad += 1;
+                    }
+                    let depth = depth.min(MAX_DEPTH);
                     // SAFETY: plain arrays inside our mapping, copied.
                     let (ips, locs) = unsafe { (std::ptr::read_volatile(&e.ips), std::ptr::read_volatile(&e.locs)) };
                     Some(ips[..depth].iter().copied().zip(locs[..depth].iter().copied()).collect())
@@ -225,6 +267,7 @@ impl Region {
                 });
             }
         }
+        self.rejected_in_read(bad);
         out
     }
 
@@ -238,9 +281,12 @@ impl Region {
             (c.bytes.load(Relaxed), c.count.load(Relaxed))
         };
         let mut out = Vec::new();
+        let (mut bad, mut bad_index) = (0, 0);
         let mut put = |id: u64, (bytes, count): (u64, u64)| {
             // Counts that went below zero (a process's scribbles) are not shown.
-            if count > 0 && count < i64::MAX as u64 && bytes < i64::MAX as u64 {
+            if count >= i64::MAX as u64 || bytes >= i64::MAX as u64 {
+                bad += 1;
+            } else if count > 0 {
                 out.push((id, bytes, count));
             }
         };
@@ -256,9 +302,12 @@ impl Region {
                 let (hash, entry) = (s.hash.load(Acquire), s.entry.load(Acquire));
                 if hash != 0 && entry > 0 && entry <= MAX_STACKS {
                     put(hash, total(entry as usize - 1));
+                } else if hash != 0 && entry > MAX_STACKS {
+                    bad_index += 1;
                 }
             }
         }
+        self.rejected_in_read(bad + bad_index);
         out
     }
 
@@ -280,7 +329,11 @@ impl Region {
             let (kind, size, addr) = unsafe {
                 (std::ptr::read_volatile(&e.kind), std::ptr::read_volatile(&e.size), std::ptr::read_volatile(&e.addr))
             };
-            out.push((kind, size, addr));
+            if kind == EV_ALLOC || kind == EV_FREE {
+                out.push((kind, size, addr));
+            } else {
+                self.rejected_in_read(1);
+            }
             tail = tail.wrapping_add(1);
         }
         h.ev_tail.store(tail, Release);
