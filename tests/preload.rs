@@ -196,3 +196,13 @@ fn a_region_the_process_wrote_over_is_warned_of_and_survived() {
     );
     assert!(!out.stderr.contains("panicked"), "{}", text(&out));
 }
+
+/// The unwind tables every process shares: none can make them writable, through its mapping
+/// or by reopening the file (as root, through /proc/self/map_files): memleak's mapping is the
+/// only writable one (F_SEAL_FUTURE_WRITE).
+#[test]
+fn the_shared_tables_cannot_be_made_writable() {
+    let (_, out) = run_preload_fixture(&["--capture", "preload"], "tables 0 0");
+    let said: Vec<&String> = out.stdout.iter().filter(|l| l.starts_with("tables: ") || l.starts_with("no ")).collect();
+    assert!(said.is_empty(), "{}", text(&out));
+}

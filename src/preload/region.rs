@@ -107,7 +107,7 @@ pub struct Region {
 impl Region {
     pub fn new(pid: i32, layout: Layout, s: &Settings, conn: OwnedFd) -> Result<Region> {
         let name = std::ffi::CString::new(format!("memleak-region-{pid}")).expect("no NUL");
-        let shm = Shm::new(&name, layout.size)?;
+        let shm = Shm::new(&name, layout.size, 0)?;
         // SAFETY: the header at the start of the fresh zeroed mapping, not handed over yet.
         let h = unsafe { &mut *(shm.ptr as *mut RegionHeader) };
         h.magic = REGION_MAGIC;

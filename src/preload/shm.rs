@@ -14,15 +14,15 @@ pub struct Shm {
 
 impl Shm {
     /// A zeroed memfd of `len` bytes (pages are allocated only when written), mapped
-    /// read-write here, sealed against resizing.
-    pub fn new(name: &CStr, len: usize) -> Result<Shm> {
+    /// read-write here, sealed against resizing and with `seals` besides (F_SEAL_FUTURE_WRITE:
+    /// memleak's mapping is the only writable one there will be, whoever reopens the file).
+    pub fn new(name: &CStr, len: usize, seals: i32) -> Result<Shm> {
         let fd = memfd(name)?;
         // SAFETY: ftruncate, fcntl and mmap on the descriptor just created.
         unsafe {
             if libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) != 0 {
                 return Err(std::io::Error::last_os_error()).context("sizing shared memory");
             }
-            seal(&fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL)?;
             let p = libc::mmap(
                 std::ptr::null_mut(),
                 len,
@@ -34,7 +34,10 @@ impl Shm {
             if p == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error()).context("mapping shared memory");
             }
-            Ok(Shm { fd, ptr: p.cast(), len })
+            let shm = Shm { fd, ptr: p.cast(), len };
+            // After the mapping: a future-write seal refuses new writable mappings only.
+            seal(&shm.fd, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL | seals)?;
+            Ok(shm)
         }
     }
 

@@ -31,7 +31,9 @@ pub struct Tables {
 
 impl Tables {
     pub fn new() -> Result<Tables> {
-        let shm = Shm::new(c"memleak-unwind-tables", SIZE)?;
+        // Shared by every process: none can write it, even by reopening its read-only
+        // descriptor through /proc.
+        let shm = Shm::new(c"memleak-unwind-tables", SIZE, libc::F_SEAL_FUTURE_WRITE)?;
         // SAFETY: the header at the start of the fresh zeroed mapping, ours alone so far.
         let h = unsafe { &mut *(shm.ptr as *mut TablesHeader) };
         h.magic = TABLES_MAGIC;
