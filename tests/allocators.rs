@@ -402,3 +402,24 @@ fn allocator_entry_points_are_not_single_stepped() {
         }
     }
 }
+
+/// The same programs with each allocator below memleak's preload library (appended to the
+/// LD_PRELOAD memleak gave, as a user's own preload is; `env LD_PRELOAD=...` above replaces it,
+/// and so runs on uprobes): recorded in-process, forwarded to that allocator, every site exact.
+#[test]
+fn each_allocator_below_the_preload_library() {
+    for (prog, sites) in [(c_program(), C_SITES), (cxx_program(), CXX_SITES)] {
+        for lib in PRELOADED {
+            let cmd = format!("sh -c 'LD_PRELOAD=\"$LD_PRELOAD:{LIBDIR}/{lib}\" exec {}'", prog.display());
+            let out = run_c(&["-v", "--capture", "preload"], &cmd);
+            let text = format!("{}\n{}", out.stdout.join("\n"), out.stderr);
+            assert_eq!(own_sites(&out, &prog), expected(sites), "{lib}:\n{text}");
+            assert!(out.stderr.contains("memleak: capture: in-process (preload library) for pid "), "{lib}:\n{text}");
+            assert!(!out.stderr.contains("traced with uprobes"), "{lib}:\n{text}");
+            // The allocator really is below: its file is mapped, and nothing was lost.
+            let r = final_report(&out.stdout);
+            assert!(r.warnings.is_empty(), "{lib}: {:?}", r.warnings);
+            assert!(out.stderr.contains(&format!("{LIBDIR}/{lib}")), "{lib} not loaded:\n{text}");
+        }
+    }
+}
