@@ -327,20 +327,13 @@ impl Args {
         if self.capture == CaptureChoice::Preload && (self.obj.is_some() || !self.symbols_prefix.is_empty()) {
             bail!("--capture preload interposes the standard allocator functions: -O and -S need --capture uprobes");
         }
-        if self.capture == CaptureChoice::Preload && self.sample_bytes.is_some() {
-            bail!("--capture preload samples by calls (-s): --sample-bytes needs --capture uprobes");
-        }
-        // auto: the library for -c, unless the user chose what to probe or how to attach, or
-        // sampling by bytes (the BPF side's alone).
+        // auto: the library for -c, unless the user chose what to probe or how to attach.
         let preload = matches!(target, Target::Command(_))
             && match self.capture {
                 CaptureChoice::Preload => true,
                 CaptureChoice::Uprobes => false,
                 CaptureChoice::Auto => {
-                    self.obj.is_none()
-                        && self.symbols_prefix.is_empty()
-                        && self.attach == AttachChoice::Auto
-                        && self.sample_bytes.is_none()
+                    self.obj.is_none() && self.symbols_prefix.is_empty() && self.attach == AttachChoice::Auto
                 }
             };
         if self.combined_only && (self.show_allocs || self.older.is_some()) {

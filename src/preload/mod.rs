@@ -146,6 +146,7 @@ impl<'a, 'obj> Capture<'a, 'obj> {
                 sample_rate: cfg.sample_rate,
                 flags,
                 max_allocs: u64::from(cfg.max_allocs),
+                sample_bytes: cfg.sample_bytes,
             },
             regions: BTreeMap::new(),
             pending: Vec::new(),

@@ -76,6 +76,7 @@ pub struct Settings {
     pub sample_rate: u32,
     pub flags: u32,
     pub max_allocs: u64,
+    pub sample_bytes: u64,
 }
 
 /// A stack read from a region.
@@ -117,6 +118,7 @@ impl Region {
         h.sample_rate = s.sample_rate;
         h.flags = s.flags;
         h.max_allocs = s.max_allocs;
+        h.sample_bytes = s.sample_bytes;
         h.alloc_slots = layout.alloc_slots;
         h.allocs_off = layout.allocs_off as u64;
         h.alloc_infos_off = layout.alloc_infos_off as u64;
@@ -420,7 +422,14 @@ mod tests {
     fn a_region_reads_what_the_library_writes_and_bounds_what_it_scribbles() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         drop(b);
-        let s = Settings { min_size: 0, max_size: u64::MAX, sample_rate: 1, flags: FLAG_TRACE_ALL, max_allocs: 100 };
+        let s = Settings {
+            min_size: 0,
+            max_size: u64::MAX,
+            sample_rate: 1,
+            flags: FLAG_TRACE_ALL,
+            max_allocs: 100,
+            sample_bytes: 0,
+        };
         let mut r = Region::new(7, Layout::new(100, true), &s, OwnedFd::from(a)).unwrap();
         let l = r.layout;
         let base = r.shm.ptr;

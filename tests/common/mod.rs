@@ -273,9 +273,8 @@ pub fn preload_capture() -> bool {
 pub fn capture_args(args: &[&str]) -> Vec<String> {
     let Ok(mode) = std::env::var("MEMLEAK_TEST_CAPTURE") else { return vec![] };
     let chosen = |a: &&str| {
-        ["-O", "-S", "--obj", "--symbols-prefix", "--attach", "--capture", "--sample-bytes"].contains(a)
+        ["-O", "-S", "--obj", "--symbols-prefix", "--attach", "--capture"].contains(a)
             || a.starts_with("--attach=")
-            || a.starts_with("--sample-bytes=")
             || a.starts_with("--capture=")
     };
     if mode.is_empty() || !args.contains(&"-c") || args.iter().any(chosen) {

@@ -136,6 +136,9 @@ pub struct RegionHeader {
     pub flags: u32,
     /// Blocks recorded at most at once (--max-allocs).
     pub max_allocs: u64,
+    /// --sample-bytes (0: off): a block of size s is sampled with probability
+    /// 1 - exp(-s / sample_bytes), as records.bpf.h decides.
+    pub sample_bytes: u64,
     /// The block table: `alloc_slots` (a power of two) keys (`AtomicU64`) at `allocs_off`, and
     /// as many `BlockInfo`s at `alloc_infos_off`: the keys are apart so that a lookup reads
     /// 8 bytes a slot.

@@ -57,13 +57,26 @@ fn next_gen(k: u64) -> u64 {
     gen_of(k).wrapping_add(1 << 48)
 }
 
-/// The -z/-Z bounds and -s sampling, decided before the stack walk.
+/// The -z/-Z bounds and -s or --sample-bytes sampling, decided before the stack walk.
 #[inline]
 pub fn sampled_in(p: &Info, t: &Thread, size: u64) -> bool {
     if size < p.min_size || size > p.max_size {
         return false;
     }
-    p.sample_rate <= 1 || crate::thread::random(t).is_multiple_of(u64::from(p.sample_rate))
+    if p.sample_rate > 1 && !crate::thread::random(t).is_multiple_of(u64::from(p.sample_rate)) {
+        return false;
+    }
+    p.sample_bytes == 0 || (crate::thread::random(t) >> 32) < sample_p32(size, p.sample_bytes)
+}
+
+/// 2^32 times the probability that --sample-bytes `mean` samples a block of `size` bytes:
+/// 1 - exp(-size / mean), records.bpf.h's sample_p32 (which uses a table for exp).
+fn sample_p32(size: u64, mean: u64) -> u64 {
+    if size >= mean.saturating_mul(32) {
+        return 1 << 32;
+    }
+    let p = 1.0 - (-(size as f64) / mean as f64).exp();
+    (p * 4_294_967_296.0) as u64
 }
 
 /// Takes one unit of --max-allocs; false (counted) when full.
