@@ -111,13 +111,15 @@ impl Session<'_, '_, '_> {
     /// seized when memleak follows it. Its exit is seen through ptrace or a pidfd.
     pub fn add_running(&mut self, pid: i32, origin: Origin) -> Result<()> {
         let mut p = Process::new(pid, origin);
+        // Its objects' tables before its probes: the first calls' walks find every table of
+        // what it maps now (a window of truncated stacks otherwise, tests/targets.rs' demo).
+        if let Some(u) = self.rep.unwind.as_mut() {
+            u.sync(&mut self.rep.symbolizer.objects, &[pid]);
+        }
         if let Some(prober) = self.prober.as_deref_mut() {
             prober.set_traced(pid, true);
             let a = prober.attach(pid, At::Running)?;
             (p.links, p.glibc) = (a.links, a.glibc);
-        }
-        if let Some(u) = self.rep.unwind.as_mut() {
-            u.sync(&mut self.rep.symbolizer.objects, &[pid]);
         }
         // The maps of the running process, read before it can exit, kept in case it exits
         // before its stacks are read.
