@@ -86,6 +86,9 @@ macro_rules! configure_records {
         rodata.max_size = $cfg.max_size;
         rodata.sample_rate = $cfg.sample_rate;
         rodata.sample_bytes = $cfg.sample_bytes;
+        // Most blocks go unrecorded: frees look in a small counter array first.
+        rodata.presence_filter =
+            $cfg.sample_rate > 1 || $cfg.sample_bytes > 0 || $cfg.min_size > 0 || $cfg.max_size < u64::MAX;
         for (k, e) in rodata.exp_neg64.iter_mut().enumerate() {
             // exp(-k / 64) in 32.32 fixed point.
             *e = ((-(k as f64) / 64.0).exp() * 4294967296.0).round() as u64;

@@ -33,6 +33,22 @@ const volatile __u64 max_records = 1;
 /* Records in the table now (a record is counted before its slot is claimed). */
 __u64 live_records = 0;
 
+/*
+ * With sampling or a size filter most blocks are never recorded, and the free of one must not
+ * pay for two buckets of a table tens of MiB large (two cache and TLB misses). presence[h] counts
+ * the records started whose address hashes to h, a 64 KiB array that stays in cache: a free whose
+ * counter is 0 has no record. A counter is decremented only where record_free ends a record, so it
+ * never undercounts (a record ended elsewhere leaves it high: one needless look, never a miss).
+ */
+const volatile bool presence_filter = false;
+#define PRESENCE_SLOTS 16384
+__u32 presence[PRESENCE_SLOTS];
+
+static __always_inline __u32 presence_slot(__u32 pid, __u64 addr)
+{
+	return (((addr >> 4) ^ pid) * 0x9e3779b97f4a7c15ULL) >> (64 - 14);
+}
+
 /* Sizes are set by the loader; these are placeholders. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -262,7 +278,11 @@ __noinline int record_free(__u32 pid, __u64 addr, __u32 fn)
 	struct alloc_info info;
 	__u32 i;
 
-	if (addr <= REC_BUSY || !rec_find(pid, addr, &b, &i))
+	if (addr <= REC_BUSY)
+		return 0;
+	if (presence_filter && !presence[presence_slot(pid, addr) & (PRESENCE_SLOTS - 1)])
+		return 0;
+	if (!rec_find(pid, addr, &b, &i))
 		return 0;
 	if (combined_only || trace_all)
 		info = b->info[i];
@@ -270,6 +290,8 @@ __noinline int record_free(__u32 pid, __u64 addr, __u32 fn)
 	if (__sync_val_compare_and_swap(&b->addr[i], addr, REC_EMPTY) != addr)
 		return 0;
 	__sync_fetch_and_add(&live_records, -1);
+	if (presence_filter)
+		__sync_fetch_and_add(&presence[presence_slot(pid, addr) & (PRESENCE_SLOTS - 1)], -1);
 	if (combined_only)
 		combined_add(info.stack_id, -(__s64)info.size, -1);
 	if (trace_all)
@@ -368,6 +390,8 @@ __noinline int record_insert(__u32 pid, __u64 addr, __u64 size, __u64 stack_id, 
 	if (s < 0)
 		goto full;
 	i = s & (REC_SLOTS - 1);
+	if (presence_filter)
+		__sync_fetch_and_add(&presence[presence_slot(pid, addr) & (PRESENCE_SLOTS - 1)], 1);
 	b->pid[i] = pid;
 	b->info[i] = info;
 	/* The address last: a reader that sees it sees the rest. */
