@@ -537,7 +537,9 @@ impl Session<'_, '_, '_> {
                         let who = self.subject(pr, None).scan;
                         self.rep.scan_at_exit(p, tid, &who);
                     }
-                    // Its memory map still exists: the last chance to normalize.
+                    // Its memory map still exists: the last chance to open the files its last
+                    // walks met (their wake-ups may still wait in the ring) and to normalize.
+                    self.drain_rings()?;
                     self.rep.symbolizer.reread_maps(p);
                     self.rep.prepare_symbols()?;
                 }
