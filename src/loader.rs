@@ -42,7 +42,7 @@ fn human(bytes: u64) -> String {
 pub fn load_error(e: libbpf_rs::Error, max_allocs: u32) -> anyhow::Error {
     if e.kind() == libbpf_rs::ErrorKind::TooBig {
         return anyhow::anyhow!(
-            "cannot load the BPF programs: the kernel refuses an allocation table for {max_allocs} records (--max-allocs): {e}"
+            "cannot load the BPF programs: the kernel refuses an allocation table for {max_allocs} records (--max-allocs), or a program as too complex for its verifier: {e}"
         );
     }
     anyhow::Error::new(e).context("cannot load the BPF programs")
