@@ -86,6 +86,7 @@ macro_rules! configure_records {
         rodata.max_size = $cfg.max_size;
         rodata.sample_rate = $cfg.sample_rate;
         rodata.sample_bytes = $cfg.sample_bytes;
+        rodata.sample_recip = if $cfg.sample_bytes > 0 { (1u64 << 58) / $cfg.sample_bytes } else { 0 };
         // Most blocks go unrecorded: frees look in a small counter array first.
         rodata.presence_filter =
             $cfg.sample_rate > 1 || $cfg.sample_bytes > 0 || $cfg.min_size > 0 || $cfg.max_size < u64::MAX;

@@ -398,16 +398,18 @@ static __always_inline void on_linkmap(__u32 pid, __u32 tid)
  */
 static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 {
-	__u64 sp = PT_REGS_SP(ctx), size, arg, arg2 = 0, arg3 = 0, id = bpf_get_current_pid_tgid();
-	__u32 pid = id >> 32, op = COOKIE_OP(cookie), fn = COOKIE_ID(cookie);
+	__u64 sp = PT_REGS_SP(ctx), size, arg, arg2 = 0, arg3 = 0, id;
+	__u32 pid, op = COOKIE_OP(cookie), fn = COOKIE_ID(cookie);
 	struct call_args args;
 
+	/* Not before a sampled-out call or an untracked free has returned: a helper call each. */
 	switch (op) {
 	case OP_FREE:
 		read_args(ctx, &args);
 		arg = args.a[COOKIE_PTR(cookie) & 7];
-		if (!arg)
+		if (!arg || !maybe_recorded(arg))
 			return 1;
+		pid = bpf_get_current_pid_tgid() >> 32;
 		/*
 		 * free and munmap end records and need no per-thread state: one made from inside
 		 * another allocator call (realloc(p, 0)'s free, free's munmap of a mapped chunk,
@@ -417,13 +419,16 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 		record_free(pid, arg, fn);
 		return 1;
 	case OP_MUNMAP:
+		pid = bpf_get_current_pid_tgid() >> 32;
 		on_munmap(pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), fn);
 		return 1;
 	case OP_MPROTECT:
+		pid = bpf_get_current_pid_tgid() >> 32;
 		on_mprotect(ctx, pid, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (__u32)PT_REGS_PARM3(ctx), fn);
 		return 1;
 	case OP_LINKMAP:
-		on_linkmap(pid, (__u32)id);
+		id = bpf_get_current_pid_tgid();
+		on_linkmap(id >> 32, (__u32)id);
 		return 1;
 	case OP_MMAP:
 		size = PT_REGS_PARM2(ctx);
@@ -453,6 +458,7 @@ static __always_inline int on_entry(struct pt_regs *ctx, __u64 cookie)
 	default:
 		return 1;
 	}
+	pid = bpf_get_current_pid_tgid() >> 32;
 
 	struct task_state *ts = bpf_task_storage_get(&task_states, bpf_get_current_task_btf(), 0,
 						     BPF_LOCAL_STORAGE_GET_F_CREATE);
