@@ -18,15 +18,17 @@
 //! - [`Allocators::discover_exec`]: at an exec stop (the new image's load order);
 //! - [`Allocators::discover_linkmap`]: after the process's link map changed (dlopen): what
 //!   is new.
+mod candidates;
 pub mod families;
 pub mod linkmap;
 pub mod live;
+mod said;
 pub mod symbols;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +38,9 @@ use libbpf_rs::Link;
 use crate::ldso::LoadOrder;
 use crate::objects::Objects;
 use crate::probes::{self, AttachMode, EntryPoint};
-use crate::procmaps::ProcMaps;
+use candidates::{Candidate, forwarding_targets, is_c_library, order_candidates, running_candidates};
 use families::{Family, Op};
+use said::{check_obj, tracing_line};
 use symbols::{Found, Scan, Symtab, Wanted, scan, wanted_map};
 
 /// A file by its identity: (st_dev, inode).
@@ -130,18 +133,6 @@ pub fn attach(progs: &crate::skel::MemleakProgs, mode: AttachMode, set: &ProbeSe
         }
     }
     (links, failed)
-}
-
-/// An object of a process as a discovery met it.
-struct Candidate {
-    key: Key,
-    shown: PathBuf,
-    file: File,
-    /// Its place in the dynamic linker's symbol lookup order; None: not known to be in it.
-    scope: Option<usize>,
-    executable: bool,
-    /// Known to be mapped by the process (false: a -O file attached in case it is loaded).
-    mapped: bool,
 }
 
 /// An object probed in a process.
@@ -307,41 +298,6 @@ impl Allocators {
             notes: vec![format!("{e:#}")],
             ..ProbeSet::default()
         })
-    }
-
-    /// The warning for a process from which no allocation call was seen: what was probed.
-    pub fn unseen_warning(&self, pid: i32) -> String {
-        let probed: Vec<String> = self
-            .procs
-            .get(&pid)
-            .map(|p| {
-                p.order
-                    .iter()
-                    .filter_map(|k| p.probed.get(k))
-                    .filter(|o| o.allocator)
-                    .map(|o| o.shown.file_name().unwrap_or(o.shown.as_os_str()).to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let go = if self.procs.get(&pid).is_some_and(|p| p.go) {
-            " (a Go program: Go's own allocator is not traced, cgo's malloc is)"
-        } else {
-            ""
-        };
-        format!(
-            "no allocation call seen from pid {pid}{go}: it allocates through functions memleak does not probe, or not at all (probed: the allocator functions of {})",
-            if probed.is_empty() { "no object".to_string() } else { probed.join(", ") }
-        )
-    }
-
-    /// At the end of the run: what -O named and never appeared.
-    pub fn final_notes(&self) -> Vec<String> {
-        match &self.obj {
-            Some(o) if !self.obj_seen => {
-                vec![format!("-O {}: no traced process loaded it: nothing was traced", obj_display(o))]
-            }
-            _ => Vec::new(),
-        }
     }
 
     fn scan_of(&mut self, c: &Candidate, symtab: Symtab) -> Result<Arc<Scan>> {
@@ -554,245 +510,6 @@ impl Allocators {
         }
         Ok(set)
     }
-
-    fn obj_not_mapped(&self, pid: i32, o: &ObjArg) -> anyhow::Error {
-        if let ObjArg::Path(p) = o
-            && let Err(e) = check_obj(p)
-        {
-            return e;
-        }
-        anyhow::anyhow!("-O {}: not mapped by process {pid}", obj_display(o))
-    }
-
-    /// Why nothing can be traced in a process.
-    #[allow(clippy::too_many_arguments)]
-    fn nothing_to_trace(
-        &self,
-        pid: i32,
-        cands: &[Candidate],
-        exe: Option<usize>,
-        scans: &[Option<Arc<Scan>>],
-        go: bool,
-        command: bool,
-        obj_at: Option<usize>,
-    ) -> String {
-        let p = &self.prefix;
-        if let Some(i) = obj_at {
-            return format!(
-                "{} defines none of the allocator functions ({p}malloc, {p}free, ...)",
-                cands[i].shown.display()
-            );
-        }
-        let exe_shown = exe.map(|i| cands[i].shown.display().to_string()).unwrap_or_else(|| format!("pid {pid}"));
-        if go {
-            return format!(
-                "{exe_shown} is a Go program without cgo: Go's own allocator is not traced (cgo's malloc is), and it has no C allocator"
-            );
-        }
-        let dynamic = exe.and_then(|i| scans[i].as_ref()).is_none_or(|s| s.interp);
-        match (command, dynamic) {
-            (true, false) => {
-                format!("{exe_shown} is statically linked without {p}malloc: name the allocator's object with -O")
-            }
-            (true, true) => format!(
-                "{exe_shown} loads no object that defines {p}malloc or another allocator function: name the allocator's object with -O"
-            ),
-            (false, _) => format!(
-                "process {pid} has no libc mapped and its executable defines no {p}malloc (nor any other allocator function): name the allocator's object with -O"
-            ),
-        }
-    }
-
-    /// With -O or -S: the C names the object lacks.
-    fn missing_note(&self, shown: &Path, found: &[Found], is_target: bool) -> Option<String> {
-        if !is_target {
-            return None;
-        }
-        let have: std::collections::HashSet<&str> = found.iter().map(|f| f.symbol.as_str()).collect();
-        let mut wanted: Vec<(&String, usize)> = self
-            .wanted
-            .iter()
-            .filter(|(n, (_, s))| {
-                s.op != Op::LinkMap
-                    && (s.family == Family::C && !s.symbol.starts_with("__") && !have.contains(n.as_str()))
-            })
-            .map(|(n, (rank, _))| (n, *rank))
-            .collect();
-        wanted.sort_by_key(|w| w.1);
-        let missing: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
-        (!missing.is_empty()).then(|| format!("{} has no {}: not traced", shown.display(), missing.join(", ")))
-    }
-}
-
-/// For each name the in-process capture's library interposes (at place `lib` in the lookup
-/// order), the first definition after it: (file, offset).
-fn forwarding_targets(lib: usize, cands: &[Candidate], scans: &[Option<Arc<Scan>>]) -> Vec<(Key, u64)> {
-    let mut out = Vec::new();
-    for name in crate::preload::layout::INTERPOSED {
-        // cands are in lookup order.
-        let hit = (0..cands.len())
-            .filter(|&i| cands[i].scope.is_some_and(|s| s > lib))
-            .find_map(|i| scans[i].as_ref()?.found.iter().find(|f| f.symbol == name).map(|f| (cands[i].key, f.offset)));
-        if let Some(t) = hit
-            && !out.contains(&t)
-        {
-            out.push(t);
-        }
-    }
-    out
-}
-
-/// libc.so.6, libc-2.21.so, musl's libc.musl-x86_64.so.1 and ld-musl-x86_64.so.1: the C
-/// library, whose own mmaps (thread stacks) are the program's.
-fn is_c_library(path: &Path, soname: Option<&str>) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    [name.as_str(), soname.unwrap_or("")].iter().any(|n| {
-        n.starts_with("libc.so") || n.starts_with("libc-") || n.starts_with("libc.musl") || n.starts_with("ld-musl")
-    })
-}
-
-fn obj_display(o: &ObjArg) -> String {
-    match o {
-        ObjArg::Path(p) => p.display().to_string(),
-        ObjArg::Name(n) => n.clone(),
-    }
-}
-
-/// The file -O names, checked as memleak checks any object named by the user.
-fn check_obj(obj: &Path) -> Result<File> {
-    if !obj.exists() {
-        bail!("-O {}: no such file", obj.display());
-    }
-    let (file, _) = anyhow::Context::context(crate::objfile::read_elf(obj), "-O")?;
-    Ok(file)
-}
-
-/// `Tracing malloc, free, ... in OBJECT (pid N)`: what object `i` is probed for; the names it
-/// binds first, then those another object binds first (they are reached only through the
-/// object's own internal calls, or by callers bound to it directly).
-fn tracing_line(
-    pid: i32,
-    i: usize,
-    found: &[Found],
-    cands: &[Candidate],
-    scans: &[Option<Arc<Scan>>],
-    only: bool,
-) -> String {
-    let winner = |symbol: &str| -> Option<usize> {
-        (0..cands.len()).find(|&j| scans[j].as_ref().is_some_and(|s| s.found.iter().any(|f| f.symbol == symbol)))
-    };
-    let mut bound: Vec<&Found> = Vec::new();
-    let mut other: Vec<&Found> = Vec::new();
-    let mut by: Vec<String> = Vec::new();
-    for f in found.iter().filter(|f| f.spec.op != Op::LinkMap) {
-        match winner(&f.symbol) {
-            Some(w) if w != i && !only => {
-                other.push(f);
-                let name = cands[w].shown.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                if !by.contains(&name) {
-                    by.push(name);
-                }
-            }
-            _ => bound.push(f),
-        }
-    }
-    let shown = cands[i].shown.display();
-    if bound.is_empty() {
-        return format!(
-            "Tracing its own {} in {shown} (pid {pid}), which {} override",
-            describe(&other),
-            by.join(", ")
-        );
-    }
-    let mut line = format!("Tracing {} in {shown} (pid {pid})", describe(&bound));
-    if !other.is_empty() {
-        line.push_str(&format!("; also its own {}, which {} override", describe(&other), by.join(", ")));
-    }
-    line
-}
-
-/// Function names for a line: the C names one by one, then each family in brief.
-fn describe(found: &[&Found]) -> String {
-    let (mut parts, mut internal, mut cxx, mut tc, mut mi) = (Vec::new(), 0, 0, 0, 0);
-    for f in found {
-        match f.spec.family {
-            Family::Cxx => cxx += 1,
-            Family::Tcmalloc if f.symbol.starts_with("tc_") => tc += 1,
-            Family::Mimalloc if f.symbol.starts_with("mi_") => mi += 1,
-            Family::C if f.symbol.starts_with("__") => internal += 1,
-            Family::Ldso => {}
-            _ => parts.push(f.symbol.clone()),
-        }
-    }
-    if internal > 0 {
-        parts.push(format!("__libc_* ({internal})"));
-    }
-    if cxx > 0 {
-        parts.push(format!("operator new/delete ({cxx} forms)"));
-    }
-    if tc > 0 {
-        parts.push(format!("tc_* ({tc})"));
-    }
-    if mi > 0 {
-        parts.push(format!("mi_* ({mi})"));
-    }
-    parts.join(", ")
-}
-
-/// The objects of a command's load order: the global scope in order, then the interpreter.
-fn order_candidates(order: &LoadOrder) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    for (i, o) in order.startup_objects().enumerate() {
-        let Ok(file) = o.file.try_clone() else { continue };
-        let Ok(md) = file.metadata() else { continue };
-        let key = (md.dev(), md.ino());
-        if out.iter().any(|c: &Candidate| c.key == key) {
-            continue;
-        }
-        out.push(Candidate { key, shown: o.path.clone(), file, scope: Some(i), executable: i == 0, mapped: true });
-    }
-    out
-}
-
-/// The objects a running process maps code from, opened through /proc/PID/map_files (the
-/// run's `objects` hold them), each with its place in the link map.
-fn running_candidates(pid: i32, objects: &mut Objects, notes: &mut Vec<String>) -> Result<Vec<Candidate>> {
-    let maps = ProcMaps::read(pid)?;
-    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok().map(|m| (m.dev(), m.ino()));
-    // The link map: each object's dynamic section lies in one of its own mappings.
-    let mut scope: HashMap<Key, usize> = HashMap::new();
-    if let Ok(lm) = linkmap::read(pid) {
-        for (i, e) in lm.entries.iter().enumerate() {
-            if let Some(m) = maps.find(e.dynamic).filter(|m| m.is_file()) {
-                scope.entry((m.dev, m.inode)).or_insert(i);
-            }
-        }
-    }
-    let mut out: Vec<Candidate> = Vec::new();
-    for m in maps.mappings.iter().filter(|m| m.executable && m.is_file()) {
-        let key = (m.dev, m.inode);
-        if out.iter().any(|c| c.key == key) {
-            continue;
-        }
-        let i = objects.open_mapping(pid, m);
-        let o = objects.get(i);
-        let Some(file) = o.file().and_then(|f| f.try_clone().ok()) else {
-            if let crate::objects::State::Unreadable { why, retry: false } = &o.state {
-                notes.push(format!("{}: not readable: {why}: not probed", o.display_name()));
-            }
-            continue;
-        };
-        let shown = m.path.as_deref().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(o.display_name()));
-        out.push(Candidate {
-            key,
-            shown,
-            file,
-            scope: scope.get(&key).copied(),
-            executable: Some(key) == exe,
-            mapped: true,
-        });
-    }
-    Ok(out)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, bpf_ktime_get_ns's clock.
