@@ -484,6 +484,10 @@ impl Session<'_, '_, '_> {
         let start = Instant::now();
         loop {
             self.handle_changes()?;
+            // A process seen through its pidfd that exited before the stop signal came (in
+            // the same poll, or while it was read) gets its own exit and report, as it would
+            // a moment earlier.
+            self.reap_pidfds()?;
             if self.reg.is_empty() && !self.rep.kernel {
                 return Ok(End::Exited);
             }
@@ -499,6 +503,22 @@ impl Session<'_, '_, '_> {
         }
         self.report(true)?;
         Ok(End::Stopped)
+    }
+}
+
+impl Session<'_, '_, '_> {
+    /// The exits of processes memleak does not ptrace whose pidfds say they are gone.
+    fn reap_pidfds(&mut self) -> Result<()> {
+        let pids: Vec<i32> = self.reg.iter().filter(|p| p.pidfd.is_some()).map(|p| p.pid).collect();
+        for pid in pids {
+            let fd = self.reg.get(pid).and_then(|p| p.pidfd.as_ref()).map_or(-1, |f| f.as_raw_fd());
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one live pollfd, no wait.
+            if fd >= 0 && unsafe { libc::poll(&mut p, 1, 0) } > 0 && p.revents & libc::POLLIN != 0 {
+                self.exited(pid, Exit::Exited)?;
+            }
+        }
+        Ok(())
     }
 }
 
