@@ -195,8 +195,14 @@ unsafe extern "C" fn libc_malloc_imp(size: usize, _: usize, _: usize, _: usize, 
 
 #[inline(always)]
 fn malloc_via(which: usize, size: usize, sp: usize, bp: usize) -> *mut c_void {
+    alloc_via(which, size, 16, sp, bp)
+}
+
+/// malloc, valloc and pvalloc (`align`: what a block made before set-up gets).
+#[inline(always)]
+fn alloc_via(which: usize, size: usize, align: usize, sp: usize, bp: usize) -> *mut c_void {
     if !ready() {
-        return arena_alloc(size, 16);
+        return arena_alloc(size, align);
     }
     // SAFETY: the allocator's function of that name, resolved by init.
     let f: Fn1 = unsafe { transmute(real(which)) };
@@ -392,30 +398,20 @@ unsafe extern "C" fn libc_memalign_imp(
     aligned_via(init::LIBC_MEMALIGN, align, size, sp, bp)
 }
 
-fn page_via(which: usize, size: usize, sp: usize, bp: usize) -> *mut c_void {
-    if !ready() {
-        return arena_alloc(size, 4096);
-    }
-    // SAFETY: the allocator's function of that name.
-    let f: Fn1 = unsafe { transmute(real(which)) };
-    // SAFETY: forwarded as called.
-    alloc_call(size as u64, sp, bp, || unsafe { f(size) })
-}
-
 unsafe extern "C" fn valloc_imp(size: usize, _: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    page_via(init::VALLOC, size, sp, bp)
+    alloc_via(init::VALLOC, size, 4096, sp, bp)
 }
 
 unsafe extern "C" fn libc_valloc_imp(size: usize, _: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    page_via(init::LIBC_VALLOC, size, sp, bp)
+    alloc_via(init::LIBC_VALLOC, size, 4096, sp, bp)
 }
 
 unsafe extern "C" fn pvalloc_imp(size: usize, _: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    page_via(init::PVALLOC, size, sp, bp)
+    alloc_via(init::PVALLOC, size, 4096, sp, bp)
 }
 
 unsafe extern "C" fn libc_pvalloc_imp(size: usize, _: usize, _: usize, _: usize, sp: usize, bp: usize) -> *mut c_void {
-    page_via(init::LIBC_PVALLOC, size, sp, bp)
+    alloc_via(init::LIBC_PVALLOC, size, 4096, sp, bp)
 }
 
 // ---- operator new: `form` 0-7 as NAMES orders them (bit 0: new[], bit 1: nothrow... see below).
