@@ -224,50 +224,58 @@ impl Region {
         self.rejected_in_read(bad);
     }
 
-    /// The stacks stored (frames of those not read before) with their allocation counts.
-    pub fn read_stacks(&mut self) -> Vec<StackRead> {
-        let mut out = Vec::new();
-        let base = self.shm.ptr;
+    /// The stack index's slots holding data: (index, hash, entry), entry unchecked.
+    fn stack_slots(&self) -> Vec<(usize, u64, u64)> {
         let off = self.layout.stack_index_off;
-        let slots = base.wrapping_add(off) as *const StackSlot;
-        let entries = base.wrapping_add(self.layout.stacks_off) as *const StackEntry;
-        let mut bad = 0;
+        let slots = self.shm.ptr.wrapping_add(off) as *const StackSlot;
+        let mut out = Vec::new();
         for (a, b) in self.shm.data_ranges(off, STACK_SLOTS as usize * size_of::<StackSlot>()) {
             let first = (a - off) / size_of::<StackSlot>();
             let last = (b - off).div_ceil(size_of::<StackSlot>()).min(STACK_SLOTS as usize);
             for i in first..last {
                 // SAFETY: i < STACK_SLOTS, inside our mapping.
                 let s = unsafe { &*slots.add(i) };
-                let (hash, entry) = (s.hash.load(Acquire), s.entry.load(Acquire));
-                if hash == 0 || entry == 0 {
-                    continue;
-                }
-                if entry > MAX_STACKS {
-                    bad += 1;
-                    continue;
-                }
-                // SAFETY: entry - 1 < MAX_STACKS, inside our mapping.
-                let e = unsafe { &*entries.add(entry as usize - 1) };
-                let frames = if self.seen_stacks.insert(i) {
-                    // SAFETY: a plain field inside our mapping, copied.
-                    let depth = unsafe { std::ptr::read_volatile(&e.depth) } as usize;
-                    if depth > MAX_DEPTH {
-                        bad += 1;
-                    }
-                    let depth = depth.min(MAX_DEPTH);
-                    // SAFETY: plain arrays inside our mapping, copied.
-                    let (ips, locs) = unsafe { (std::ptr::read_volatile(&e.ips), std::ptr::read_volatile(&e.locs)) };
-                    Some(ips[..depth].iter().copied().zip(locs[..depth].iter().copied()).collect())
-                } else {
-                    None
-                };
-                out.push(StackRead {
-                    id: hash,
-                    frames,
-                    alloc_count: e.alloc_count.load(Relaxed),
-                    alloc_bytes: e.alloc_bytes.load(Relaxed),
-                });
+                out.push((i, s.hash.load(Acquire), s.entry.load(Acquire)));
             }
+        }
+        out
+    }
+
+    /// The stacks stored (frames of those not read before) with their allocation counts.
+    pub fn read_stacks(&mut self) -> Vec<StackRead> {
+        let mut out = Vec::new();
+        let base = self.shm.ptr;
+        let entries = base.wrapping_add(self.layout.stacks_off) as *const StackEntry;
+        let mut bad = 0;
+        for (i, hash, entry) in self.stack_slots() {
+            if hash == 0 || entry == 0 {
+                continue;
+            }
+            if entry > MAX_STACKS {
+                bad += 1;
+                continue;
+            }
+            // SAFETY: entry - 1 < MAX_STACKS, inside our mapping.
+            let e = unsafe { &*entries.add(entry as usize - 1) };
+            let frames = if self.seen_stacks.insert(i) {
+                // SAFETY: a plain field inside our mapping, copied.
+                let depth = unsafe { std::ptr::read_volatile(&e.depth) } as usize;
+                if depth > MAX_DEPTH {
+                    bad += 1;
+                }
+                let depth = depth.min(MAX_DEPTH);
+                // SAFETY: plain arrays inside our mapping, copied.
+                let (ips, locs) = unsafe { (std::ptr::read_volatile(&e.ips), std::ptr::read_volatile(&e.locs)) };
+                Some(ips[..depth].iter().copied().zip(locs[..depth].iter().copied()).collect())
+            } else {
+                None
+            };
+            out.push(StackRead {
+                id: hash,
+                frames,
+                alloc_count: e.alloc_count.load(Relaxed),
+                alloc_bytes: e.alloc_bytes.load(Relaxed),
+            });
         }
         self.rejected_in_read(bad);
         out
@@ -293,20 +301,11 @@ impl Region {
             }
         };
         put(0, total(MAX_STACKS as usize));
-        let off = self.layout.stack_index_off;
-        let slots = base.wrapping_add(off) as *const StackSlot;
-        for (a, b) in self.shm.data_ranges(off, STACK_SLOTS as usize * size_of::<StackSlot>()) {
-            let first = (a - off) / size_of::<StackSlot>();
-            let last = (b - off).div_ceil(size_of::<StackSlot>()).min(STACK_SLOTS as usize);
-            for i in first..last {
-                // SAFETY: i < STACK_SLOTS.
-                let s = unsafe { &*slots.add(i) };
-                let (hash, entry) = (s.hash.load(Acquire), s.entry.load(Acquire));
-                if hash != 0 && entry > 0 && entry <= MAX_STACKS {
-                    put(hash, total(entry as usize - 1));
-                } else if hash != 0 && entry > MAX_STACKS {
-                    bad_index += 1;
-                }
+        for (_, hash, entry) in self.stack_slots() {
+            if hash != 0 && entry > 0 && entry <= MAX_STACKS {
+                put(hash, total(entry as usize - 1));
+            } else if hash != 0 && entry > MAX_STACKS {
+                bad_index += 1;
             }
         }
         self.rejected_in_read(bad + bad_index);
