@@ -174,8 +174,16 @@ static __always_inline bool sampled_in(__u64 size)
 	/* One in sample_rate: a multiply-high of a random u32 is uniform in [0, sample_rate). */
 	if (sample_rate > 1 && (((__u64)bpf_get_prandom_u32() * sample_rate) >> 32))
 		return false;
-	if (sample_bytes && (__u64)bpf_get_prandom_u32() >= sample_p32(size))
-		return false;
+	if (sample_bytes) {
+		__u64 r = bpf_get_prandom_u32();
+
+		/* 1 - exp(-x) <= x: a draw at or above size / sample_bytes (one multiply) is out
+		 * whatever the exact probability; most are, and skip the table. */
+		if (size < 32 * sample_bytes && r >= (size * sample_recip) >> 26)
+			return false;
+		if (r >= sample_p32(size))
+			return false;
+	}
 	return true;
 }
 
