@@ -223,13 +223,7 @@ fn classes_of_a_running_process_equal_valgrinds() {
         }
     }
 
-    let mut f = Proc::spawn("reach hold", {
-        let mut c = Command::new(&exe);
-        c.arg("hold");
-        c
-    });
-    let pid = f.pid();
-    f.expect_line(&format!("ready {pid}"));
+    let (mut f, pid) = reach_hold(&exe);
     let m = memleak_attached(&["--scan", "-o", "0", "-p", &pid.to_string(), "3600"]);
     f.command("build");
     f.send("hold");
@@ -543,13 +537,7 @@ fn free_memory_of_a_threads_arena_is_no_root() {
 /// classified too, scanned at its exit stop.
 #[test]
 fn p_with_scan_classifies_the_exit_too() {
-    let mut f = Proc::spawn("reach hold", {
-        let mut c = Command::new(reach());
-        c.arg("hold");
-        c
-    });
-    let pid = f.pid();
-    f.expect_line(&format!("ready {pid}"));
+    let (mut f, pid) = reach_hold(&reach());
     let m = memleak_attached(&["--scan", "--error-exitcode", "3", "-p", &pid.to_string(), "3600"]);
     f.command("build");
     f.send("hold");
@@ -585,13 +573,7 @@ fn p_with_scan_classifies_the_exit_too() {
 #[test]
 fn a_stack_mapped_after_attach_is_scanned_from_its_pointer() {
     let exe = reach();
-    let mut f = Proc::spawn("reach hold", {
-        let mut c = Command::new(&exe);
-        c.arg("hold");
-        c
-    });
-    let pid = f.pid();
-    f.expect_line(&format!("ready {pid}"));
+    let (mut f, pid) = reach_hold(&exe);
     let m = memleak_attached(&["--scan", "-o", "0", "-p", &pid.to_string(), "3600"]);
     f.command("late");
     m.signal(libc::SIGINT);
@@ -683,4 +665,16 @@ fn structured_outputs_carry_the_class() {
         assert!(raw.contains(&format!("class:[{class}]")), "{class} in {raw}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The reach fixture in its `hold` mode, started and ready for commands: (process, pid).
+fn reach_hold(exe: &std::path::Path) -> (Proc, i32) {
+    let mut f = Proc::spawn("reach hold", {
+        let mut c = Command::new(exe);
+        c.arg("hold");
+        c
+    });
+    let pid = f.pid();
+    f.expect_line(&format!("ready {pid}"));
+    (f, pid)
 }
