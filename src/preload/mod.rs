@@ -34,7 +34,7 @@ use crate::objects::Objects;
 use crate::skel::MemleakSkel;
 use crate::skel::types::{unwind_obj_key, unwind_object};
 use layout::*;
-use region::{Layout, Region, Settings};
+use region::{Layout, Region};
 use tables::Tables;
 
 /// The library, built from crates/memleak-preload by build.rs.

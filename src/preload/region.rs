@@ -68,17 +68,6 @@ impl Layout {
     }
 }
 
-/// What a process's configuration says (the run's options).
-#[derive(Debug, Clone, Copy)]
-pub struct Settings {
-    pub min_size: u64,
-    pub max_size: u64,
-    pub sample_rate: u32,
-    pub flags: u32,
-    pub max_allocs: u64,
-    pub sample_bytes: u64,
-}
-
 /// A stack read from a region.
 pub struct StackRead {
     pub id: u64,
@@ -113,12 +102,7 @@ impl Region {
         let h = unsafe { &mut *(shm.ptr as *mut RegionHeader) };
         h.magic = REGION_MAGIC;
         h.owner_pid.store(pid as u32, Relaxed);
-        h.min_size = s.min_size;
-        h.max_size = s.max_size;
-        h.sample_rate = s.sample_rate;
-        h.flags = s.flags;
-        h.max_allocs = s.max_allocs;
-        h.sample_bytes = s.sample_bytes;
+        h.settings = *s;
         h.alloc_slots = layout.alloc_slots;
         h.allocs_off = layout.allocs_off as u64;
         h.alloc_infos_off = layout.alloc_infos_off as u64;

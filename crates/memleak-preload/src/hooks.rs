@@ -108,7 +108,7 @@ fn capture(p: &Info, t: &Thread, sp: usize, bp: usize, size: u64) -> u64 {
         t.busy.set(false);
         (w, id)
     };
-    if p.flags & FLAG_FRAME_POINTERS == 0 {
+    if p.settings.flags & FLAG_FRAME_POINTERS == 0 {
         record::count(p, CNT_UNWINDS);
         if w.stop != 0 {
             record::count(p, w.stop);
@@ -160,7 +160,7 @@ fn returned(p: &Info, addr: u64, rec: Option<Rec>) {
         }
         return;
     }
-    if p.flags & FLAG_WA_MISSING_FREE != 0 {
+    if p.settings.flags & FLAG_WA_MISSING_FREE != 0 {
         record::free(p, addr);
     }
     if let Some(mut r) = rec {

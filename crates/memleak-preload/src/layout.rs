@@ -121,15 +121,10 @@ pub const CNT_NO_TABLE_SEEN: usize = 14;
 pub const EV_ALLOC: u32 = 1;
 pub const EV_FREE: u32 = 2;
 
-/// The head of a region. memleak fills the configuration before it hands the region over.
+/// The run's options a region carries: memleak writes them, the library copies them once.
 #[repr(C)]
-pub struct RegionHeader {
-    pub magic: u64,
-    /// The process the region is for: the library records into it only there (a forked child
-    /// asks for a region of its own). memleak sets it to 0 when it stops tracing the process.
-    pub owner_pid: AtomicU32,
-    /// Set by the library at its first recorded allocation call.
-    pub seen: AtomicU32,
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settings {
     pub min_size: u64,
     pub max_size: u64,
     pub sample_rate: u32,
@@ -139,6 +134,19 @@ pub struct RegionHeader {
     /// --sample-bytes (0: off): a block of size s is sampled with probability
     /// 1 - exp(-s / sample_bytes), as records.bpf.h decides.
     pub sample_bytes: u64,
+}
+
+/// The head of a region. memleak fills the configuration before it hands the region over.
+#[repr(C)]
+pub struct RegionHeader {
+    pub magic: u64,
+    /// The process the region is for: the library records into it only there (a forked child
+    /// asks for a region of its own). memleak sets it to 0 when it stops tracing the process.
+    pub owner_pid: AtomicU32,
+    /// Set by the library at its first recorded allocation call.
+    pub seen: AtomicU32,
+    /// The run's options, as memleak set them.
+    pub settings: Settings,
     /// The block table: `alloc_slots` (a power of two) keys (`AtomicU64`) at `allocs_off`, and
     /// as many `BlockInfo`s at `alloc_infos_off`: the keys are apart so that a lookup reads
     /// 8 bytes a slot.

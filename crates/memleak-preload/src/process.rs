@@ -12,12 +12,8 @@ use crate::sys::*;
 pub struct Info {
     pub pid: u32,
     pub header: *const RegionHeader,
-    pub min_size: u64,
-    pub max_size: u64,
-    pub sample_rate: u32,
-    pub flags: u32,
-    pub max_allocs: u64,
-    pub sample_bytes: u64,
+    /// The header's settings, copied (sample_rate at least 1).
+    pub settings: Settings,
     pub alloc_keys: *const AtomicU64,
     pub alloc_infos: *const BlockInfo,
     pub alloc_mask: u64,
@@ -410,12 +406,7 @@ unsafe fn map_region(info: &mut Info, pid: u32, region_fd: i32, tables_fd: i32) 
         *info = Info {
             pid,
             header: sh,
-            min_size: sh.min_size,
-            max_size: sh.max_size,
-            sample_rate: sh.sample_rate.max(1),
-            flags: sh.flags,
-            max_allocs: sh.max_allocs,
-            sample_bytes: sh.sample_bytes,
+            settings: Settings { sample_rate: sh.settings.sample_rate.max(1), ..sh.settings },
             alloc_keys: (base + sh.allocs_off as usize) as *const AtomicU64,
             alloc_infos: (base + sh.alloc_infos_off as usize) as *const BlockInfo,
             alloc_mask: sh.alloc_slots - 1,

@@ -60,13 +60,13 @@ fn next_gen(k: u64) -> u64 {
 /// The -z/-Z bounds and -s or --sample-bytes sampling, decided before the stack walk.
 #[inline]
 pub fn sampled_in(p: &Info, t: &Thread, size: u64) -> bool {
-    if size < p.min_size || size > p.max_size {
+    if size < p.settings.min_size || size > p.settings.max_size {
         return false;
     }
-    if p.sample_rate > 1 && !crate::thread::random(t).is_multiple_of(u64::from(p.sample_rate)) {
+    if p.settings.sample_rate > 1 && !crate::thread::random(t).is_multiple_of(u64::from(p.settings.sample_rate)) {
         return false;
     }
-    p.sample_bytes == 0 || (crate::thread::random(t) >> 32) < sample_p32(size, p.sample_bytes)
+    p.settings.sample_bytes == 0 || (crate::thread::random(t) >> 32) < sample_p32(size, p.settings.sample_bytes)
 }
 
 /// 2^32 times the probability that --sample-bytes `mean` samples a block of `size` bytes:
@@ -82,7 +82,7 @@ fn sample_p32(size: u64, mean: u64) -> u64 {
 /// Takes one unit of --max-allocs; false (counted) when full.
 fn reserve(p: &Info) -> bool {
     let h = p.header();
-    if h.alloc_count.fetch_add(1, Relaxed) >= p.max_allocs {
+    if h.alloc_count.fetch_add(1, Relaxed) >= p.settings.max_allocs {
         h.alloc_count.fetch_sub(1, Relaxed);
         count(p, CNT_ALLOCS_FULL);
         return false;
@@ -102,7 +102,7 @@ pub fn insert(p: &Info, addr: u64, r: Rec) {
             combined_add(p, old.stack_id, old.size, false);
         }
         combined_add(p, r.stack_id, r.size, true);
-        if p.flags & FLAG_TRACE_ALL != 0 {
+        if p.settings.flags & FLAG_TRACE_ALL != 0 {
             emit(p, EV_ALLOC, r.size, addr);
         }
     }
@@ -178,7 +178,7 @@ pub fn free(p: &Info, addr: u64) {
 /// What ending a record does besides removing it: totals and the -t line.
 pub fn freed(p: &Info, addr: u64, r: &Rec) {
     combined_add(p, r.stack_id, r.size, false);
-    if p.flags & FLAG_TRACE_ALL != 0 {
+    if p.settings.flags & FLAG_TRACE_ALL != 0 {
         emit(p, EV_FREE, r.size, addr);
     }
 }
@@ -299,7 +299,7 @@ fn combined_slot(p: &Info, stack_id: u64) -> Option<&Combined> {
 }
 
 fn combined_add(p: &Info, stack_id: u64, size: u64, add: bool) {
-    if p.flags & FLAG_COMBINED_ONLY == 0 {
+    if p.settings.flags & FLAG_COMBINED_ONLY == 0 {
         return;
     }
     match combined_slot(p, stack_id) {

@@ -81,7 +81,7 @@ pub fn walk(p: &Info, bounds: (u64, u64), cache: &mut MapCache, sp: u64, bp: u64
     }
     out.ips[0] = ra;
     w.depth = 1;
-    if p.flags & FLAG_FRAME_POINTERS != 0 {
+    if p.settings.flags & FLAG_FRAME_POINTERS != 0 {
         frame_pointers(&r, sp, bp, out, &mut w);
         return w;
     }
